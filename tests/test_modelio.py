@@ -1,0 +1,203 @@
+"""Tests for mesa_lib.modelio: round trip and refusal of every unsafe or inconsistent file."""
+
+import hashlib
+import json
+import os
+import pathlib
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from mesa_lib.modelio import (
+    Manifest,
+    ModelFileError,
+    load_manifest,
+    load_model,
+    model_fingerprint,
+    save_model,
+)
+from mesa_lib.models import CIFAR10_MEAN, CIFAR10_STD, build_model
+
+CLASSES = tuple(f"c{i}" for i in range(10))
+
+
+class Evil:
+    """Unpickling this object creates ``marker``: proof that code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def _manifest(**overrides: object) -> Manifest:
+    base = dict(
+        architecture="resnet8", num_classes=10, classes=CLASSES, mean=CIFAR10_MEAN, std=CIFAR10_STD
+    )
+    return Manifest(**{**base, **overrides})
+
+
+@pytest.fixture
+def saved(tmp_path: Path) -> Path:
+    """A valid resnet8 model file pair; returns the .safetensors path."""
+    torch.manual_seed(0)
+    manifest = _manifest(extra={"attack": "badnets", "seed": 1}, data_hash="abc")
+    return save_model(build_model("resnet8"), tmp_path / "net", manifest)
+
+
+def _refused(path: Path, match: str) -> ModelFileError:
+    with pytest.raises(ModelFileError, match=match) as err:
+        load_model(path)
+    assert path.name in str(err.value) or path.with_suffix(".json").name in str(err.value)
+    return err.value
+
+
+def _edit_manifest(weights: Path, edit: Callable[[dict], object]) -> None:
+    mpath = weights.with_suffix(".json")
+    raw = json.loads(mpath.read_text())
+    edit(raw)
+    mpath.write_text(json.dumps(raw))
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model("resnet8", width=2).eval()
+    manifest = _manifest(arch_kwargs={"width": 2}, extra={"epochs": 3, "attack": "badnets"})
+    wpath = save_model(model, tmp_path / "m.safetensors", manifest)
+    assert wpath == tmp_path / "m.safetensors" and (tmp_path / "m.json").is_file()
+    loaded, got = load_model(tmp_path / "m")
+    assert got == manifest and not loaded.training
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    assert load_manifest(tmp_path / "m.json") == manifest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.safetensors"]
+
+
+def test_fingerprint_is_sha256(saved: Path) -> None:
+    assert model_fingerprint(saved) == hashlib.sha256(saved.read_bytes()).hexdigest()
+
+
+def test_payload_is_live(tmp_path: Path) -> None:
+    """Control: the malicious pickle really runs code when unpickled."""
+    marker = tmp_path / "control"
+    pickle.loads(pickle.dumps(Evil(marker)))  # deliberate: proves the payload works
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("writer", ["pickle", "torch"])
+def test_refuses_malicious_pickle(saved: Path, tmp_path: Path, writer: str) -> None:
+    marker = tmp_path / "pwned"
+    with saved.open("wb") as fh:
+        if writer == "pickle":
+            pickle.dump(Evil(marker), fh)
+        else:
+            torch.save(Evil(marker), fh)
+    _refused(saved, "refusing to load a pickle.*only safetensors accepted")
+    assert not marker.exists()
+
+
+def test_refuses_old_pickle_protocol(saved: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    saved.write_bytes(pickle.dumps(Evil(marker), protocol=0))
+    _refused(saved, "refusing to load a pickle")
+    assert not marker.exists()
+
+
+def test_refuses_zero_byte(saved: Path) -> None:
+    saved.write_bytes(b"")
+    _refused(saved, "empty")
+
+
+@pytest.mark.parametrize("keep", [4, 300, 0.5])
+def test_refuses_truncated(saved: Path, keep: float) -> None:
+    data = saved.read_bytes()
+    saved.write_bytes(data[: int(keep if keep >= 1 else len(data) * keep)])
+    _refused(saved, "truncated")
+
+
+def test_refuses_num_classes_shape_mismatch(saved: Path) -> None:
+    classes = [f"c{i}" for i in range(100)]
+    _edit_manifest(saved, lambda m: m.update(num_classes=100, classes=classes))
+    err = _refused(saved, "do not match")
+    assert "fc.weight" in str(err)
+
+
+def test_refuses_width_mismatch(saved: Path) -> None:
+    _edit_manifest(saved, lambda m: m.update(arch_kwargs={"width": 2}))
+    _refused(saved, "conv1.weight")
+
+
+def test_refuses_nan_weights(tmp_path: Path) -> None:
+    model = build_model("resnet8")
+    with torch.no_grad():
+        model.fc.weight[0, 0] = float("nan")
+    wpath = save_model(model, tmp_path / "nan", _manifest())
+    err = _refused(wpath, "NaN")
+    assert "fc.weight" in str(err)
+
+
+def test_refuses_unknown_architecture(saved: Path) -> None:
+    _edit_manifest(saved, lambda m: m.update(architecture="vgg99"))
+    _refused(saved, "unknown architecture 'vgg99'")
+
+
+def test_refuses_missing_manifest(saved: Path) -> None:
+    saved.with_suffix(".json").unlink()
+    _refused(saved, "manifest file is missing")
+
+
+def test_refuses_missing_weights(saved: Path) -> None:
+    saved.unlink()
+    _refused(saved, "weights file is missing")
+
+
+def test_refuses_malformed_json(saved: Path) -> None:
+    saved.with_suffix(".json").write_text('{"architecture": "resnet8",')
+    _refused(saved, "not valid JSON")
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda m: m.update(backdoor=True), "unknown keys \\['backdoor'\\]"),
+        (lambda m: m.pop("classes"), "missing keys \\['classes'\\]"),
+        (lambda m: m.update(num_classes="10"), "'num_classes' must be"),
+        (lambda m: m.update(mean=[0.5, 0.5]), "'mean' must be"),
+        (lambda m: m.update(extra={"k": [1]}), "'extra' must be"),
+        (lambda m: m.update(format_version=2), "'format_version' must be"),
+        (lambda m: m.update(classes=["a", "b"]), "num_classes is 10 but 2"),
+    ],
+)
+def test_refuses_bad_manifest(saved: Path, edit: Callable[[dict], object], match: str) -> None:
+    _edit_manifest(saved, edit)
+    _refused(saved, match)
+
+
+def test_refuses_oversize_file(saved: Path) -> None:
+    size = os.path.getsize(saved)
+    with saved.open("ab") as fh:
+        fh.write(b"\0" * size * 2)
+    _refused(saved, "more than 1.5 x")
+
+
+def test_refuses_mismatched_normalize(saved: Path) -> None:
+    _edit_manifest(saved, lambda m: m.update(mean=[0.5, 0.5, 0.5]))
+    _refused(saved, "normalize.mean")
+
+
+def test_save_rejects_inconsistent_manifest(tmp_path: Path) -> None:
+    with pytest.raises(ModelFileError, match="num_classes is 10 but 3"):
+        save_model(build_model("resnet8"), tmp_path / "x", _manifest(classes=("a", "b", "c")))
+    with pytest.raises(ModelFileError, match="do not match|does not match"):
+        save_model(build_model("resnet8", width=2), tmp_path / "x", _manifest())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refuses_junk_bytes(saved: Path) -> None:
+    saved.write_bytes(b"\0" * 100)
+    _refused(saved, "implausible safetensors header")
