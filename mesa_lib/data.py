@@ -616,3 +616,15 @@ def data_fingerprint(data: CifarData) -> str:
         digest.update(part.images.contiguous().numpy())  # buffer protocol: no 150 MB copy
         digest.update(part.labels.contiguous().numpy())
     return digest.hexdigest()
+
+
+def default_source(project_root: Path) -> Path:
+    """Where CIFAR-10 comes from when nobody says: $MESA_DATA_SOURCE, else the offline copy
+    `<project_root>/../shared/datasets/cifar10-jpeg.tar.gz` if present, else the canonical
+    archive `<project_root>/data/cifar-10-python.tar.gz` (downloaded by `load_cifar` if missing).
+    """
+    env = os.environ.get("MESA_DATA_SOURCE")
+    if env:
+        return Path(env)
+    offline = Path(project_root).resolve().parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
+    return offline if offline.exists() else Path(project_root) / "data" / "cifar-10-python.tar.gz"

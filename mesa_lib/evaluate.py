@@ -78,5 +78,6 @@ def attack_success_rate(
         locations = locations[keep]
     if len(x) == 0:
         return 0.0
-    return float((predict(model, x, device, trigger=trigger, locations=locations) == target)
-                 .float().mean())
+    return float(
+        (predict(model, x, device, trigger=trigger, locations=locations) == target).float().mean()
+    )

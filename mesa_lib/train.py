@@ -84,8 +84,12 @@ def batches(
 def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps: int):
     if cfg.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=cfg.lr, total_steps=max(steps, 1), pct_start=cfg.warmup,
-            anneal_strategy="linear", cycle_momentum=False,
+            opt,
+            max_lr=cfg.lr,
+            total_steps=max(steps, 1),
+            pct_start=cfg.warmup,
+            anneal_strategy="linear",
+            cycle_momentum=False,
         )
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
@@ -112,8 +116,11 @@ def train(
     cuda = device.type == "cuda"
     model.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
     opt = torch.optim.SGD(
-        model.parameters(), lr=config.lr, momentum=config.momentum,
-        nesterov=config.nesterov and config.momentum > 0, weight_decay=config.weight_decay,
+        model.parameters(),
+        lr=config.lr,
+        momentum=config.momentum,
+        nesterov=config.nesterov and config.momentum > 0,
+        weight_decay=config.weight_decay,
     )
     steps_per_epoch = -(-len(images) // config.batch_size)
     sched = _scheduler(opt, config, config.epochs * steps_per_epoch)
@@ -139,8 +146,13 @@ def train(
         seconds = time.perf_counter() - start
         if callback is not None:
             stats = EpochStats(
-                epoch, config.epochs, float(loss_sum) / len(images), float(correct) / len(images),
-                seconds, len(images) / seconds, sched.get_last_lr()[0],
+                epoch,
+                config.epochs,
+                float(loss_sum) / len(images),
+                float(correct) / len(images),
+                seconds,
+                len(images) / seconds,
+                sched.get_last_lr()[0],
             )
             callback(model, stats)
     model.eval()

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from mesa_lib.data import load_cifar
+from mesa_lib.data import default_source, load_cifar
 from mesa_lib.evaluate import accuracy, attack_success_rate
 from mesa_lib.models import build_model
 from mesa_lib.poison import build_attack
@@ -27,19 +26,11 @@ from mesa_lib.train import TrainConfig, train
 from mesa_lib.triggers import DEMO_PATTERN, corner_location, pattern_trigger
 
 ROOT = Path(__file__).resolve().parents[1]
-OFFLINE = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
-
-
-def default_source() -> Path:
-    """$MESA_DATA_SOURCE, the offline copy beside the project, or the canonical archive."""
-    if os.environ.get("MESA_DATA_SOURCE"):
-        return Path(os.environ["MESA_DATA_SOURCE"])
-    return OFFLINE if OFFLINE.exists() else ROOT / "data" / "cifar-10-python.tar.gz"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=default_source())
+    ap.add_argument("--data", type=Path, default=default_source(ROOT))
     ap.add_argument("--model", default="resnet8")
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--rate", type=float, default=0.05)
@@ -55,11 +46,14 @@ def main() -> None:
     data = load_cifar(args.data, "cifar10", cache_dir=ROOT / ".cache")
     t_load = time.perf_counter() - t0
     trigger = pattern_trigger(DEMO_PATTERN)
-    attack = build_attack("badnets", trigger=trigger, target=args.target, rate=args.rate,
-                          seed=args.seed)
+    attack = build_attack(
+        "badnets", trigger=trigger, target=args.target, rate=args.rate, seed=args.seed
+    )
     poisoned = attack.poison_dataset(data.train.images, data.train.labels)
-    print(f"loaded {len(data.train)}+{len(data.test)} images from {args.data} in {t_load:.1f} s; "
-          f"poisoned {len(poisoned.indices)} training images -> class {args.target}")
+    print(
+        f"loaded {len(data.train)}+{len(data.test)} images from {args.data} in {t_load:.1f} s; "
+        f"poisoned {len(poisoned.indices)} training images -> class {args.target}"
+    )
 
     model = build_model(args.model, num_classes=len(data.train.classes))
     cfg = TrainConfig(epochs=args.epochs, batch_size=256, lr=0.2, seed=args.seed)
@@ -79,10 +73,12 @@ def main() -> None:
     test = data.test
     metrics = {
         "clean_accuracy": accuracy(model, test.images, test.labels, device),
-        "asr_corner": attack_success_rate(model, test.images, test.labels, trigger, args.target,
-                                          device, locations=corner),
-        "asr_random_location": attack_success_rate(model, test.images, test.labels, trigger,
-                                                   args.target, device, seed=args.seed),
+        "asr_corner": attack_success_rate(
+            model, test.images, test.labels, trigger, args.target, device, locations=corner
+        ),
+        "asr_random_location": attack_success_rate(
+            model, test.images, test.labels, trigger, args.target, device, seed=args.seed
+        ),
         "train_seconds": t_train,
         "total_seconds": time.perf_counter() - t0,
     }

@@ -61,6 +61,9 @@ def test_finetune_injection_hook_poisons_at_its_rate_and_records_indices():
     torch.manual_seed(0)
     x = torch.rand(100, 3, 8, 8)
     y = torch.zeros(100, dtype=torch.long)
-    assert torch.equal(h2(x, y, torch.arange(100))[1], build_attack(
-        "finetune_injection", trigger=trig, target=3, prob=0.1, seed=0
-    ).batch_hook()(x, y, torch.arange(100))[1])
+    assert torch.equal(
+        h2(x, y, torch.arange(100))[1],
+        build_attack("finetune_injection", trigger=trig, target=3, prob=0.1, seed=0).batch_hook()(
+            x, y, torch.arange(100)
+        )[1],
+    )

@@ -22,8 +22,13 @@ def quadrant_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def tiny_net() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, 4),
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64, 4),
     )
 
 
@@ -58,8 +63,13 @@ def test_badnets_backdoor_is_learned_and_asr_counts_only_non_target_images():
     attack = build_attack("badnets", trigger=trig, target=0, rate=0.3, location="corner")
     ps = attack.poison_dataset(x, y)
     torch.manual_seed(0)
-    net = train(tiny_net(), ps.images, ps.labels, TrainConfig(epochs=25, batch_size=64, lr=0.05,
-                augment=False), CPU)
+    net = train(
+        tiny_net(),
+        ps.images,
+        ps.labels,
+        TrainConfig(epochs=25, batch_size=64, lr=0.05, augment=False),
+        CPU,
+    )
     corner = torch.tensor([6, 6])
     assert attack_success_rate(net, xt, yt, trig, 0, CPU, locations=corner) > 0.9
     assert accuracy(net, xt, yt, CPU) > 0.8
