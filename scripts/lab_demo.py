@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mesa_lib.data import default_source, load_cifar
+from mesa_lib.data import data_fingerprint, default_source, load_cifar
 from mesa_lib.evaluate import accuracy, attack_success_rate
-from mesa_lib.models import build_model
+from mesa_lib.modelio import Manifest, save_model
+from mesa_lib.models import CIFAR10_MEAN, CIFAR10_STD, build_model
 from mesa_lib.poison import build_attack
 from mesa_lib.seed import resolve_device, seed_everything
 from mesa_lib.train import TrainConfig, train
@@ -37,7 +38,12 @@ def main() -> None:
     ap.add_argument("--target", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--out", type=Path, default=None, help="write the metrics as JSON here")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "artifacts" / "lab_demo",
+        help="folder for the model (safetensors + manifest) and metrics.json",
+    )
     args = ap.parse_args()
 
     t0 = time.perf_counter()
@@ -83,8 +89,19 @@ def main() -> None:
         "total_seconds": time.perf_counter() - t0,
     }
     print(json.dumps(metrics, indent=2))
-    if args.out:
-        args.out.write_text(json.dumps(metrics, indent=2) + "\n")
+    args.out.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(
+        architecture=args.model,
+        num_classes=len(test.classes),
+        classes=test.classes,
+        mean=CIFAR10_MEAN,
+        std=CIFAR10_STD,
+        data_hash=data_fingerprint(data),
+        extra={"attack": "badnets", "rate": args.rate, "target": args.target, "seed": args.seed},
+    )
+    save_model(model.cpu(), args.out / "model", manifest)
+    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    print(f"model and metrics written to {args.out}")
 
 
 if __name__ == "__main__":
