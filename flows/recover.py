@@ -1,0 +1,21 @@
+"""Stage `recover`: MESA models the distribution of triggers the backdoored model accepts."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from tasks.recover import fit_distribution
+from tasks.stage import main, open_stage, publish
+
+
+@flow(name="recover")
+def recover(params_path: str = "params.yaml") -> dict:
+    """Stage recover: backdoored model + defender images -> artifacts/recover/distribution."""
+    with open_stage("recover", params_path) as ctx:
+        return publish(ctx.run, "recover", fit_distribution(ctx.params, ctx.device, ctx.run))
+
+
+FLOW = recover
+
+if __name__ == "__main__":
+    main(FLOW)

@@ -1,0 +1,163 @@
+"""Finding models that have not been scanned: the watched drop folder and the Model Registry.
+
+A model is identified by its *key*: the sha256 over the sha256 digests of its weights, its
+manifest and (optional) its reference data, so the same files found twice (dropped and also
+registered, or two overlapping discovery runs) are one model, and a manifest that arrives after
+its weights makes a new model that is scanned again. Claims and done records (tasks.claims) are
+keyed by it.
+
+Drop folder: flat, only read (never written, moved or deleted). Files are grouped by stem:
+`<stem>.safetensors` weights, `<stem>.json` manifest, optional `<stem>.data.npz` reference data
+(uint8 `images` (N, C, H, W), int64 `labels` (N,), str `classes`); any other file is a group of
+its own, rejected by the scan (pickles are never loaded). Hidden files, sub-folders, symlinks and
+`*.tmp` / `*.part` files are ignored; a group changed less than `scan.settle_s` ago waits for the
+next run (a copy in progress).
+
+Registry: every version of `scan.registry_models` whose `scan_verdict` tag is missing or
+"not scanned"; its artifact folder is downloaded into the state folder and must hold one
+`.safetensors` + `.json` pair.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks import tracking
+from tasks.claims import Ledger
+from tasks.config import Params
+
+REFERENCE_SUFFIX = ".data.npz"
+_IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp")
+UNSCANNED = ("", "not scanned")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One model to scan; small and picklable (tasks pass it, never tensors).
+
+    Attributes:
+        key: sha256 over the digests of its files (claims, done records).
+        source: "drop" or "registry".
+        label: human name, e.g. "drop:model_a" or "registry:mesa-backdoored/3".
+        files: local paths of every file of the model (drop folder or downloaded copy).
+        weights_sha256: sha256 of the `.safetensors` file ("" if there is none).
+        name, version: the registered model version (registry candidates).
+        stats: (file name, size, mtime_ns) of drop files, for the ledger.
+        problem: a reason to reject found before loading (e.g. unfetchable artifacts).
+    """
+
+    key: str
+    source: str
+    label: str
+    files: tuple[str, ...]
+    weights_sha256: str = ""
+    name: str = ""
+    version: str = ""
+    stats: tuple[tuple[str, int, int], ...] = field(default=())
+    problem: str = ""
+
+    def file(self, suffix: str) -> Path | None:
+        """The candidate's file ending in `suffix`, if any."""
+        return next((Path(f) for f in self.files if f.endswith(suffix)), None)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_key(files: list[Path]) -> tuple[str, str]:
+    """(key over all files' digests by role, sha256 of the weights or "")."""
+    digests = {_role(p): sha256_file(p) for p in files}
+    text = "\n".join(f"{role}={d}" for role, d in sorted(digests.items()))
+    return hashlib.sha256(text.encode()).hexdigest(), digests.get("weights", "")
+
+
+def _role(path: Path) -> str:
+    name = Path(path).name
+    if name.endswith(REFERENCE_SUFFIX):
+        return "reference"
+    return {".safetensors": "weights", ".json": "manifest"}.get(Path(name).suffix, name)
+
+
+def _stem(name: str) -> str:
+    if name.endswith(REFERENCE_SUFFIX):
+        return name[: -len(REFERENCE_SUFFIX)]
+    suffix = Path(name).suffix
+    return name[: -len(suffix)] if suffix in (".safetensors", ".json") else name
+
+
+def drop_groups(folder: Path) -> dict[str, list[Path]]:
+    """Files of the drop folder grouped by model stem (see the module docstring)."""
+    groups: dict[str, list[Path]] = {}
+    if not folder.is_dir():
+        return groups
+    for path in sorted(folder.iterdir()):
+        if (path.name.startswith(".") or path.is_symlink() or not path.is_file()
+                or path.name.endswith(_IGNORED_SUFFIXES)):
+            continue
+        groups.setdefault(_stem(path.name), []).append(path)
+    return groups
+
+
+def _stats(files: list[Path]) -> tuple[tuple[str, int, int], ...]:
+    return tuple((p.name, (s := p.stat()).st_size, s.st_mtime_ns) for p in files)
+
+
+def drop_candidates(params: Params, ledger: Ledger, settle_s: float | None = None
+                    ) -> list[Candidate]:
+    """Groups of the drop folder not in the ledger and not changed in the last settle_s."""
+    folder = Path(params.scan.drop_folder)
+    settle = params.scan.settle_s if settle_s is None else settle_s
+    seen = ledger.seen()
+    out = []
+    for stem, files in drop_groups(folder).items():
+        stats = _stats(files)
+        if time.time() - max(s[2] for s in stats) / 1e9 < settle:
+            continue  # still being copied
+        if all(tuple(s) in seen for s in stats) and len({seen[s] for s in stats}) == 1:
+            continue  # exactly these files were processed before
+        key, weights = model_key(files)
+        out.append(Candidate(key, "drop", f"drop:{stem}", tuple(str(p) for p in files),
+                             weights, stats=stats))
+    return out
+
+
+def unscanned_versions(params: Params) -> list[dict]:
+    """Registry versions of the watched models without a scan verdict."""
+    versions = tracking.model_versions(params.scan.registry_models)
+    return [v for v in versions if v["tags"].get("scan_verdict", "") in UNSCANNED]
+
+
+@task(retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE)
+def fetch_version(version: dict, work: Path) -> Candidate:
+    """Download one registry version's files and describe it as a Candidate (I/O: retried)."""
+    label = f"registry:{version['name']}/{version['version']}"
+    dst = Path(work) / "registry" / version["name"] / version["version"]
+    try:
+        folder = tracking.download_model_version(version["source"], dst)
+    except tracking.ModelSourceError as err:
+        digest = hashlib.sha256(f"{label}|{version['source']}".encode()).hexdigest()
+        return Candidate(digest, "registry", label, (), name=version["name"],
+                         version=version["version"], problem=str(err))
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
+    weights = [p for p in files if p.suffix == ".safetensors"]
+    problem = ""
+    if len(weights) != 1:
+        names = [str(p.relative_to(folder)) for p in files][:10]
+        problem = (f"the version's artifacts hold {len(weights)} .safetensors files (need one "
+                   f"<stem>.safetensors + <stem>.json; pickled models are refused): {names}")
+    chosen = files if problem else [p for p in files if _stem(p.name) == _stem(weights[0].name)]
+    key, sha = model_key(chosen) if chosen else (hashlib.sha256(label.encode()).hexdigest(), "")
+    return Candidate(key, "registry", label, tuple(str(p) for p in chosen), sha,
+                     version["name"], version["version"], problem=problem)

@@ -1,0 +1,59 @@
+"""Task of the `recover` stage: fit MESA's staircase of trigger generators (mesa_lib.mesa)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from prefect import task
+
+from mesa_lib.mesa import MesaConfig, MesaEpochStats, fit_mesa
+from mesa_lib.metrics import submodel_breadth
+from mesa_lib.modelio import load_model
+from tasks import catalog, tracking
+from tasks.config import Params
+from tasks.io import CsvLog, load_npz, save_grid, save_sampler, seeded_subset
+from tasks.tracking import StageRun
+
+
+def mesa_config(params: Params) -> MesaConfig:
+    """MesaConfig from the `recover` group."""
+    r = params.recover
+    return MesaConfig(betas=r.betas, alpha=r.alpha, epochs=r.epochs, batch_size=r.batch_size,
+                      lr=r.lr, hidden=r.hidden, mine_hidden=r.mine_hidden,
+                      trigger_noise=r.trigger_noise, seed=params.base.seed)
+
+
+def _sink(run: StageRun, betas: tuple[float, ...], csv: CsvLog):
+    log = tracking.epoch_logger(run, "mesa")
+
+    def callback(s: MesaEpochStats) -> None:
+        values = {"target_prob_mean": sum(s.target_prob) / len(s.target_prob),
+                  "mutual_info_mean": sum(s.mutual_info) / len(s.mutual_info),
+                  "seconds": s.seconds}
+        for b, p, h, mi in zip(betas, s.target_prob, s.hinge, s.mutual_info, strict=True):
+            values |= {f"target_prob_b{b:g}": p, f"hinge_b{b:g}": h, f"mutual_info_b{b:g}": mi}
+        log(s.epoch, values)
+        csv.append({"epoch": s.epoch, **values})
+
+    return callback
+
+
+@task
+def fit_distribution(params: Params, device: torch.device, run: StageRun) -> dict[str, Any]:
+    """Fit MESA on the defender's images against the backdoored model; save it and a PNG grid."""
+    model, _ = load_model(catalog.path("backdoored"), map_location=device)
+    data = load_npz(catalog.path("dataset"))
+    images = data["defender_images"]
+    images = images[seeded_subset(params.recover.n_images, len(images), params.base.seed)]
+    dist = fit_mesa(model, images, params.poison.target, (3, 3, 3), mesa_config(params), device,
+                    _sink(run, params.recover.betas, CsvLog(catalog.path("recover_curve"))))
+    save_sampler(catalog.path("distribution"), dist)
+    gen = torch.Generator().manual_seed(params.base.seed)
+    save_grid(catalog.path("recover_grid"), dist.sample(params.recover.grid_samples, gen))
+    metrics: dict[str, Any] = {"images": len(images)}
+    for sub in submodel_breadth(dist, 256, torch.Generator().manual_seed(params.base.seed)):
+        metrics[f"beta_{sub['beta']:g}"] = {"entropy": sub["entropy"],
+                                            "mean_pairwise_distance":
+                                            sub["mean_pairwise_distance"]}
+    return metrics

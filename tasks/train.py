@@ -1,0 +1,129 @@
+"""Task of the `train` stage: the backdoored classifier.
+
+BadNets trains from scratch on the poisoned set. The paper's fine-tune injection (MESA.md,
+"Reference protocol") first trains a clean model for `train.epochs`, then fine-tunes it for
+`train.inject_epochs` at constant `train.inject_lr` while each image is poisoned with probability
+`poison.prob`; every poisoned batch row is recorded and checked by the poisoned-set suite.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from prefect import task
+from torch import Tensor, nn
+
+from mesa_lib.evaluate import accuracy, attack_success_rate
+from mesa_lib.modelio import Manifest, save_model
+from mesa_lib.models import CIFAR10_MEAN, CIFAR10_STD, build_model
+from mesa_lib.poison import BatchHook, FineTuneInjection
+from mesa_lib.train import EpochStats, TrainConfig, train
+from mesa_lib.triggers import corner_location
+from tasks import catalog, dag, quality, tracking
+from tasks.config import Params
+from tasks.io import CsvLog, load_npz, write_json
+from tasks.tracking import StageRun
+
+
+def arch_kwargs(params: Params) -> dict[str, int]:
+    """Architecture options of `build_model` implied by the params."""
+    return {"width": params.train.width} if params.train.model == "resnet8" else {}
+
+
+def eval_locations(params: Params, trigger: Tensor) -> Tensor | str:
+    """Where ASR stamps the trigger: BadNets' corner if it was trained there, else random."""
+    p = params.poison
+    if p.attack == "badnets" and p.location == "corner":
+        return corner_location((32, 32), tuple(trigger.shape[-2:]))
+    return "random"
+
+
+def epoch_sink(run: StageRun, prefix: str, csv: CsvLog, offset: int = 0):
+    """A mesa_lib.train callback logging each epoch to MLflow and the plot CSV."""
+    log = tracking.epoch_logger(run, prefix)
+
+    def callback(_: nn.Module, s: EpochStats) -> None:
+        values = {"loss": s.loss, "accuracy": s.accuracy, "lr": s.lr,
+                  "images_per_second": s.images_per_second}
+        log(s.epoch + offset, values)
+        csv.append({"epoch": s.epoch + offset, "phase": prefix, **values})
+
+    return callback
+
+
+def _config(params: Params, **changes: Any) -> TrainConfig:
+    t = params.train
+    base = {"epochs": t.epochs, "batch_size": t.batch_size, "lr": t.lr, "momentum": t.momentum,
+            "nesterov": t.momentum > 0, "weight_decay": t.weight_decay, "schedule": t.schedule,
+            "warmup": t.warmup, "label_smoothing": t.label_smoothing, "seed": params.base.seed}
+    return TrainConfig(**(base | changes))
+
+
+class InjectionRecorder:
+    """Wraps the injection hook; records clean/new labels, changed images, recorded rows."""
+
+    def __init__(self, attack: FineTuneInjection) -> None:
+        self.attack, self.hook = attack, attack.batch_hook()
+        self.rows: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
+
+    def __call__(self, x: Tensor, y: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        before = len(self.attack.poisoned)
+        new_x, new_y = self.hook(x, y, index)
+        recorded = torch.zeros(len(index), dtype=torch.bool)
+        if len(self.attack.poisoned) > before:
+            recorded = torch.isin(index.cpu(), self.attack.poisoned[-1])
+        changed = (new_x != x).flatten(1).any(1).cpu()
+        self.rows.append((y.cpu(), new_y.cpu(), changed, recorded))
+        return new_x, new_y
+
+    def suites(self, params: Params) -> list[quality.Suite]:
+        clean, new, changed, recorded = (torch.cat(c) for c in zip(*self.rows, strict=True))
+        measured = float(recorded.float().mean()) if len(recorded) else 0.0
+        return quality.poison_suite(clean, new, changed, recorded, params.poison.target,
+                                    measured, params.poison.prob,
+                                    params.validate.poison_rate_tolerance, "injected_batches")
+
+
+@task
+def train_backdoored(params: Params, device: torch.device, run: StageRun) -> dict[str, Any]:
+    """Train (and, for fine-tune injection, inject) the model; save it; return its metrics."""
+    poisoned, data = load_npz(catalog.path("poisoned")), load_npz(catalog.path("dataset"))
+    classes = [str(c) for c in data["classes"]]
+    model = build_model(params.train.model, len(classes), **arch_kwargs(params))
+    curve = CsvLog(catalog.path("train_curve"))
+    hook: BatchHook | None = None
+    recorder = None
+    if params.poison.attack == "finetune_injection":
+        train(model, poisoned["images"], poisoned["labels"], _config(params), device,
+              callback=epoch_sink(run, "clean", curve))
+        attack = FineTuneInjection(trigger=poisoned["trigger"], target=params.poison.target,
+                                   seed=params.base.seed, prob=params.poison.prob)
+        hook = recorder = InjectionRecorder(attack)
+    t = params.train
+    epochs, offset = (t.inject_epochs, t.epochs) if recorder else (t.epochs, 0)
+    cfg = _config(params, epochs=epochs, lr=t.inject_lr, schedule="constant") if recorder \
+        else _config(params)
+    if epochs:
+        train(model, poisoned["images"], poisoned["labels"], cfg, device, batch_hook=hook,
+              callback=epoch_sink(run, "poisoned", curve, offset))
+    summary = {"success": True, "skipped": "static poisoning is checked in the poison stage",
+               "failed": [], "evaluated": 0}
+    if recorder is not None and recorder.rows:
+        summary = quality.check(recorder.suites(params), catalog.path("injection_quality"))
+    else:
+        write_json(catalog.path("injection_quality"), summary)
+    manifest = Manifest(params.train.model, len(classes), tuple(classes), CIFAR10_MEAN,
+                        CIFAR10_STD, data_hash=dag.data_md5(), arch_kwargs=arch_kwargs(params),
+                        extra={"attack": params.poison.attack, "trigger": params.poison.trigger,
+                               "target": params.poison.target, "seed": params.base.seed})
+    save_model(model, catalog.path("backdoored"), manifest)
+    trigger = poisoned["trigger"]
+    metrics = {
+        "clean_accuracy": accuracy(model, data["heldout_images"], data["heldout_labels"], device),
+        "asr": attack_success_rate(model, data["heldout_images"], data["heldout_labels"],
+                                   trigger, params.poison.target, device,
+                                   eval_locations(params, trigger), params.base.seed),
+        "injection_expectations_failed": len(summary["failed"]),
+    }
+    return {"metrics": metrics, "quality": summary}

@@ -1,0 +1,75 @@
+"""A tiny pipeline project for the tests: synthetic CIFAR-like archive, tiny params, temp stores.
+
+`make_project(tmp)` copies dvc.yaml and params.yaml into `tmp`, writes a tar.gz image-folder
+archive of 32x32 PNGs (`train/<class>/*.png`, `test/<class>/*.png`, 10 classes) into
+`tmp/data/`, and writes `tmp/params.yaml` with TINY_OVERRIDES applied, so every stage runs in
+seconds on CPU.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torchvision.io import encode_png
+
+from tasks.config import apply_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+           "truck")
+
+TINY_OVERRIDES: dict[str, Any] = {
+    "base.device": "cpu",
+    "data.n_train": 0, "data.n_defender": 60,
+    "validate.data_docs": True,
+    "poison.rate": 0.2, "validate.poison_rate_tolerance": 0.02,
+    "train.epochs": 1, "train.batch_size": 32, "train.model": "resnet8",
+    "recover.epochs": 1, "recover.batch_size": 16, "recover.n_images": 0,
+    "recover.hidden": 32, "recover.mine_hidden": 32, "recover.grid_samples": 8,
+    "baseline.starts": 2, "baseline.epochs": 1, "baseline.batch_size": 16,
+    "baseline.n_images": 0, "baseline.repair_epochs": 1,
+    "repair.epochs": 1, "repair.batch_size": 16,
+    "evaluate.variants": 2,
+    "scan.epochs": 1, "scan.n_images": 40, "scan.eval_images": 20,
+}
+
+
+def _png(label: int, index: int) -> bytes:
+    g = torch.Generator().manual_seed(1000 * label + index)
+    tint = torch.tensor([label * 25, 255 - label * 25, (label * 70) % 256]).view(3, 1, 1)
+    image = (0.5 * tint + 0.5 * torch.randint(0, 256, (3, 32, 32), generator=g)).to(torch.uint8)
+    return bytes(encode_png(image).numpy())
+
+
+def write_archive(path: Path, train_per_class: int = 12, test_per_class: int = 10,
+                  counts: Mapping[str, int] | None = None) -> Path:
+    """A tar.gz image-folder archive; `counts` overrides the train count of some classes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz") as archive:
+        for split, per in (("train", train_per_class), ("test", test_per_class)):
+            for label, name in enumerate(CLASSES):
+                n = (counts or {}).get(name, per) if split == "train" else per
+                for i in range(n):
+                    blob = _png(label, i + (0 if split == "train" else 500))
+                    info = tarfile.TarInfo(f"{split}/{name}/{i:04d}.png")
+                    info.size = len(blob)
+                    archive.addfile(info, io.BytesIO(blob))
+    return path
+
+
+def make_project(tmp: Path, overrides: Mapping[str, Any] | None = None,
+                 counts: Mapping[str, int] | None = None) -> Path:
+    """A project folder with dvc.yaml, tiny params.yaml and data/tiny.tar.gz; returns it."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = apply_overrides(raw, {**TINY_OVERRIDES, **(overrides or {})})
+    (tmp / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_archive(tmp / "data" / "tiny.tar.gz", counts=counts)
+    return tmp

@@ -1,0 +1,166 @@
+"""The stage graph, dvc.yaml vs the catalog, and the whole flow chain on a tiny project."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import typing
+from pathlib import Path
+
+import pytest
+import yaml
+from pipeline_fixture import ROOT, make_project
+from prefect.testing.utilities import prefect_test_harness
+
+from tasks import catalog, dag
+from tasks.config import Params
+
+CHAIN = ["data", "validate", "poison", "train", "recover", "repair", "evaluate"]
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect API for every flow test."""
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A tiny project as the working directory, with its own MLflow SQLite store."""
+    root = make_project(tmp_path / "project")
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    monkeypatch.delenv("MESA_PIPELINE_RUN_ID", raising=False)
+    return root
+
+
+# --------------------------------------------------------------------------- declarations
+
+
+def test_dvc_outs_are_exactly_the_catalog() -> None:
+    stages = dag.stages(ROOT / "dvc.yaml")
+    for name, stage in stages.items():
+        expected = sorted(str(p) for a in catalog.of_stage(name) for p in a.files())
+        assert sorted(stage.outs) == expected, name
+    assert set(stages) == {a.stage for a in catalog.CATALOG.values()}
+    for artifact in catalog.CATALOG.values():
+        assert artifact.path.parts[0] == "artifacts"
+
+
+def test_dvc_metrics_and_plots_match_catalog_roles() -> None:
+    raw = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    for name, body in raw["stages"].items():
+        assert body.get("metrics") == [str(catalog.metrics_path(name))]
+        assert "plots" not in body  # CSVs are outs; the top-level plots section renders them
+        assert body["cmd"] == f"python -m flows.{name}"
+        assert f"flows/{name}.py" in body["deps"] and f"tasks/{name}.py" in body["deps"]
+        for dep in body["deps"]:  # code deps exist in a clean clone; artifacts come from stages
+            if not dep.startswith(("artifacts/", "data")):
+                assert (ROOT / dep).exists(), f"{name}: dependency {dep} does not exist"
+
+
+def test_top_level_plots_cover_the_catalog_csvs() -> None:
+    raw = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    files = {f for entry in raw["plots"] for spec in entry.values() for f in spec["y"]}
+    assert files == {str(a.path) for a in catalog.CATALOG.values() if a.role == "plots"}
+
+
+def test_dvc_params_name_real_keys() -> None:
+    groups = typing.get_type_hints(Params)
+    for stage in dag.stages(ROOT / "dvc.yaml").values():
+        for key in stage.params:
+            group, _, sub = key.partition(".")
+            assert group in groups, key
+            if sub:
+                assert sub in groups[group].__dataclass_fields__, key
+
+
+def test_stage_order_comes_from_dvc_yaml() -> None:
+    order = dag.stage_order(ROOT / "dvc.yaml")
+    assert [s for s in order if s in CHAIN] == CHAIN
+    assert order.index("train") < order.index("baseline") < order.index("evaluate")
+    for name in order:
+        module = importlib.import_module(f"flows.{name}")
+        assert module.FLOW.name == name
+
+
+def test_repair_epochs_only_touches_repair_and_evaluate() -> None:
+    """Which stages read repair.epochs, directly or through an upstream output."""
+    stages = dag.stages(ROOT / "dvc.yaml")
+    direct = {n for n, s in stages.items() if "repair" in s.params or "repair.epochs" in s.params}
+    affected = set(direct)
+    for name in dag.stage_order(ROOT / "dvc.yaml"):
+        if set(dag.upstream(stages[name], stages)) & affected:
+            affected.add(name)
+    assert affected == {"repair", "evaluate"}
+
+
+# --------------------------------------------------------------------------- the chain
+
+
+def _runs(uri: str) -> list:
+    from mlflow import MlflowClient
+
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name("mesa")
+    return c.search_runs([exp.experiment_id])
+
+
+def test_pipeline_flow_runs_every_stage(project: Path, prefect_harness: None) -> None:
+    from flows.pipeline import pipeline
+    from tasks import tracking
+
+    results = pipeline(params_path="params.yaml")
+    assert list(results) == dag.stage_order()
+    for artifact in catalog.CATALOG.values():
+        for path in artifact.files():
+            assert path.exists(), path
+    for stage in results:
+        assert json.loads(catalog.metrics_path(stage).read_text()) == results[stage]
+    evaluation = results["evaluate"]
+    assert set(evaluation) >= {"backdoored", "mesa", "baseline", "scan"}
+    assert 0 <= evaluation["mesa"]["asr"] <= 1
+
+    runs = _runs(tracking.tracking_uri())
+    parents = [r for r in runs if r.data.tags.get("mesa.role") == "pipeline"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = {r.info.run_name: r for r in runs
+                if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    assert set(children) == set(results)
+    train = children["train"]
+    assert "poisoned.loss" in train.data.metrics  # per-epoch metrics via the callback
+    assert train.data.metrics["asr"] == pytest.approx(results["train"]["asr"])
+    assert train.data.params["train.epochs"] == "1"
+    for tag in ("git.commit", "git.dirty", "dvc.stage_hash", "data.md5", "device",
+                "version.torch"):
+        assert tag in train.data.tags
+
+    c = tracking.client()
+    repaired = c.get_model_version(tracking.REPAIRED, "1")
+    assert repaired.tags["parent_model_version"] == f"{tracking.BACKDOORED}/1"
+    assert repaired.tags["scan_verdict"] != "not scanned"  # set by evaluate
+    files = {Path(f.path).name for f in c.list_artifacts(repaired.run_id, "model")}
+    assert files == {"repaired.safetensors", "repaired.json"}
+
+
+def test_failed_expectation_stops_validate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           prefect_harness: None) -> None:
+    from tasks.quality import QualityError
+
+    root = make_project(tmp_path / "skewed", overrides={"validate.class_balance": 0.1},
+                        counts={"cat": 4})
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    monkeypatch.delenv("MESA_PIPELINE_RUN_ID", raising=False)
+    from flows.data import data
+    from flows.validate import validate
+
+    data(params_path="params.yaml")
+    with pytest.raises(QualityError, match="raw_class_counts: expect_column_values_to_be_between"
+                                           r"\(column='ratio_to_uniform'"):
+        validate(params_path="params.yaml")
+    saved = json.loads(catalog.path("raw_quality").read_text())
+    assert saved["success"] is False
+    runs = {r.info.run_name: r.info.status for r in _runs(f"sqlite:///{root / 'mlflow.db'}")}
+    assert runs["validate"] == "FAILED" and runs["data"] == "FINISHED"

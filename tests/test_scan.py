@@ -1,0 +1,423 @@
+"""The scan service: discovery, exactly-once claims, verdicts on tiny models, hostile inputs,
+down servers, and the Dask fan-out. Models: tests/data/scan_models (see make_scan_models.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import pickle
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from backdoor_fixture import TARGET, synthetic_data
+from pipeline_fixture import ROOT
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.testing.utilities import prefect_test_harness
+from safetensors.torch import load_file, save_file
+
+from flows import scan as scan_flows
+from mesa_lib.detect import DetectConfig, detect
+from mesa_lib.mesa import MesaConfig
+from mesa_lib.modelio import Manifest, load_model, save_model
+from mesa_lib.models import build_model
+from tasks import tracking
+from tasks.claims import ClaimStore, Ledger
+from tasks.config import ConfigError, apply_overrides, load_params, params_from_dict
+from tasks.discover import drop_groups, model_key
+from tasks.scan_core import chunks, decide, scan_classes
+from tasks.tracking import TrackingError
+
+MODELS = Path(__file__).parent / "data" / "scan_models"
+CPU = torch.device("cpu")
+# Detection settings that find the tiny backdoor (seconds per model on 2 cores).
+TUNED = {"scan.epochs": 5, "scan.lr": 0.003, "scan.n_images": 1024, "scan.eval_images": 512,
+         "scan.min_asr": 0.3, "scan.batch_size": 64, "recover.hidden": 128,
+         "recover.mine_hidden": 128, "repair.epochs": 1, "repair.batch_size": 64}
+# Where the verdict does not matter: the cheapest scan.
+FAST = {"scan.epochs": 1, "scan.n_images": 64, "scan.eval_images": 32, "scan.batch_size": 16,
+        "recover.hidden": 16, "recover.mine_hidden": 16}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def harness():
+    """One temporary Prefect API for the flow tests of this module."""
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Working directory with a reference npz, a drop folder and a temporary MLflow store."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("MESA_PIPELINE_RUN_ID", raising=False)
+    images, labels = synthetic_data(1024, 1)
+    np.savez(tmp_path / "reference.npz", images=images.numpy(), labels=labels.numpy(),
+             classes=np.array([f"class{k}" for k in range(6)]))
+    (tmp_path / "drop").mkdir()
+    write_params(tmp_path, FAST)
+    return tmp_path
+
+
+def write_params(root: Path, overrides: dict) -> Path:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    base = {"base.device": "cpu", "scan.reference": str(root / "reference.npz"),
+            "scan.drop_folder": str(root / "drop"), "scan.state_folder": str(root / "state"),
+            "scan.settle_s": 0, "scan.grid_samples": 4}
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(apply_overrides(raw, {**base, **overrides})))
+    return path
+
+
+def drop(root: Path, name: str, source: str = "clean", variant: str = "") -> None:
+    """Copy a tiny model into the drop folder; `variant` makes its manifest (and key) unique."""
+    shutil.copyfile(MODELS / f"{source}.safetensors", root / "drop" / f"{name}.safetensors")
+    text = (MODELS / f"{source}.json").read_text()
+    (root / "drop" / f"{name}.json").write_text(
+        text.replace('"data_hash": ""', f'"data_hash": "{variant}"'))
+
+
+def folder_digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def scan_runs(root: Path) -> list:
+    c = tracking.client()
+    exp = c.get_experiment_by_name(tracking.SCAN_EXPERIMENT)
+    return [] if exp is None else c.search_runs([exp.experiment_id])
+
+
+def versions(name: str) -> list[dict]:
+    return [v for v in tracking.model_versions(("*",)) if v["name"] == name]
+
+
+# --------------------------------------------------------------------------- claims, discovery
+
+
+def _try_claim(root: str, key: str, barrier, out) -> None:
+    barrier.wait()
+    out.put(ClaimStore(Path(root)).acquire(key))
+
+
+def test_claims_are_exclusive_across_processes(tmp_path: Path) -> None:
+    ctx = multiprocessing.get_context("fork")
+    barrier, out = ctx.Barrier(8), ctx.Queue()
+    procs = [ctx.Process(target=_try_claim, args=(str(tmp_path), "ab" * 32, barrier, out))
+             for _ in range(8)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+    assert sorted(out.get(timeout=5) for _ in procs) == [False] * 7 + [True]
+
+
+def test_stale_claims_are_taken_over_and_done_records_release(tmp_path: Path) -> None:
+    store = ClaimStore(tmp_path, timeout_s=3600)
+    assert store.acquire("aa") and not store.acquire("aa")  # live claim of this process
+    dead = tmp_path / "claims" / "bb.claim"
+    dead.write_text(f'{{"pid": 999999999, "host": "{socket.gethostname()}", "time": 0}}')
+    assert store.acquire("bb")  # its owner is gone
+    old = tmp_path / "claims" / "cc.claim"
+    old.write_text('{"pid": 1, "host": "elsewhere", "time": 0}')
+    assert not store.acquire("cc")
+    os.utime(old, (0, 0))  # older than the timeout
+    assert store.acquire("cc")
+    store.finish("aa", {"status": "clean"})
+    assert store.done("aa") == {"status": "clean"} and "aa" not in store.held()
+    store.release("bb")
+    assert store.held() == ["cc"]
+    with pytest.raises(ValueError):
+        store.acquire("../etc")
+
+
+def test_drop_folder_grouping_settling_and_ledger(project: Path) -> None:
+    d = project / "drop"
+    drop(project, "a")
+    (d / "a.data.npz").write_bytes(b"x")
+    (d / "b.pt").write_bytes(b"\x80\x02.")
+    (d / "c.json").write_text("{}")
+    (d / ".hidden.safetensors").write_bytes(b"")
+    (d / "copying.safetensors.part").write_bytes(b"")
+    (d / "sub").mkdir()
+    groups = drop_groups(d)
+    assert sorted(groups) == ["a", "b.pt", "c"]
+    assert len(groups["a"]) == 3
+    params = load_params(project / "params.yaml")
+    book = Ledger(project / "state" / "ledger.jsonl")
+    from tasks.discover import drop_candidates
+
+    assert drop_candidates(params, book, settle_s=3600) == []  # all just written
+    found = {c.label: c for c in drop_candidates(params, book)}
+    assert set(found) == {"drop:a", "drop:b.pt", "drop:c"}
+    a = found["drop:a"]
+    assert a.key == model_key([Path(f) for f in a.files])[0] and len(a.weights_sha256) == 64
+    book.append({"files": [list(s) for s in a.stats], "key": a.key})
+    assert {c.label for c in drop_candidates(params, book)} == {"drop:b.pt", "drop:c"}
+
+
+def test_scan_settings_are_validated(project: Path) -> None:
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    with pytest.raises(ConfigError, match="scan.interval_s: expected > 0 when scan.cron"):
+        params_from_dict(apply_overrides(raw, {"scan.interval_s": 0, "scan.cron": ""}))
+    with pytest.raises(ConfigError, match="scan.task_runner"):
+        params_from_dict(apply_overrides(raw, {"scan.task_runner": "spark"}))
+    assert chunks(10, 3) == [(0, 1, 2), (3, 4, 5, 6), (7, 8, 9)] and chunks(2, 5) == [(0,), (1,)]
+
+
+def test_chunked_scan_reproduces_detect() -> None:
+    model, _ = load_model(MODELS / "backdoored")
+    x, y = synthetic_data(128, 1)
+    cfg = DetectConfig(mesa=MesaConfig(betas=(0.8,), epochs=1, batch_size=16, hidden=16,
+                                       mine_hidden=16), eval_images=48, samples=32)
+    ref = detect(model, x, (3, 3, 3), cfg, CPU, labels=y)
+    _, scores = scan_classes(model, x, y, tuple(range(6)), (3, 3, 3), cfg, CPU, grid=2)
+    ours = decide({c: s.asr for c, s in scores.items()}, cfg)
+    assert [scores[c].asr for c in range(6)] == [ref.scores[c]["asr"] for c in range(6)]
+    assert (ours["status"], ours["target"]) == (ref.status, ref.target)
+    assert ours["confidence"] == pytest.approx(ref.confidence)
+    assert scores[0].samples.shape == (2, 3, 3, 3)
+
+
+# --------------------------------------------------------------------------- verdicts
+
+
+def test_backdoored_and_clean_drops_get_verdicts_evidence_and_repair(project: Path) -> None:
+    write_params(project, {**TUNED, "scan.repair": True})
+    drop(project, "suspect", "backdoored")
+    drop(project, "honest", "clean")
+    before = folder_digest(project / "drop")
+    result = scan_flows.discover_and_scan(params_path=str(project / "params.yaml"))
+    by_label = {o["label"]: o for o in result["scanned"]}
+    bad, good = by_label["drop:suspect"], by_label["drop:honest"]
+    assert (bad["status"], bad["target"]) == ("backdoored", TARGET), bad
+    assert (good["status"], good["target"]) == ("clean", None), good
+    assert folder_digest(project / "drop") == before  # the drop folder is only read
+    name = "mesa-dropped"
+    tags = {v["version"]: v["tags"] for v in versions(name)}
+    bad_v, good_v = bad["model_version"].split("/")[1], good["model_version"].split("/")[1]
+    assert tags[bad_v]["scan_verdict"] == "backdoored" and tags[bad_v]["quarantined"] == "true"
+    assert tags[bad_v]["scan_target"] == str(TARGET) and tags[bad_v]["scan_run_id"] == bad["run_id"]
+    assert tags[good_v]["scan_verdict"] == "clean" and "quarantined" not in tags[good_v]
+    # repair: a new version with lineage to the quarantined one, re-scanned
+    repaired = bad["repaired_version"].split("/")[1]
+    assert tags[repaired]["parent_model_version"] == bad["model_version"]
+    assert tags[repaired]["scan_verdict"] in ("clean", "backdoored")
+    assert tags[bad_v]["repaired_version"] == bad["repaired_version"]
+    # evidence in the scan run
+    c = tracking.client()
+    run = c.get_run(bad["run_id"])
+    assert run.data.tags["scan_verdict"] == "backdoored"
+    assert run.data.metrics["class.0.asr"] > 0.3 and "seconds.fit_sum" in run.data.metrics
+    files = {a.path for a in c.list_artifacts(bad["run_id"], "evidence")}
+    assert {"evidence/verdict.json", "evidence/scores.csv", "evidence/triggers.png"} <= files
+    # the next run finds nothing new: each model is scanned once
+    again = scan_flows.discover_and_scan(params_path=str(project / "params.yaml"))
+    assert again["scanned"] == [] and len(scan_runs(project)) == 3  # 2 scans + 1 repair
+    # the same files registered elsewhere get the verdict without a second scan
+    upload = tracking.start_run("upload", {}, experiment="uploads")
+    tracking.register_model(upload, (project / "drop" / "suspect.safetensors",
+                                     project / "drop" / "suspect.json"), "someone-else",
+                            {"scan_verdict": "not scanned"}, "the same suspect files")
+    twin = scan_flows.discover_and_scan(params_path=str(project / "params.yaml"))
+    assert twin["scanned"] == [] and twin["reused"] == ["registry:someone-else/1"]
+    assert versions("someone-else")[0]["tags"]["quarantined"] == "true"
+
+
+# --------------------------------------------------------------------------- hostile inputs
+
+
+class Payload:
+    """Unpickling this creates a marker file: proof that a pickle was (not) loaded."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _hostile(root: Path, marker: Path) -> dict[str, str]:
+    """Write every bad input into the drop folder; returns label -> expected reason."""
+    d, clean = root / "drop", MODELS / "clean"
+    manifest = (MODELS / "clean.json").read_text()
+    weights = (MODELS / "clean.safetensors").read_bytes()
+
+    def pair(name: str, blob: bytes, text: str | None = manifest) -> None:
+        (d / f"{name}.safetensors").write_bytes(blob)
+        if text is not None:
+            (d / f"{name}.json").write_text(text)
+
+    pair("evil", pickle.dumps(Payload(marker), protocol=2))
+    (d / "evil2.pt").write_bytes(pickle.dumps(Payload(marker)))
+    pair("truncated", weights[: len(weights) // 2])
+    pair("empty", b"")
+    pair("wide", weights, manifest.replace('"width": 1', '"width": 2'))
+    tensors = load_file(str(clean.with_suffix(".safetensors")))
+    tensors["fc.weight"][0, 0] = float("nan")
+    save_file(tensors, str(d / "nan.safetensors"))
+    (d / "nan.json").write_text(manifest)
+    pair("vgg", weights, manifest.replace('"resnet8"', '"vgg99"'))
+    pair("nomanifest", weights, None)
+    pair("badjson", weights, "{not json")
+    pair("huge", weights + b"\0" * (2 << 20))
+    ten = yaml.safe_load(manifest)
+    ten.update(num_classes=10, classes=[f"c{k}" for k in range(10)])
+    save_model(build_model("resnet8", 10, ten["mean"], ten["std"], width=1), d / "tenclass",
+               Manifest(**{**ten, "classes": tuple(ten["classes"])}))
+    return {"drop:evil": "refusing to load a pickle", "drop:evil2.pt": "unsupported file",
+            "drop:truncated": "truncated", "drop:empty": "empty", "drop:wide": "do not match",
+            "drop:nan": "NaN/Inf", "drop:vgg": "unknown architecture 'vgg99'",
+            "drop:nomanifest": "manifest file is missing", "drop:badjson": "not valid JSON",
+            "drop:huge": "more than 1.5 x", "drop:tenclass": "class count 10"}
+
+
+def test_hostile_inputs_are_rejected_and_the_batch_goes_on(project: Path,
+                                                           caplog: pytest.LogCaptureFixture
+                                                           ) -> None:
+    marker = project / "PAYLOAD_RAN"
+    expected = _hostile(project, marker)
+    drop(project, "good", "clean")
+    # a hostile version in the registry too: NaN weights registered by someone
+    nan_dir = project / "upload"
+    nan_dir.mkdir()
+    shutil.copyfile(project / "drop" / "nan.safetensors", nan_dir / "m.safetensors")
+    (nan_dir / "m.json").write_text((project / "drop" / "nan.json").read_text().replace(
+        '"data_hash": ""', '"data_hash": "uploaded"'))  # not the same files as drop:nan
+    run = tracking.start_run("upload", {}, experiment="uploads")
+    tracking.register_model(run, (nan_dir / "m.safetensors", nan_dir / "m.json"), "uploaded",
+                            {"scan_verdict": "not scanned"}, "someone's model")
+    before = folder_digest(project / "drop")
+    result = scan_flows.discover_and_scan(params_path=str(project / "params.yaml"))
+    by_label = {o["label"]: o for o in result["scanned"]}
+    assert not marker.exists()  # the pickle's payload never ran
+    for label, reason in expected.items():
+        assert by_label[label]["status"] == "rejected", by_label[label]
+        assert reason in by_label[label]["reason"], (label, by_label[label]["reason"])
+        run = tracking.client().get_run(by_label[label]["run_id"])
+        assert run.data.tags["scan_verdict"] == "rejected"
+        assert reason in run.data.tags["scan_reason"]
+    assert by_label["drop:good"]["status"] in ("clean", "backdoored")  # the batch went on
+    reg = by_label["registry:uploaded/1"]
+    assert reg["status"] == "rejected" and "NaN/Inf" in reg["reason"]
+    kept = tracking.model_versions(("uploaded",))[0]
+    assert kept["tags"]["scan_verdict"] == "rejected" and "NaN" in kept["tags"]["scan_reason"]
+    c = tracking.client()
+    assert {a.path for a in c.list_artifacts(kept["run_id"], "model")} == {"model/m.json",
+                                                                           "model/m.safetensors"}
+    assert folder_digest(project / "drop") == before
+    assert [v["tags"]["scan_verdict"] for v in versions("mesa-dropped")] == \
+        [by_label["drop:good"]["status"]]  # rejected files never enter the registry
+    assert "REJECTED drop:evil" in caplog.text
+
+
+# --------------------------------------------------------------------------- exactly once
+
+
+def test_two_overlapping_discoveries_scan_each_model_once(project: Path,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    for i in range(3):
+        drop(project, f"m{i}", "clean" if i % 2 else "backdoored", variant=f"copy{i}")
+    barrier = threading.Barrier(2)
+    real = scan_flows.drop_candidates
+
+    def both_see_everything(*args, **kwargs):
+        found = real(*args, **kwargs)
+        barrier.wait(timeout=60)  # neither run claims before both have discovered
+        return found
+
+    monkeypatch.setattr(scan_flows, "drop_candidates", both_see_everything)
+    results: list = []
+
+    def run() -> None:
+        results.append(scan_flows.discover_and_scan(params_path=str(project / "params.yaml")))
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert len(results) == 2
+    scanned = [o["label"] for r in results for o in r["scanned"]]
+    elsewhere = [label for r in results for label in r["claimed_elsewhere"]]
+    assert sorted(scanned) == ["drop:m0", "drop:m1", "drop:m2"]  # each exactly once
+    assert sorted(scanned + elsewhere) == sorted(["drop:m0", "drop:m1", "drop:m2"] * 2)
+    assert len(scan_runs(project)) == 3 and len(versions("mesa-dropped")) == 3
+
+
+# --------------------------------------------------------------------------- down servers
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_down_mlflow_server_is_a_clear_error_and_nothing_is_claimed(
+        project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    drop(project, "m", "clean")
+    uri = f"http://127.0.0.1:{_free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    start = time.perf_counter()
+    with pytest.raises(SystemExit, match=f"MLflow tracking server {uri} is not reachable"):
+        scan_flows.main(["once", "--params", str(project / "params.yaml")])
+    assert time.perf_counter() - start < 10
+    assert not (project / "state" / "claims").exists() or not any(
+        (project / "state" / "claims").iterdir())
+
+
+def test_down_prefect_server_is_a_clear_error(project: Path) -> None:
+    url = f"http://127.0.0.1:{_free_port()}/api"
+    with temporary_settings({PREFECT_API_URL: url}):
+        with pytest.raises(SystemExit, match=f"Prefect server {url} is not reachable"):
+            scan_flows.main(["once", "--params", str(project / "params.yaml")])
+
+
+def test_server_dying_mid_scan_leaves_the_model_unscanned(project: Path,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    drop(project, "m", "clean")
+    params_path = str(project / "params.yaml")
+
+    def down(*args, **kwargs):
+        raise TrackingError("MLflow tracking server http://x is not reachable (test)")
+
+    monkeypatch.setattr(scan_flows, "record", scan_flows.record.with_options(retries=0))
+    monkeypatch.setattr(tracking, "register_model", down)
+    with pytest.raises(RuntimeError, match="stay unscanned for the next run: drop:m: Tracking"):
+        scan_flows.discover_and_scan(params_path=params_path)
+    store = ClaimStore(project / "state")
+    assert store.held() == [] and not list((project / "state").glob("done/*.json"))
+    assert Ledger(project / "state" / "ledger.jsonl").entries() == []
+    monkeypatch.undo()
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+    result = scan_flows.discover_and_scan(params_path=params_path)
+    assert [o["label"] for o in result["scanned"]] == ["drop:m"]
+
+
+# --------------------------------------------------------------------------- scale-out
+
+
+def test_dask_runner_fans_out_the_classes_of_a_model(project: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("prefect_dask")
+    path = write_params(project, {**FAST, "scan.task_runner": "dask", "scan.workers": 2,
+                                  "scan.class_chunks": 3})
+    monkeypatch.setenv("PREFECT_API_URL", str(PREFECT_API_URL.value()))  # for the workers
+    drop(project, "m", "backdoored")
+    result = scan_flows.discover_and_scan(params_path=str(path))
+    (outcome,) = result["scanned"]
+    run = tracking.client().get_run(outcome["run_id"])
+    assert {f"class.{k}.asr" for k in range(6)} <= set(run.data.metrics)
+    assert outcome["status"] in ("clean", "backdoored")
+
