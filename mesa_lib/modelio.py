@@ -373,16 +373,22 @@ def _check_normalize(wpath: Path, model: nn.Module, manifest: Manifest) -> None:
             raise _fail(wpath, f"stored normalize.{name} {stored.flatten().tolist()} != manifest")
 
 
-def model_fingerprint(path: Path) -> str:
-    """SHA-256 hex digest of the model's ``.safetensors`` file (path with or without suffix)."""
+def sha256_file(path: Path) -> str:
+    """SHA-256 hex digest of a file's bytes, read in 1 MiB chunks."""
     digest = hashlib.sha256()
-    with weights_path(path).open("rb") as fh:
+    with Path(path).open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
 
 
+def model_fingerprint(path: Path) -> str:
+    """SHA-256 hex digest of the model's ``.safetensors`` file (path with or without suffix)."""
+    return sha256_file(weights_path(path))
+
+
 __all__ = [
+    "sha256_file",
     "FORMAT_VERSION",
     "Manifest",
     "ModelFileError",

@@ -28,6 +28,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from mesa_lib.modelio import sha256_file
 from tasks import tracking
 from tasks.claims import Ledger
 from tasks.config import Params
@@ -65,15 +66,6 @@ class Candidate:
     def file(self, suffix: str) -> Path | None:
         """The candidate's file ending in `suffix`, if any."""
         return next((Path(f) for f in self.files if f.endswith(suffix)), None)
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def model_key(files: list[Path]) -> tuple[str, str]:
