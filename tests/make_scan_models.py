@@ -1,11 +1,11 @@
-"""Build the two tiny models the scan tests use: tests/data/scan_models/{backdoored,clean}.
+"""Build the two tiny models the scan tests use: tests/fixtures/scan_models/{backdoored,clean}.
 
 ResNet-8 (a registered architecture, so the safe model format accepts it) trained on the
 synthetic 16x16 template task of `backdoor_fixture` (6 classes); the backdoored one with BadNets,
 the demo 3x3 pattern at random places, target class 0. Training takes minutes on 2 CPU cores,
 too long for every test run, so the files are built once and kept with the tests:
 
-    python tests/make_scan_models.py        # rewrites tests/data/scan_models/
+    python tests/make_scan_models.py        # rewrites tests/fixtures/scan_models/
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from mesa_lib.models import build_model  # noqa: E402
 from mesa_lib.poison import build_attack  # noqa: E402
 from mesa_lib.train import TrainConfig, train  # noqa: E402
 
-OUT = Path(__file__).resolve().parent / "data" / "scan_models"
+OUT = Path(__file__).resolve().parent / "fixtures" / "scan_models"
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 N_TRAIN, EPOCHS = 2000, 8
 

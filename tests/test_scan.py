@@ -1,5 +1,5 @@
 """The scan service: discovery, exactly-once claims, verdicts on tiny models, hostile inputs,
-down servers, and the Dask fan-out. Models: tests/data/scan_models (see make_scan_models.py)."""
+down servers, and the Dask fan-out. Models: tests/fixtures/scan_models (see make_scan_models.py)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from tasks.discover import drop_groups, model_key
 from tasks.scan_core import chunks, decide, scan_classes
 from tasks.tracking import TrackingError
 
-MODELS = Path(__file__).parent / "data" / "scan_models"
+MODELS = Path(__file__).parent / "fixtures" / "scan_models"
 CPU = torch.device("cpu")
 # Detection settings that find the tiny backdoor (seconds per model on 2 cores).
 TUNED = {"scan.epochs": 5, "scan.lr": 0.003, "scan.n_images": 1024, "scan.eval_images": 512,
