@@ -19,8 +19,8 @@ from prefect import flow
 
 from mesa_lib.seed import resolve_device
 from tasks import dag, tracking
-from tasks.config import ConfigError, load_params
-from tasks.tracking import TrackingError
+from tasks.config import load_params
+from tasks.stage import check_or_exit
 
 
 def stage_flow(name: str):
@@ -50,11 +50,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--stages", nargs="*", help="subset of stages (default: all)")
     args = parser.parse_args(argv)
-    try:
-        load_params(args.params)
-        tracking.preflight()
-    except (ConfigError, TrackingError) as err:
-        sys.exit(f"error: {err}")
+    check_or_exit(args.params)
     try:
         pipeline(params_path=args.params, stages=args.stages)
     except Exception as err:

@@ -61,16 +61,21 @@ def publish(run: StageRun, stage: str, metrics: dict[str, Any]) -> dict[str, Any
     return metrics
 
 
+def check_or_exit(params_path: str) -> None:
+    """Validate the params file and reach the MLflow store before any work, or exit naming why."""
+    try:
+        load_params(params_path)
+        tracking.preflight()
+    except (ConfigError, TrackingError) as err:
+        sys.exit(f"error: {err}")
+
+
 def main(flow: Callable[..., Any]) -> None:
     """Command-line entry of a stage flow: `python -m flows.<stage> [--params FILE]`."""
     parser = argparse.ArgumentParser(description=(flow.__doc__ or "").strip().splitlines()[0])
     parser.add_argument("--params", default="params.yaml", help="params file (%(default)s)")
     args = parser.parse_args()
-    try:
-        load_params(args.params)
-        tracking.preflight()
-    except (ConfigError, TrackingError) as err:
-        sys.exit(f"error: {err}")
+    check_or_exit(args.params)
     try:
         flow(params_path=args.params)
     except Exception as err:  # the flow already logged the traceback; end with the cause
