@@ -17,13 +17,13 @@ from typing import Any
 import torch
 from prefect import get_run_logger, task
 
+from mesa_lib.cifar_archive import download_cifar
 from mesa_lib.data import (
     ARCHIVE_SUFFIXES,
     DataError,
     ImageSet,
     data_fingerprint,
     default_source,
-    download_cifar,
     load_cifar,
     split_defender,
 )

@@ -1,4 +1,7 @@
-"""Tests of mesa_lib.data on tiny synthetic archives (the real archive is never decoded here)."""
+"""Tests of mesa_lib.data and its loaders (cifar_archive, imagefolder) on tiny synthetic archives.
+
+The real archive is never decoded here.
+"""
 
 from __future__ import annotations
 
@@ -17,17 +20,11 @@ import torch
 import torchvision
 from torchvision.io import encode_jpeg, encode_png
 
-from mesa_lib import data as D
-from mesa_lib.data import (
-    CifarData,
-    DataError,
-    ImageSet,
-    data_fingerprint,
-    load_canonical_archive,
-    load_cifar,
-    load_image_folder_archive,
-    split_defender,
-)
+from mesa_lib import cifar_archive, imagefolder
+from mesa_lib.cifar_archive import load_canonical_archive
+from mesa_lib.data import data_fingerprint, load_cifar, split_defender
+from mesa_lib.imagefolder import load_image_folder_archive
+from mesa_lib.imageset import CifarData, DataError, ImageSet
 
 CIFAR10_CLASSES = [f"c{k}" for k in range(10)]
 
@@ -113,7 +110,7 @@ def test_canonical_md5_mismatch_names_file_and_digests(tmp_path: Path) -> None:
     with pytest.raises(DataError) as err:
         load_canonical_archive(path)  # default: the published md5
     assert str(path) in str(err.value) and actual in str(err.value)
-    assert D.CANONICAL_MD5["cifar10"] in str(err.value)
+    assert cifar_archive.CANONICAL_MD5["cifar10"] in str(err.value)
     assert len(load_canonical_archive(path, expected_md5=actual).train) == 15
 
 
@@ -199,7 +196,7 @@ def test_cache_created_then_served(
     def no_decode(entries: list) -> list:
         raise AssertionError("decoded although a cache exists")
 
-    monkeypatch.setattr(D, "_decode_all", no_decode)
+    monkeypatch.setattr(imagefolder, "_decode_all", no_decode)
     second = load_image_folder_archive(folder_tar, cache_dir)
     assert data_fingerprint(first) == data_fingerprint(second)
     assert second.train.classes == first.train.classes
@@ -211,7 +208,7 @@ def test_corrupt_cache_is_rebuilt(folder_tar: Path, tmp_path: Path) -> None:
     (cache_file,) = cache_dir.iterdir()
     cache_file.write_bytes(cache_file.read_bytes()[:500])
     assert data_fingerprint(load_image_folder_archive(folder_tar, cache_dir)) == reference
-    assert data_fingerprint(D._load_cache(cache_file)) == reference
+    assert data_fingerprint(imagefolder._load_cache(cache_file)) == reference
 
 
 def test_changed_archive_gets_its_own_cache(folder_tar: Path, tmp_path: Path) -> None:
@@ -312,7 +309,7 @@ def test_download_then_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", fake_cifar10)
     md5 = hashlib.md5(reference.read_bytes()).hexdigest()
-    monkeypatch.setitem(D.CANONICAL_MD5, "cifar10", md5)
+    monkeypatch.setitem(cifar_archive.CANONICAL_MD5, "cifar10", md5)
     data = load_cifar(tmp_path / "downloads" / "cifar-10-python.tar.gz")
     assert len(data.train) == 15 and len(data.test) == 3
 
