@@ -2,10 +2,13 @@
 
 Backdoor defence handles models from untrusted parties, and a pickle (``torch.save``) file runs
 arbitrary code when loaded. This module therefore never unpickles: it sniffs the magic bytes,
-refuses pickles and zip archives outright, checks the file size against what the manifest's
-architecture implies before reading anything, reads the safetensors header first to compare every
-tensor name, shape and dtype with a freshly built model, and only then loads the data (refusing
-NaN/Inf). Every problem raises :class:`ModelFileError` naming the file and the reason.
+refuses pickles and zip archives outright, and sizes the manifest's architecture on the meta
+device (shapes only, no memory) so that a hostile manifest claiming a huge width or class count is
+refused before a single real tensor is allocated: its tensors must total at most ``max_parameters``
+elements, and the file may not be far larger than they imply. It then reads the safetensors header
+to compare every tensor name, shape and dtype with that plan, and only then loads the data
+(refusing NaN/Inf) and builds the real model. Every problem raises :class:`ModelFileError`
+naming the file and the reason.
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ FORMAT_VERSION = 1
 WEIGHTS_SUFFIX = ".safetensors"
 MANIFEST_SUFFIX = ".json"
 _MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
+_MAX_MANIFEST_BYTES = 1 << 20  # ~100k class names; a larger manifest is refused unread
+# Default cap on the tensor elements (parameters and buffers) a manifest may imply: ResNet-18 has
+# about 11.2M at 10 or 100 classes; 100M float32 elements are 400 MB.
+MAX_PARAMETERS = 100_000_000
 _HEADER_BYTES_PER_TENSOR = 256  # generous allowance for one header entry
 _PICKLE_MAGIC = {b"PK\x03\x04": "zip archive as written by torch.save", b"\x80": "pickle stream"}
 _MAX_LISTED = 5
@@ -169,11 +176,13 @@ def load_manifest(path: Path) -> Manifest:
     """Read and validate the ``.json`` manifest of a model (path with or without suffix).
 
     Raises:
-        ModelFileError: Missing file, invalid JSON, unknown/missing keys, wrong types, unknown
-            architecture or ``num_classes != len(classes)``.
+        ModelFileError: Missing file, larger than 1 MiB, invalid JSON, unknown/missing keys, wrong
+            types, unknown architecture or ``num_classes != len(classes)``.
     """
     mpath = manifest_path(path)
     try:
+        if mpath.stat().st_size > _MAX_MANIFEST_BYTES:
+            raise _fail(mpath, f"manifest is larger than {_MAX_MANIFEST_BYTES} bytes; refused")
         raw = json.loads(mpath.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise _fail(mpath, "manifest file is missing") from None
@@ -206,15 +215,44 @@ def _build(manifest: Manifest) -> nn.Module:
     )
 
 
-def _reference_specs(manifest: Manifest) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Name -> (shape, dtype) of every tensor the manifest's architecture expects."""
-    return {k: (tuple(v.shape), v.dtype) for k, v in _build(manifest).state_dict().items()}
+Spec = tuple[tuple[int, ...], torch.dtype]  # (shape, dtype) of one tensor
+Specs = Mapping[str, Spec]
 
 
-def _mismatches(
-    found: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
-    expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
-) -> list[str]:
+def _describe(manifest: Manifest) -> str:
+    """The manifest keys that decide the tensors' sizes, for error messages."""
+    return (
+        f"architecture {manifest.architecture!r}, num_classes {manifest.num_classes}, "
+        f"arch_kwargs {manifest.arch_kwargs}"
+    )
+
+
+def _reference_specs(manifest: Manifest, mpath: Path) -> dict[str, Spec]:
+    """Name -> (shape, dtype) of every tensor the manifest's architecture expects.
+
+    The model is built on the meta device: shapes only, no memory, whatever the manifest claims.
+    """
+    try:
+        with torch.device("meta"):
+            model = _build(manifest)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as err:
+        raise _fail(mpath, f"cannot build the manifest's {_describe(manifest)} ({err})") from None
+    return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+
+
+def _check_parameters(mpath: Path, manifest: Manifest, expected: Specs, limit: int) -> None:
+    """Refuse a manifest whose architecture has more than ``limit`` tensor elements."""
+    counts = {k: math.prod(shape) for k, (shape, _) in expected.items()}
+    if sum(counts.values()) > limit:
+        big = max(counts, key=counts.__getitem__)
+        raise _fail(
+            mpath,
+            f"manifest's {_describe(manifest)} implies {sum(counts.values())} parameters, more "
+            f"than max_parameters={limit} (largest: {big} {list(expected[big][0])})",
+        )
+
+
+def _mismatches(found: Specs, expected: Specs) -> list[str]:
     """Human-readable differences between two name -> (shape, dtype) maps, sorted by name."""
     problems = [f"missing {k}" for k in sorted(set(expected) - set(found))]
     problems += [f"unexpected {k}" for k in sorted(set(found) - set(expected))]
@@ -248,7 +286,7 @@ def save_model(model: nn.Module, path: Path, manifest: Manifest) -> Path:
     manifest = manifest_from_dict(json.loads(manifest.to_json()), mpath)
     tensors = _state_dict_of(model)
     found = {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}
-    problems = _mismatches(found, _reference_specs(manifest))
+    problems = _mismatches(found, _reference_specs(manifest, mpath))
     if problems:
         raise _fail(wpath, f"model does not match manifest architecture: {problems[:_MAX_LISTED]}")
     wpath.parent.mkdir(parents=True, exist_ok=True)
@@ -278,17 +316,15 @@ def _sniff(wpath: Path, size: int) -> None:
         raise _fail(wpath, f"truncated: header needs {header_len} bytes, file has {size - 8}")
 
 
-def _check_size(wpath: Path, size: int, expected: Mapping[str, tuple], slack: float) -> None:
+def _check_size(wpath: Path, size: int, expected: Specs, slack: float) -> None:
     """Refuse a file far larger than the architecture's tensors imply (before reading it)."""
-    data = sum(math.prod(s) * torch.empty((), dtype=d).element_size() for s, d in expected.values())
+    data = sum(math.prod(s) * d.itemsize for s, d in expected.values())
     limit = slack * (8 + data + _HEADER_BYTES_PER_TENSOR * (len(expected) + 4))
     if size > limit:
         raise _fail(wpath, f"file has {size} bytes, more than {slack} x the {data} expected")
 
 
-def _read_tensors(
-    wpath: Path, expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]]
-) -> dict[str, torch.Tensor]:
+def _read_tensors(wpath: Path, expected: Specs) -> dict[str, torch.Tensor]:
     """Check the header against ``expected``, then load every tensor (CPU) and check finiteness."""
     try:
         with safe_open(str(wpath), framework="pt", device="cpu") as fh:
@@ -329,25 +365,34 @@ def _header_spec(fh: Any, key: str) -> tuple[tuple[int, ...], torch.dtype | str]
 
 
 def load_model(
-    path: Path, map_location: str | torch.device = "cpu", max_bytes_slack: float = 1.5
+    path: Path,
+    map_location: str | torch.device = "cpu",
+    max_bytes_slack: float = 1.5,
+    max_parameters: int = MAX_PARAMETERS,
 ) -> tuple[nn.Module, Manifest]:
     """Load a model saved by :func:`save_model`, refusing anything unsafe or inconsistent.
+
+    Nothing is allocated for the model's tensors until the manifest's architecture, sized on the
+    meta device, has passed ``max_parameters``, the file's size and the safetensors header.
 
     Args:
         path: Model path, with or without the ``.safetensors``/``.json`` suffix.
         map_location: Device the returned model is moved to.
         max_bytes_slack: Refuse weights files larger than this times the expected size.
+        max_parameters: Refuse manifests implying more tensor elements (parameters and
+            buffers) than this.
 
     Returns:
         The model in eval mode, mapping (N, *input_shape) in [0, 1] to (N, num_classes), and its
         manifest.
 
     Raises:
-        ModelFileError: Pickle/zip content, missing/malformed manifest, empty, truncated or
+        ModelFileError: Pickle/zip content, missing/malformed/oversize manifest, an
+            architecture that cannot be built or exceeds ``max_parameters``, empty, truncated or
             oversize file, tensor name/shape/dtype mismatch, NaN/Inf weights, or Normalize
             buffers disagreeing with the manifest's mean/std. Never unpickles.
     """
-    wpath = weights_path(path)
+    wpath, mpath = weights_path(path), manifest_path(path)
     if not wpath.is_file():
         raise _fail(wpath, "weights file is missing")
     size = os.path.getsize(wpath)
@@ -355,10 +400,13 @@ def load_model(
         raise _fail(wpath, "file is empty (0 bytes)")
     _sniff(wpath, size)  # reads 9 bytes: refuse pickles before anything else
     manifest = load_manifest(wpath)
-    expected = _reference_specs(manifest)
+    expected = _reference_specs(manifest, mpath)  # meta device: no memory yet
+    _check_parameters(mpath, manifest, expected, max_parameters)
     _check_size(wpath, size, expected, max_bytes_slack)
+    # Header vs plan before any data is read; safetensors checks the data fills the file exactly.
+    tensors = _read_tensors(wpath, expected)
     model = _build(manifest)
-    model.load_state_dict(_read_tensors(wpath, expected), strict=True)
+    model.load_state_dict(tensors, strict=True)
     _check_normalize(wpath, model, manifest)
     return model.to(map_location).eval(), manifest
 
@@ -390,6 +438,7 @@ def model_fingerprint(path: Path) -> str:
 __all__ = [
     "sha256_file",
     "FORMAT_VERSION",
+    "MAX_PARAMETERS",
     "Manifest",
     "ModelFileError",
     "load_manifest",

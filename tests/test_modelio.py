@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import mesa_lib.modelio as modelio
 from mesa_lib.modelio import (
+    MAX_PARAMETERS,
     Manifest,
     ModelFileError,
     load_manifest,
@@ -130,6 +132,54 @@ def test_refuses_num_classes_shape_mismatch(saved: Path) -> None:
 def test_refuses_width_mismatch(saved: Path) -> None:
     _edit_manifest(saved, lambda m: m.update(arch_kwargs={"width": 2}))
     _refused(saved, "conv1.weight")
+
+
+@pytest.fixture
+def build_devices(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records the device every ``build_model`` call inside modelio allocates on."""
+    devices: list[str] = []
+
+    def spy(*args: object, **kwargs: object) -> torch.nn.Module:
+        devices.append(torch.empty(0).device.type)
+        return build_model(*args, **kwargs)
+
+    monkeypatch.setattr(modelio, "build_model", spy)
+    return devices
+
+
+def test_refuses_huge_width_before_allocating(saved: Path, build_devices: list[str]) -> None:
+    _edit_manifest(saved, lambda m: m.update(arch_kwargs={"width": 10_000}))
+    err = _refused(saved, "max_parameters=")
+    assert "'width': 10000" in str(err) and saved.with_suffix(".json").name in str(err)
+    assert build_devices == ["meta"]  # sized on the meta device, never built for real
+
+
+def test_refuses_huge_num_classes(saved: Path, build_devices: list[str]) -> None:
+    classes = [f"c{i}" for i in range(20_000)]
+    _edit_manifest(saved, lambda m: m.update(num_classes=len(classes), classes=classes))
+    with pytest.raises(ModelFileError, match="num_classes 20000.*max_parameters=1000000") as err:
+        load_model(saved, max_parameters=1_000_000)
+    assert "fc.weight [20000, 64]" in str(err.value) and build_devices == ["meta"]
+
+
+@pytest.mark.parametrize("kwargs", [{"width": 1.5}, {"width": 10**30}, {"depth": 3}])
+def test_refuses_unbuildable_arch_kwargs(saved: Path, kwargs: dict) -> None:
+    _edit_manifest(saved, lambda m: m.update(arch_kwargs=kwargs))
+    err = _refused(saved, "cannot build the manifest's architecture 'resnet8'")
+    assert f"arch_kwargs {kwargs}" in str(err)
+
+
+def test_refuses_huge_manifest(saved: Path) -> None:
+    _edit_manifest(saved, lambda m: m.update(data_hash="x" * (2 << 20)))
+    _refused(saved, "manifest is larger than")
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "preact_resnet18"])
+@pytest.mark.parametrize("classes", [10, 100])
+def test_default_limit_admits_resnet18(arch: str, classes: int) -> None:
+    with torch.device("meta"):
+        model = build_model(arch, classes)
+    assert sum(v.numel() for v in model.state_dict().values()) < MAX_PARAMETERS / 5
 
 
 def test_refuses_nan_weights(tmp_path: Path) -> None:
