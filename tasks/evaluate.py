@@ -88,11 +88,9 @@ def evaluate_models(params: Params, device: torch.device) -> dict[str, Any]:
 
 
 def _scan(params: Params, device: torch.device, data: dict[str, Any]) -> dict[str, Any]:
-    """Scan the backdoored and MESA-repaired models on a shuffled defender subset."""
+    """Scan the backdoored and MESA-repaired models on a seeded defender subset."""
     images, labels = data["defender_images"], data["defender_labels"]
     order = seeded_subset(params.scan.n_images, len(images), params.base.seed + 2)
-    order = order[torch.randperm(len(order), generator=torch.Generator().manual_seed(
-        params.base.seed))]  # detect() holds out the LAST images: they must be a mixed sample
     config = scan_config(params, len(data["classes"]))
     out = {}
     for label in ("backdoored", "mesa"):

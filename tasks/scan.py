@@ -2,13 +2,13 @@
 
 `check_model` copies the candidate's files into the state folder (the drop folder and the registry
 are only read) and runs every safety check before any scanning: no pickles ever (mesa_lib.modelio
-sniffs magic bytes), manifest strictly validated, a size bound on the architecture before it is
-built, weights checked against it (names, shapes, dtypes, NaN/Inf), class count and input shape
-against the defender's reference data, and one finite forward pass. A failed check is a
-*rejection*: a verdict with a reason, recorded like any other (tasks.scan_record). `scan_chunk`
-fits one chunk of classes (tasks.scan_core) so that the classes of a model fan out over the task
-runner; `repair_model` repairs a backdoored model with the recovered trigger distribution
-(MESA Sec. 4.3) and re-scans it.
+sniffs magic bytes), manifest strictly validated, the architecture sized on the meta device and
+bounded before it is built, weights checked against it (names, shapes, dtypes, NaN/Inf), class
+count and input shape against the defender's reference data, and one finite forward pass. A
+failed check is a *rejection*: a verdict with a reason, recorded like any other
+(tasks.scan_record). `scan_chunk` fits one chunk of classes (mesa_lib.detect.score_classes) so
+that the classes of a model fan out over the task runner; `repair_model` repairs a backdoored
+model with the recovered trigger distribution (MESA Sec. 4.3) and re-scans it.
 
 Tasks pass paths and small records (Candidate, Checked, ChunkResult), never tensors or modules.
 """
@@ -16,7 +16,6 @@ Tasks pass paths and small records (Candidate, Checked, ChunkResult), never tens
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 import time
 from dataclasses import dataclass, replace
@@ -28,8 +27,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 
 from mesa_lib.data import DataError
-from mesa_lib.modelio import ModelFileError, load_manifest, load_model, save_model
-from mesa_lib.models import build_model
+from mesa_lib.detect import score_classes
+from mesa_lib.modelio import Manifest, ModelFileError, load_model, save_model
 from mesa_lib.repair import repair
 from mesa_lib.seed import resolve_device
 from tasks.config import Params
@@ -37,7 +36,7 @@ from tasks.discover import REFERENCE_SUFFIX, Candidate, model_key
 from tasks.evaluate import scan_config
 from tasks.io import load_sampler, save_sampler
 from tasks.repair import repair_config
-from tasks.scan_core import load_reference, reference_batch, scan_classes
+from tasks.scan_core import load_reference, reference_batch
 
 MODEL_STEM = "model"  # the copy of a candidate inside its work folder: model.safetensors, ...
 _LOAD_ERRORS = (ModelFileError, DataError, ValueError, TypeError, RuntimeError, KeyError)
@@ -104,19 +103,14 @@ def _unsupported(cand: Candidate) -> str:
             "accepted (pickled checkpoints such as .pt/.pth/.pkl/.bin are never loaded)")
 
 
-def _size_guard(stem: Path, reference_classes: int) -> str:
-    """Reject before building: class count vs the data, and parameters vs the file size."""
-    manifest = load_manifest(stem)
-    if manifest.num_classes != reference_classes:
+def _reference_mismatch(manifest: Manifest, n_classes: int, shape: tuple[int, ...]) -> str:
+    """Why the model cannot be scanned with the reference data, or "" if it can."""
+    if manifest.num_classes != n_classes:
         return (f"class count {manifest.num_classes} in the manifest differs from the "
-                f"{reference_classes} classes of the reference data")
-    with torch.device("meta"):  # shapes only: no memory, so a hostile manifest cannot OOM us
-        model = build_model(manifest.architecture, manifest.num_classes, manifest.mean,
-                            manifest.std, **manifest.arch_kwargs)
-    expected = sum(math.prod(t.shape) * t.element_size() for t in model.state_dict().values())
-    size = stem.with_suffix(".safetensors").stat().st_size
-    if expected > 4 * size + (1 << 20):
-        return f"manifest implies {expected} bytes of weights but the file has {size}"
+                f"{n_classes} classes of the reference data")
+    if tuple(manifest.input_shape) != shape:
+        return (f"input shape {list(manifest.input_shape)} differs from the reference "
+                f"images' {list(shape)}")
     return ""
 
 
@@ -152,14 +146,11 @@ def _check(cand: Candidate, params: Params) -> Checked:
             raise  # the service's reference data is broken: not this model's fault
         return _rejected(cand, f"reference data: {err}", work, start)
     try:
-        manifest_ok = (stem.with_suffix(".json")).is_file()
-        reason = _size_guard(stem, len(ref.classes)) if manifest_ok else ""
+        # pickles, oversize architectures (sized on the meta device), shapes, NaN/Inf, ...
+        model, manifest = load_model(stem)
+        reason = _reference_mismatch(manifest, len(ref.classes), tuple(ref.images.shape[1:]))
         if reason:
             return _rejected(cand, reason, work, start)
-        model, manifest = load_model(stem)  # pickles, truncation, shapes, NaN/Inf, ...
-        if tuple(manifest.input_shape) != tuple(ref.images.shape[1:]):
-            return _rejected(cand, f"input shape {list(manifest.input_shape)} differs from the "
-                             f"reference images' {list(ref.images.shape[1:])}", work, start)
         with torch.no_grad():
             out = model(ref.images[:2].float().div(255))
         if out.shape != (2, manifest.num_classes) or not torch.isfinite(out).all():
@@ -192,7 +183,7 @@ def fit_chunk(checked: Checked, classes: tuple[int, ...], params: Params) -> Chu
     images, labels, channels = _batch(params, checked)
     config = replace(scan_config(params, checked.n_classes), candidates=tuple(classes))
     k = params.scan.trigger_size
-    dist, scores = scan_classes(model, images, labels, tuple(classes), (channels, k, k), config,
+    dist, scores = score_classes(model, images, labels, tuple(classes), (channels, k, k), config,
                                 device, params.scan.grid_samples)
     sampler = ""
     if params.scan.repair:

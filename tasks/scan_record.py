@@ -24,13 +24,13 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from mesa_lib.detect import decide
 from mesa_lib.modelio import model_fingerprint
 from tasks import tracking
 from tasks.config import Params
 from tasks.evaluate import scan_config
 from tasks.io import save_grid, write_csv, write_json
 from tasks.scan import Checked, ChunkResult, logger, repair_model, work_dir
-from tasks.scan_core import decide
 
 _TAG_LIMIT = 4000  # registry tag values are limited in length
 
@@ -40,16 +40,14 @@ def verdict_of(checked: Checked, chunks: list[ChunkResult], params: Params) -> d
     if not checked.ok:
         return {"status": "rejected", "target": None, "confidence": 1.0,
                 "reason": checked.reason, "scores": {}}
-    scores = {c: dict(s) for ch in chunks for c, s in ch.scores.items()}
-    decision = decide({c: s["asr"] for c, s in scores.items()},
-                      scan_config(params, checked.n_classes))
-    for c, s in scores.items():
-        s.update(anomaly=decision["anomaly"][c], margin=decision["margin"][c])
-    reason = "" if decision["status"] == "clean" else (
-        f"class {decision['target']} is hijacked by {scores[decision['target']]['asr']:.0%} of "
-        f"its recovered triggers (anomaly index {decision['anomaly'][decision['target']]:.1f})")
-    return {"status": decision["status"], "target": decision["target"],
-            "confidence": decision["confidence"], "reason": reason, "scores": scores}
+    verdict = decide({c: s for ch in chunks for c, s in ch.scores.items()},
+                     scan_config(params, checked.n_classes))
+    target = verdict.target
+    reason = "" if target is None else (
+        f"class {target} is hijacked by {verdict.scores[target]['asr']:.0%} of its recovered "
+        f"triggers (anomaly index {verdict.scores[target]['anomaly']:.1f})")
+    return {"status": verdict.status, "target": target, "confidence": verdict.confidence,
+            "reason": reason, "scores": verdict.scores}
 
 
 def version_tags(verdict: dict[str, Any], run_id: str) -> dict[str, str]:

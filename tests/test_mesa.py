@@ -15,7 +15,7 @@ from backdoor_fixture import CPU, TARGET, TRIGGER, Lab, build_lab
 from torch import nn
 
 from mesa_lib.baselines import CleanseConfig, PointConfig, fit_point, neural_cleanse
-from mesa_lib.detect import DetectConfig, detect
+from mesa_lib.detect import DetectConfig, decide, detect, split_holdout
 from mesa_lib.distribution import ConstantSampler, PointDistribution, TriggerDistribution
 from mesa_lib.generator import TriggerGenerator
 from mesa_lib.mesa import MesaConfig, fit_mesa, target_probability
@@ -236,6 +236,35 @@ def test_detection_names_the_target_and_clears_a_clean_model(lab, clean_lab):
     assert (good.status, good.target) == ("clean", None), good.scores
     assert 0.5 < bad.confidence <= 1 and 0.5 < good.confidence <= 1
     assert set(bad.scores) == set(range(6)) and "entropy" in bad.scores[0]
+
+
+def test_decide_flags_only_a_high_outlier_and_keeps_the_evidence():
+    cfg = DetectConfig()
+    others = {c: {"asr": 0.01, "entropy": -1.0} for c in range(1, 6)}
+    hijacked = decide({0: {"asr": 0.9, "entropy": 2.0}, **others}, cfg)
+    assert (hijacked.status, hijacked.target) == ("backdoored", 0) and hijacked.confidence > 0.9
+    assert hijacked.scores[0]["entropy"] == 2.0 and set(hijacked.scores) == set(range(6))
+    assert set(hijacked.scores[3]) == {"asr", "entropy", "anomaly", "margin"}
+    for asr in ([0.0] * 6,  # nothing fires
+                [0.9] * 6,  # everything fires: no outlier
+                [0.2] + [0.0] * 5):  # an outlier, but below min_asr
+        verdict = decide({c: {"asr": a} for c, a in enumerate(asr)}, cfg)
+        assert (verdict.status, verdict.target) == ("clean", None), verdict.scores
+
+
+def test_split_holdout_mixes_class_sorted_data_and_is_seeded():
+    images = torch.arange(120, dtype=torch.uint8).view(120, 1, 1, 1)  # pixel value = index
+    labels = torch.arange(6).repeat_interleave(20)  # grouped by class, as archives often are
+    fit, held, held_y = split_holdout(images, labels, 40, seed=3)
+    assert (len(fit), len(held)) == (80, 40)
+    assert sorted(torch.cat([fit, held]).flatten().tolist()) == list(range(120))  # a partition
+    assert torch.equal(held_y, labels[held.flatten().long()])
+    assert set(held_y.tolist()) == set(range(6))  # a tail of 40 would hold two classes
+    again = split_holdout(images, labels, 40, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(again, (fit, held, held_y), strict=True))
+    assert not torch.equal(split_holdout(images, labels, 40, seed=4)[1], held)
+    _, held, held_y = split_holdout(images, None, 1000, seed=3)
+    assert len(held) == 60 and held_y is None  # at most half is held out
 
 
 def test_neural_cleanse_runs_over_all_classes(lab):
