@@ -76,6 +76,15 @@ class Verdict:
     confidence: float
     scores: dict[int, dict[str, float]]
 
+    @property
+    def reason(self) -> str:
+        """Why the model was flagged, in one line ("" when clean)."""
+        if self.target is None:
+            return ""
+        s = self.scores[self.target]
+        return (f"class {self.target} is hijacked by {s['asr']:.0%} of its recovered triggers "
+                f"(anomaly index {s['anomaly']:.1f})")
+
 
 @dataclass(frozen=True)
 class ClassScore:

@@ -5,7 +5,8 @@ images with the original trigger and with held-out variants (the nearest other 3
 contrast / tint shifts: mesa_lib.metrics). A repair that only removed one point of the backdoor
 leaves the variants working; that is the paper's argument for modelling a distribution.
 With `scan.enabled`, mesa_lib.detect also scans the backdoored and the MESA-repaired models
-without knowing the target; its verdicts become the `scan_verdict` tags in the registry.
+without knowing the target; its verdicts become the `scan_*` tags in the registry, in the scan
+service's format (tasks.registry.verdict_tags).
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def scan_config(params: Params, n_classes: int) -> DetectConfig:
 
 def _verdict_record(v: Verdict, sha: str) -> dict[str, Any]:
     return {"status": v.status, "target": v.target, "confidence": v.confidence,
-            "model_sha256": sha, "scores": {str(k): s for k, s in v.scores.items()}}
+            "reason": v.reason, "model_sha256": sha,
+            "scores": {str(k): s for k, s in v.scores.items()}}
 
 
 @task

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +29,8 @@ from tasks import tracking
 from tasks.config import Params
 from tasks.evaluate import scan_config
 from tasks.io import save_grid, write_csv, write_json
+from tasks.registry import TAG_LIMIT, verdict_tags
 from tasks.scan import Checked, ChunkResult, logger, repair_model, work_dir
-
-_TAG_LIMIT = 4000  # registry tag values are limited in length
 
 
 def verdict_of(checked: Checked, chunks: list[ChunkResult], params: Params) -> dict[str, Any]:
@@ -42,25 +40,8 @@ def verdict_of(checked: Checked, chunks: list[ChunkResult], params: Params) -> d
                 "reason": checked.reason, "scores": {}}
     verdict = decide({c: s for ch in chunks for c, s in ch.scores.items()},
                      scan_config(params, checked.n_classes))
-    target = verdict.target
-    reason = "" if target is None else (
-        f"class {target} is hijacked by {verdict.scores[target]['asr']:.0%} of its recovered "
-        f"triggers (anomaly index {verdict.scores[target]['anomaly']:.1f})")
-    return {"status": verdict.status, "target": target, "confidence": verdict.confidence,
-            "reason": reason, "scores": verdict.scores}
-
-
-def version_tags(verdict: dict[str, Any], run_id: str) -> dict[str, str]:
-    """Tags written onto the registered version."""
-    tags = {"scan_verdict": verdict["status"],
-            "scan_target": "" if verdict["target"] is None else str(verdict["target"]),
-            "scan_confidence": f"{verdict['confidence']:.3f}",
-            "scan_reason": verdict["reason"][:_TAG_LIMIT],
-            "scan_run_id": run_id,
-            "scan_time": datetime.now(UTC).isoformat(timespec="seconds")}
-    if verdict["status"] == "backdoored":
-        tags["quarantined"] = "true"
-    return tags
+    return {"status": verdict.status, "target": verdict.target,
+            "confidence": verdict.confidence, "reason": verdict.reason, "scores": verdict.scores}
 
 
 def _evidence(folder: Path, verdict: dict[str, Any], chunks: list[ChunkResult],
@@ -92,8 +73,8 @@ def _run(label: str, checked: Checked, verdict: dict[str, Any], chunks: list[Chu
     run = tracking.start_run(label, {
         "mesa.role": "scan", "scan.source": cand.source, "scan.label": cand.label,
         "scan.key": cand.key, "model_sha256": cand.weights_sha256,
-        "scan_verdict": verdict["status"], "scan_reason": verdict["reason"][:_TAG_LIMIT],
-        "scan.files": json.dumps([Path(f).name for f in cand.files])[:_TAG_LIMIT]})
+        "scan_verdict": verdict["status"], "scan_reason": verdict["reason"][:TAG_LIMIT],
+        "scan.files": json.dumps([Path(f).name for f in cand.files])[:TAG_LIMIT]})
     tracking.log_params(run, {**params.section("scan"), "model.label": cand.label,
                               "model.classes": checked.n_classes})
     tracking.log_metrics(run, _metrics(verdict, seconds))
@@ -107,7 +88,7 @@ def _publish(checked: Checked, verdict: dict[str, Any], run: tracking.StageRun,
              params: Params) -> str:
     """Tag the registry version, or register a drop-folder model; returns 'name/version'."""
     cand = checked.candidate
-    tags = version_tags(verdict, run.run_id)
+    tags = verdict_tags(verdict, run.run_id)
     if cand.source == "registry":
         tracking.tag_model_version(cand.name, cand.version, tags)
         return f"{cand.name}/{cand.version}"
@@ -168,7 +149,7 @@ def reuse_verdict(version: dict[str, str], done: dict[str, Any]) -> str:
     """A registry version holding already-scanned files gets the earlier verdict's tags."""
     verdict = {"status": done["status"], "target": done["target"],
                "confidence": done["confidence"], "reason": done.get("reason", "")}
-    tags = {**version_tags(verdict, done["run_id"]), "scan_reused_from": done["label"]}
+    tags = {**verdict_tags(verdict, done["run_id"]), "scan_reused_from": done["label"]}
     tracking.tag_model_version(version["name"], version["version"], tags)
     return f"{version['name']}/{version['version']}"
 
@@ -188,7 +169,7 @@ def repair_and_register(checked: Checked, chunks: list[ChunkResult], outcome: di
     run = _run(f"repair {checked.candidate.label}", repaired, verdict, rescan, params, folder,
                {"fit_sum": rescan[0].seconds})
     name = parent.split("/")[0]
-    tags = {**version_tags(verdict, run.run_id), "parent_model_version": parent,
+    tags = {**verdict_tags(verdict, run.run_id), "parent_model_version": parent,
             "repair": "mesa", "model_sha256": model_fingerprint(stem)}
     version = tracking.register_model(
         run, (stem.with_suffix(".safetensors"), stem.with_suffix(".json")), name, tags,

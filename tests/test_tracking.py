@@ -88,8 +88,7 @@ def test_failed_stage_marks_runs_failed(store: str) -> None:
 
 
 def test_registered_models_carry_lineage(store: str) -> None:
-    from flows.evaluate import tag_verdicts
-    from tasks.registry import register
+    from tasks.registry import register, tag_verdicts
 
     params = load_params("params.yaml")
     _save_tiny_model("backdoored", 0)
@@ -109,11 +108,23 @@ def test_registered_models_carry_lineage(store: str) -> None:
     assert tags["scan_verdict"] == "not scanned"
     assert tracking.model_version_tags(tracking.BACKDOORED, "1")["parent_model_version"] == "none"
 
-    verdict = {"status": "clean", "target": None, "confidence": 0.8,
-               "model_sha256": tags["model_sha256"]}
-    assert tag_verdicts.fn({"mesa": verdict}) == {"mesa": f"{tracking.REPAIRED}/1"}
-    assert tracking.model_version_tags(tracking.REPAIRED, "1")["scan_verdict"] == \
-        "clean, confidence 0.80"
+    # the evaluate stage tags verdicts in the scan service's format (tasks.registry.verdict_tags)
+    registered = {"mesa": tracking.REPAIRED, "backdoored": tracking.BACKDOORED}
+    verdicts = {"mesa": {"status": "clean", "target": None, "confidence": 0.8, "reason": "",
+                         "model_sha256": tags["model_sha256"]},
+                "backdoored": {"status": "backdoored", "target": 0, "confidence": 0.93,
+                               "reason": "class 0 is hijacked",
+                               "model_sha256": model_fingerprint(catalog.path("backdoored"))}}
+    assert tag_verdicts.fn(verdicts, registered, run) == {
+        "mesa": f"{tracking.REPAIRED}/1", "backdoored": f"{tracking.BACKDOORED}/1"}
+    clean = tracking.model_version_tags(tracking.REPAIRED, "1")
+    assert (clean["scan_verdict"], clean["scan_target"], clean["scan_confidence"]) == \
+        ("clean", "", "0.800")
+    assert clean["scan_run_id"] == run.run_id and "quarantined" not in clean
+    bad = tracking.model_version_tags(tracking.BACKDOORED, "1")
+    assert (bad["scan_verdict"], bad["scan_target"], bad["quarantined"]) == \
+        ("backdoored", "0", "true")
+    assert bad["scan_reason"] == "class 0 is hijacked"
     files = {Path(f.path).name for f in tracking.client().list_artifacts(
         tracking.client().get_model_version(tracking.REPAIRED, "1").run_id, "model")}
     assert files == {"repaired.safetensors", "repaired.json"}
