@@ -83,7 +83,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--mesa-lr", type=float, default=2e-4, help="Adam lr of generators and MINE")
     p.add_argument("--point-starts", type=int, default=10)
     p.add_argument("--point-repairs", type=int, default=None, help="starts repaired (all)")
-    p.add_argument("--stamp-rates", default="0.01", help="comma-separated repair stamp rates")
+    p.add_argument("--stamp-rates", default="0.5,0.01",
+                   help="comma-separated repair stamp rates (0.5 ours, 0.01 authors')")
     p.add_argument("--main-rate", type=float, default=None,
                    help="rate at which every sampler is repaired (default: first of --stamp-rates)")
     p.add_argument("--sweep-methods", default="all",
