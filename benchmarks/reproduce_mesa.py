@@ -95,7 +95,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--shifts", default="all",
                    help="colour-shifted variants kept (e.g. contrast0.2,tint_red), 'all' or ''")
     p.add_argument("--only", default="", help="run only these canonical indices (sharding)")
-    p.add_argument("--tag", default="", help="suffix of the output file names")
+    p.add_argument("--tag", default="", help="suffix of the output file names (also --merge's)")
     p.add_argument("--merge", type=Path, nargs="+", default=None,
                    help="combine the JSON records of shards into one results file; no run")
     p.add_argument("--archive", type=Path, default=ROOT / "../shared/datasets/cifar10-jpeg.tar.gz")
@@ -351,7 +351,7 @@ def header_lines(args: argparse.Namespace, device: str, patterns: list[int],
             f"shifts {args.shifts}"]
 
 
-def merge(paths: list[Path], out: Path) -> Path:
+def merge(paths: list[Path], out: Path, tag: str = "") -> Path:
     """Combine shard records (rows concatenated, stage times summed) into one results file."""
     recs = [json.loads(p.read_text()) for p in paths]
     rows = [r for rec in recs for r in rec["rows"]]
@@ -365,10 +365,10 @@ def merge(paths: list[Path], out: Path) -> Path:
     header = [f"- shard {i}: `{rec['command']}` ({rec['device']}, wall {rec.get('wall_s', 0):.0f}"
               " s)" for i, rec in enumerate(recs)]
     header += [f"- merged by: `.venv/bin/python benchmarks/reproduce_mesa.py --merge "
-               f"{' '.join(str(p) for p in paths)}"
-               f"`"]
+               f"{' '.join(str(p) for p in paths)}" + (f" --tag {tag}" if tag else "") + "`"]
     header += header_lines(args, recs[0]["device"], patterns, "see shards")[1:]
-    stem = out / f"reproduce_mesa_{a['model']}_{len(patterns)}p_{recs[0]['device_type']}"
+    stem = out / (f"reproduce_mesa_{a['model']}_{len(patterns)}p_{recs[0]['device_type']}"
+                  + (f"_{tag}" if tag else ""))
     text = markdown(rows, header, dict(times), f"MESA reproduction: {a['model']}, "
                     f"{len(patterns)} pattern(s)")
     stem.with_suffix(".md").write_text(text)
@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> Path:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.merge:
-        return merge(args.merge, args.out)
+        return merge(args.merge, args.out, args.tag)
     wall = time.perf_counter()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
