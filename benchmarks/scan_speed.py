@@ -23,7 +23,6 @@ import os
 import platform
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -36,13 +35,13 @@ from mesa_lib.poison import build_attack
 from mesa_lib.seed import resolve_device, seed_everything
 from mesa_lib.train import TrainConfig, train
 from mesa_lib.triggers import DEMO_PATTERN, pattern_trigger
-from tasks import catalog
-from tasks.config import Params, load_params
-from tasks.discover import Candidate, model_key
-from tasks.io import seeded_subset
-from tasks.scan import check_model, scan_chunk
-from tasks.scan_core import chunks, load_reference
-from tasks.scan_record import verdict_of
+from tasks.common import catalog
+from tasks.common.io import seeded_subset
+from tasks.common.params import Params, load_params
+from tasks.scan.check import check_model, scan_chunk
+from tasks.scan.discover import Candidate, model_key
+from tasks.scan.record import verdict_of
+from tasks.scan.reference import chunks, load_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,7 +107,8 @@ def main() -> None:
     args = ap.parse_args()
     params = load_params(args.params)
     if args.device:
-        params = replace(params, base=replace(params.base, device=args.device))
+        params = params.model_copy(update={"base": params.base.model_copy(
+            update={"device": args.device})})
     device = resolve_device(params.base.device)
     models = args.models or Path(params.scan.state_folder) / "demo_models"
     if args.make:

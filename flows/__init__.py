@@ -4,6 +4,6 @@ Importing this package first sets the environment defaults (telemetry off, PREFE
 the project, short MLflow HTTP timeouts) before prefect or mlflow is imported.
 """
 
-from tasks.env import apply_defaults
+from tasks.common.env import apply_defaults
 
 apply_defaults()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.baseline import point_baseline
-from tasks.registry import register
-from tasks.stage import main, open_stage, publish
+from tasks.pipeline.baseline import point_baseline
+from tasks.pipeline.registry import register
+from tasks.pipeline.stage import main, open_stage, publish
 
 
 @flow(name="baseline")

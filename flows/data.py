@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks import catalog, tracking
-from tasks.data import prepare_dataset, resolve_archive
-from tasks.stage import main, open_stage, publish
+from tasks.common import catalog, tracking
+from tasks.pipeline.data import prepare_dataset, resolve_archive
+from tasks.pipeline.stage import main, open_stage, publish
 
 
 @flow(name="data")

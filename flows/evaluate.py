@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks import tracking
-from tasks.evaluate import evaluate_models
-from tasks.registry import tag_verdicts
-from tasks.stage import main, open_stage, publish
+from tasks.common import tracking
+from tasks.pipeline.evaluate import evaluate_models
+from tasks.pipeline.registry import tag_verdicts
+from tasks.pipeline.stage import main, open_stage, publish
 
-REGISTERED = {"backdoored": tracking.BACKDOORED, "mesa": tracking.REPAIRED}
+REGISTERED = {"backdoored": tracking.BACKDOORED, "mesa": tracking.REPAIRED,
+              "baseline": tracking.BASELINE_REPAIRED}
 
 
 @flow(name="evaluate")

@@ -6,8 +6,8 @@ import sys
 
 from prefect import flow
 
-from tasks.config import ConfigError, load_params
-from tasks.data import fetch_raw
+from tasks.common.params import ConfigError, load_params
+from tasks.pipeline.data import fetch_raw
 
 
 @flow(name="fetch-data")

@@ -1,7 +1,8 @@
 """The whole pipeline as ONE Prefect flow, each DVC stage a sub-flow, in dvc.yaml's order.
 
 For users who drive the pipeline from Prefect instead of DVC. The stage graph is read from
-dvc.yaml (tasks.dag), never restated here; stage `<name>` runs `flows.<name>.FLOW`. All stages
+dvc.yaml through DVC's own API (tasks.common.dvcgraph), never restated here; stage `<name>` runs
+`flows.<name>.FLOW`. All stages
 run (Prefect does not know DVC's cache); `dvc commit` afterwards records the results in
 dvc.lock so that a later `dvc repro` sees them as up to date.
 
@@ -18,9 +19,9 @@ from collections.abc import Sequence
 from prefect import flow
 
 from mesa_lib.seed import resolve_device
-from tasks import dag, tracking
-from tasks.config import load_params
-from tasks.stage import check_or_exit
+from tasks.common import dvcgraph, tracking
+from tasks.common.params import load_params
+from tasks.pipeline.stage import check_or_exit
 
 
 def stage_flow(name: str):
@@ -32,7 +33,7 @@ def stage_flow(name: str):
 def pipeline(params_path: str = "params.yaml", stages: Sequence[str] | None = None) -> dict:
     """Run the stages of dvc.yaml in topological order under one MLflow parent run."""
     params = load_params(params_path)
-    order = dag.stage_order()
+    order = dvcgraph.stage_order()
     unknown = sorted(set(stages or ()) - set(order))
     if unknown:
         raise ValueError(f"unknown stages {unknown}; dvc.yaml has {order}")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks import quality
-from tasks.poison import poison_training_set
-from tasks.stage import main, open_stage, publish
+from tasks.common import quality
+from tasks.pipeline.poison import poison_training_set
+from tasks.pipeline.stage import main, open_stage, publish
 
 
 @flow(name="poison")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.recover import fit_distribution
-from tasks.stage import main, open_stage, publish
+from tasks.pipeline.recover import fit_distribution
+from tasks.pipeline.stage import main, open_stage, publish
 
 
 @flow(name="recover")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.registry import register
-from tasks.repair import repair_mesa
-from tasks.stage import main, open_stage, publish
+from tasks.pipeline.registry import register
+from tasks.pipeline.repair import repair_mesa
+from tasks.pipeline.stage import main, open_stage, publish
 
 
 @flow(name="repair")

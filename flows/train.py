@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks import quality
-from tasks.registry import register
-from tasks.stage import main, open_stage, publish
-from tasks.train import train_backdoored
+from tasks.common import quality
+from tasks.pipeline.registry import register
+from tasks.pipeline.stage import main, open_stage, publish
+from tasks.pipeline.train import train_backdoored
 
 
 @flow(name="train")

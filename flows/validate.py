@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks import catalog, quality
-from tasks.data import resolve_archive
-from tasks.stage import main, open_stage, publish
-from tasks.validate import gate_metrics, validate_data
+from tasks.common import catalog, quality
+from tasks.pipeline.data import resolve_archive
+from tasks.pipeline.stage import main, open_stage, publish
+from tasks.pipeline.validate import gate_metrics, validate_data
 
 
 @flow(name="validate")

@@ -30,7 +30,6 @@ CANONICAL_MD5 = {
 }
 # Default of ``expected_md5``: "use CANONICAL_MD5[name]".
 USE_CANONICAL_MD5 = "canonical"
-OFFLINE_HINT = "../shared/datasets/cifar10-jpeg.tar.gz"
 
 
 @dataclass(frozen=True)
@@ -237,7 +236,7 @@ def download_cifar(root: Path, name: str = "cifar10") -> Path:
     except (URLError, OSError, RuntimeError) as err:
         raise DataError(
             f"download of {spec.filename} into {root} failed ({err}); pass a local archive "
-            f"instead, e.g. {OFFLINE_HINT}"
+            "instead (the canonical file, or an image-folder archive of CIFAR)"
         ) from err
     archive = root / spec.filename
     require_file(archive)

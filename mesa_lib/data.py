@@ -11,7 +11,7 @@ Two on-disk formats are read, each by its own module:
   pickles; they are unpickled only after the archive's md5 matched the published digest
   (:mod:`mesa_lib.cifar_archive`, which also downloads them with torchvision);
 * an image-folder archive or directory ``{train,test}/<class>/*.{jpg,jpeg,png}`` such as the
-  offline copy ``../shared/datasets/cifar10-jpeg.tar.gz``; decoding is batched through
+  JPEG export of CIFAR-10; decoding is batched through
   ``torchvision.io`` and cached once as an uncompressed ``.npz`` keyed by the archive's sha256
   (:mod:`mesa_lib.imagefolder`).
 
@@ -22,7 +22,6 @@ Two on-disk formats are read, each by its own module:
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import torch
@@ -96,6 +95,20 @@ def split_defender(
     return test.subset(defender), test.subset(held_out)
 
 
+def seeded_subset(n: int, total: int, seed: int) -> torch.Tensor:
+    """Sorted indices of a seeded random n-of-total subset (all if n is 0 or >= total).
+
+    A random draw, not a prefix: splits keep the raw order, which is grouped by class in
+    image-folder archives, so a prefix would be a biased sample.
+
+    Returns:
+        int64 (min(n, total),) or (total,), ascending.
+    """
+    if n <= 0 or n >= total:
+        return torch.arange(total)
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
+
+
 def data_fingerprint(data: CifarData) -> str:
     """Sha256 hex digest over classes, shapes and the image and label bytes of both splits."""
     digest = hashlib.sha256()
@@ -105,15 +118,3 @@ def data_fingerprint(data: CifarData) -> str:
         digest.update(part.images.contiguous().numpy())  # buffer protocol: no 150 MB copy
         digest.update(part.labels.contiguous().numpy())
     return digest.hexdigest()
-
-
-def default_source(project_root: Path) -> Path:
-    """Where CIFAR-10 comes from when nobody says: $MESA_DATA_SOURCE, else the offline copy
-    `<project_root>/../shared/datasets/cifar10-jpeg.tar.gz` if present, else the canonical
-    archive `<project_root>/data/cifar-10-python.tar.gz` (downloaded by `load_cifar` if missing).
-    """
-    env = os.environ.get("MESA_DATA_SOURCE")
-    if env:
-        return Path(env)
-    offline = Path(project_root).resolve().parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
-    return offline if offline.exists() else Path(project_root) / "data" / "cifar-10-python.tar.gz"

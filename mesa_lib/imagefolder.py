@@ -1,16 +1,14 @@
 """Image-folder archives ``{train,test}/<class>/*.{jpg,jpeg,png}`` decoded to uint8 tensors.
 
 Reads an archive (``.tar.gz``, ``.tgz``, ``.tar``, ``.zip``) or a directory laid out as
-``{train,test}/<class>/<image>``, such as the offline copy
-``../shared/datasets/cifar10-jpeg.tar.gz``; decoding is batched through ``torchvision.io`` and
-cached once as an uncompressed ``.npz`` keyed by the archive's sha256. Every bad input raises
-:class:`~mesa_lib.imageset.DataError`, whose message names the offending file.
+``{train,test}/<class>/<image>``, such as a JPEG export of CIFAR-10; decoding is batched
+through ``torchvision.io`` and cached once as an uncompressed ``.npz`` keyed by the archive's
+sha256. Every bad input raises :class:`~mesa_lib.imageset.DataError`, whose message names the
+offending file.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -23,6 +21,7 @@ import torchvision
 from torchvision.io import ImageReadMode
 
 from mesa_lib.archive_io import ARCHIVE_ERRORS, file_digest, iter_archive, require_file
+from mesa_lib.fileio import atomic_write
 from mesa_lib.imageset import IMAGE_SHAPE, CifarData, DataError, ImageSet, checked_set
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -144,8 +143,7 @@ def _cache_path(cache_dir: Path, archive: Path) -> Path:
 
 
 def _save_cache(path: Path, data: CifarData) -> None:
-    """Write the cache atomically (temp file + rename) as an uncompressed, pickle-free npz."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write the cache atomically as an uncompressed, pickle-free npz."""
     arrays = {
         "version": np.array(_CACHE_VERSION),
         "classes": np.array(data.train.classes, dtype=np.str_),
@@ -154,14 +152,12 @@ def _save_cache(path: Path, data: CifarData) -> None:
         "test_images": data.test.images.numpy(),
         "test_labels": data.test.labels.numpy(),
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as f:
             np.savez(f, **arrays)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache is shared like any data file
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+
+    atomic_write(path, write)  # 0644: the cache is shared like any data file
 
 
 def _load_cache(path: Path) -> CifarData:

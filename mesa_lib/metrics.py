@@ -105,6 +105,29 @@ def held_out_variants(pattern: Tensor, count: int = 5, channels: int = 3) -> dic
             **colour_shifts(pattern_trigger(pattern, channels))}
 
 
+def is_black_white(trigger: Tensor) -> bool:
+    """True for a black/white pattern repeated over the channels (C, h, w) in {0, 1}."""
+    return bool(((trigger == 0) | (trigger == 1)).all()) and bool((trigger == trigger[:1]).all())
+
+
+def evaluation_triggers(
+    trigger: Tensor, variants: int = 0, shifts: bool = False
+) -> dict[str, Tensor]:
+    """The attacker's trigger (C, h, w) as "original", plus held-out variants by name.
+
+    Args:
+        variants: the nearest other canonical patterns (black/white square triggers only).
+        shifts: also the contrast / tint shifted copies of the trigger.
+    """
+    out = {"original": trigger}
+    square = trigger.shape[-1] == trigger.shape[-2]
+    if variants and square and is_black_white(trigger):
+        out |= other_patterns(trigger[0], variants, trigger.shape[0])
+    if shifts:
+        out |= colour_shifts(trigger)
+    return out
+
+
 def backdoor_report(
     model: nn.Module,
     images: Tensor,

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from mesa_lib.fileio import atomic_write
 from mesa_lib.models import MODELS, build_model
 
 FORMAT_VERSION = 1
@@ -193,18 +193,6 @@ def load_manifest(path: Path) -> Manifest:
     return manifest_from_dict(raw, mpath)
 
 
-def _atomic_write(target: Path, write: Callable[[Path], None]) -> None:
-    """Write via a temporary file in the same folder, then ``os.replace`` onto ``target``."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _build(manifest: Manifest) -> nn.Module:
     return build_model(
         manifest.architecture,
@@ -290,9 +278,11 @@ def save_model(model: nn.Module, path: Path, manifest: Manifest) -> Path:
     if problems:
         raise _fail(wpath, f"model does not match manifest architecture: {problems[:_MAX_LISTED]}")
     wpath.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"format": "pt", "architecture": manifest.architecture}
-    _atomic_write(wpath, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-    _atomic_write(mpath, lambda tmp: tmp.write_text(manifest.to_json() + "\n", encoding="utf-8"))
+    # One metadata key only: safetensors writes its metadata from a Rust HashMap, whose order
+    # (and so the file's bytes) varies from process to process once there are two keys.
+    meta = {"format": "pt"}
+    atomic_write(wpath, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    atomic_write(mpath, lambda tmp: tmp.write_text(manifest.to_json() + "\n", encoding="utf-8"))
     return wpath
 
 

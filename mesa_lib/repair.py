@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from mesa_lib.distribution import TriggerSampler
 from mesa_lib.poison import BatchHook
+from mesa_lib.seed import derive_seed
 from mesa_lib.train import EpochCallback, TrainConfig, train
 from mesa_lib.triggers import random_locations, stamp
 
@@ -112,5 +113,5 @@ def repair(
     """
     hook = None
     if sampler is not None and config.stamp_rate > 0:
-        hook = repair_hook(sampler, config.stamp_rate, config.seed + 1)
+        hook = repair_hook(sampler, config.stamp_rate, derive_seed(config.seed, "repair_stamps"))
     return train(model, images, labels, config.train_config(), device, hook, callback)

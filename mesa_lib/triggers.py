@@ -4,11 +4,15 @@ The MESA paper (Qiao et al., NeurIPS 2019, Sec. 5) attacks CIFAR-10 with every b
 pattern, up to rotation, flip and colour inversion: 512 masks reduce to 51 classes. A trigger here
 is a float tensor (C, h, w) in [0, 1], stamped in pixel space on images (N, C, H, W) in [0, 1]
 (or uint8 in [0, 255]), at one top-left location per image.
+
+Triggers are built by name from a registry (`build_trigger("pattern:6")`, like the attacks of
+`mesa_lib.poison`): adding a kind is one function with `@register_trigger`.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +99,64 @@ def load_patch(path: Path) -> Tensor:
     if t.ndim != 3 or t.min() < 0 or t.max() > 1:
         raise ValueError(f"{path}: trigger must be (C, h, w) with values in [0, 1]")
     return t.contiguous()
+
+
+TriggerMaker = Callable[[str, int, int, torch.Generator], Tensor]
+"""(argument after ':', side, channels, generator) -> trigger (channels, side, side) in [0, 1]."""
+
+TRIGGERS: dict[str, TriggerMaker] = {}
+
+
+def register_trigger(name: str) -> Callable[[TriggerMaker], TriggerMaker]:
+    """Function decorator adding a trigger kind to `TRIGGERS` under `name`."""
+
+    def add(maker: TriggerMaker) -> TriggerMaker:
+        TRIGGERS[name] = maker
+        return maker
+
+    return add
+
+
+def build_trigger(spec: str, size: int = 3, channels: int = 3, seed: int = 0) -> Tensor:
+    """Build a registered trigger from `name[:argument]`, e.g. "demo", "pattern:6".
+
+    Args:
+        spec: the kind and its argument.
+        size: side of kinds whose size is free (random ones); fixed patterns ignore it.
+        channels: C of the result.
+        seed: seed of the generator random kinds draw from.
+
+    Returns:
+        float (channels, h, w) in [0, 1].
+
+    Raises:
+        ValueError: an unknown kind (the message lists the known ones) or a bad argument.
+    """
+    name, _, arg = spec.partition(":")
+    if name not in TRIGGERS:
+        raise ValueError(f"unknown trigger {spec!r}; known kinds: {sorted(TRIGGERS)}")
+    return TRIGGERS[name](arg, size, channels, torch.Generator().manual_seed(seed))
+
+
+@register_trigger("demo")
+def _demo(arg: str, size: int, channels: int, generator: torch.Generator) -> Tensor:
+    """The paper's demo pattern [[0,1,0],[1,0,1],[0,1,0]] (3x3)."""
+    return pattern_trigger(DEMO_PATTERN, channels)
+
+
+@register_trigger("pattern")
+def _canonical(arg: str, size: int, channels: int, generator: torch.Generator) -> Tensor:
+    """`pattern:K`: canonical 3x3 black/white pattern K of the 51."""
+    patterns = canonical_patterns(3)
+    if not arg.isdigit() or not 0 <= int(arg) < len(patterns):
+        raise ValueError(f"pattern:K needs K in 0..{len(patterns) - 1}, got {arg!r}")
+    return pattern_trigger(patterns[int(arg)], channels)
+
+
+@register_trigger("random_color")
+def _random_color(arg: str, size: int, channels: int, generator: torch.Generator) -> Tensor:
+    """A `size` x `size` patch of random colours."""
+    return random_color_trigger(size, channels, generator)
 
 
 def random_locations(

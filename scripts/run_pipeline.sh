@@ -10,7 +10,10 @@
 # $MESA_DATA_SOURCE; ../shared/datasets/cifar10-jpeg.tar.gz; the canonical CIFAR-10 download.
 # Prefect: with PREFECT_API_URL set, that server is used; otherwise a local `prefect server`
 # is started for the duration of the run (each stage then spends ~1 s, not ~10 s, on Prefect).
-# MLflow: MLFLOW_TRACKING_URI if set, else ./mlflow.db (browse with `mlflow ui`).
+# MLflow: MLFLOW_TRACKING_URI if set, else ./mlflow.db (browse with `mlflow ui`). The run's parent
+# MLflow run is opened here and named to every stage (MESA_PIPELINE_RUN_ID); it is closed after
+# `dvc repro` with dvc.lock attached, the exact record of what DVC ran.
+# The end: a short summary table (`dvc metrics show` lists every metric).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -19,7 +22,8 @@ export MLFLOW_DISABLE_TELEMETRY=true PREFECT_SERVER_ANALYTICS_ENABLED=false
 export GX_ANALYTICS_ENABLED=false DVC_NO_ANALYTICS=true
 export PREFECT_HOME="${PREFECT_HOME:-$root/.prefect}"
 
-python -m tasks.config check params.yaml >/dev/null   # a bad key stops here, named
+python -m tasks.common.params check params.yaml >/dev/null   # a bad key stops here, named
+TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$root/mlflow.db}
 
 # 1. Raw data into data/, tracked by data.dvc.
 if [ -z "$(ls -A data 2>/dev/null)" ]; then
@@ -36,12 +40,19 @@ dvc push -q data.dvc || echo "warning: could not push data/ to the DVC remote" >
 # 2. Anything to do? A no-op run stops here, in seconds.
 if [ $# -eq 0 ] && dvc status -q 2>/dev/null; then
   echo "Pipeline is up to date (dvc status): nothing to reproduce."
+  python -m tasks.pipeline.summary "$TRACKING_URI" || true
   exit 0
 fi
 
 # 3. A Prefect API for the stage flows.
 server_pid=""
+parent_run=""
 cleanup() {
+  local status=$?
+  if [ -n "$parent_run" ]; then
+    python -m tasks.common.tracking close "$parent_run" \
+      "$([ $status -eq 0 ] && echo FINISHED || echo FAILED)" dvc.lock || true
+  fi
   if [ -n "$server_pid" ]; then
     kill -- "-$server_pid" 2>/dev/null || kill "$server_pid" 2>/dev/null || true
     wait "$server_pid" 2>/dev/null || true
@@ -68,9 +79,9 @@ if [ -z "${PREFECT_API_URL:-}" ] && [ "${MESA_PREFECT:-server}" != ephemeral ]; 
   fi
 fi
 
-# 4. Reproduce.
+# 4. Reproduce, every stage under one MLflow parent run.
+parent_run=$(python -m tasks.common.tracking open params.yaml)
+export MESA_PIPELINE_RUN_ID=$parent_run
 dvc repro "$@"
 echo
-dvc metrics show
-echo
-echo "MLflow: run \`.venv/bin/mlflow ui --backend-store-uri ${MLFLOW_TRACKING_URI:-sqlite:///$root/mlflow.db}\` and open http://127.0.0.1:5000"
+python -m tasks.pipeline.summary "$TRACKING_URI"

@@ -14,7 +14,7 @@ ROOT=$PWD
 PY=${PYTHON:-$ROOT/.venv/bin/python}
 BIN=$(dirname "$PY")
 PARAMS=${SCAN_PARAMS:-params.yaml}
-STATE=$("$PY" -c "import sys; from tasks.config import load_params; \
+STATE=$("$PY" -c "import sys; from tasks.common.params import load_params; \
 print(load_params(sys.argv[1]).scan.state_folder)" "$PARAMS")
 case $STATE in /*) ;; *) STATE=$ROOT/$STATE ;; esac
 PREFECT_PORT=${PREFECT_PORT:-4200}
@@ -92,7 +92,7 @@ status() {
   done
   healthy "$PREFECT_HEALTH" && echo "Prefect UI: http://127.0.0.1:$PREFECT_PORT" || true
   healthy "$MLFLOW_HEALTH" && echo "MLflow UI:  $MLFLOW_TRACKING_URI" || true
-  echo "logs: $LOGS/  drop folder: $("$PY" -c "import sys; from tasks.config import load_params; \
+  echo "logs: $LOGS/  drop folder: $("$PY" -c "import sys; from tasks.common.params import load_params; \
 print(load_params(sys.argv[1]).scan.drop_folder)" "$PARAMS")/"
   echo "to run flows by hand against these servers:"
   echo "  export PREFECT_API_URL=$PREFECT_API_URL MLFLOW_TRACKING_URI=$MLFLOW_TRACKING_URI"

@@ -1,9 +1,9 @@
 """A tiny pipeline project for the tests: synthetic CIFAR-like archive, tiny params, temp stores.
 
-`make_project(tmp)` copies dvc.yaml and params.yaml into `tmp`, writes a tar.gz image-folder
-archive of 32x32 PNGs (`train/<class>/*.png`, `test/<class>/*.png`, 10 classes) into
-`tmp/data/`, and writes `tmp/params.yaml` with TINY_OVERRIDES applied, so every stage runs in
-seconds on CPU.
+`make_project(tmp)` makes `tmp` a DVC repository (no git) holding a copy of dvc.yaml, writes a
+tar.gz image-folder archive of 32x32 PNGs (`train/<class>/*.png`, `test/<class>/*.png`, 10
+classes) into `tmp/data/`, and writes `tmp/params.yaml` with TINY_OVERRIDES applied, so every
+stage runs in seconds on CPU.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 import yaml
 from torchvision.io import encode_png
 
-from tasks.config import apply_overrides
+from tasks.common.params import apply_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
@@ -66,7 +66,10 @@ def write_archive(path: Path, train_per_class: int = 12, test_per_class: int = 1
 def make_project(tmp: Path, overrides: Mapping[str, Any] | None = None,
                  counts: Mapping[str, int] | None = None) -> Path:
     """A project folder with dvc.yaml, tiny params.yaml and data/tiny.tar.gz; returns it."""
+    from dvc.repo import Repo
+
     tmp.mkdir(parents=True, exist_ok=True)
+    Repo.init(str(tmp), no_scm=True).close()  # the stages read their graph through DVC
     (tmp / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     params = apply_overrides(raw, {**TINY_OVERRIDES, **(overrides or {})})

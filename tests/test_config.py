@@ -1,16 +1,17 @@
-"""params.yaml -> typed frozen dataclasses; every bad key is named before any work."""
+"""params.yaml -> typed frozen pydantic models; every bad key is named before any work."""
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
-from tasks import config as cfg
-from tasks.config import ConfigError, apply_overrides, load_params, params_from_dict
+from tasks.common import params as cfg
+from tasks.common.params import ConfigError, apply_overrides, load_params, params_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -27,8 +28,9 @@ def test_project_params_load_typed_and_frozen() -> None:
     assert isinstance(params.recover.betas, tuple) and isinstance(params.recover.lr, float)
     assert params.to_dict() == RAW | {"recover": {**RAW["recover"],
                                                   "betas": list(params.recover.betas)}}
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(ValidationError, match="frozen"):
         params.train.epochs = 3  # type: ignore[misc]
+    assert hash(params) == hash(load_params(ROOT / "params.yaml"))  # usable as a cache key
 
 
 def test_paper_profile_loads() -> None:
@@ -38,19 +40,22 @@ def test_paper_profile_loads() -> None:
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    ({"recover.alpha": "x"}, "recover.alpha: expected float >= 0, got 'x'"),
-    ({"recover.alpha": -0.1}, "recover.alpha: expected float >= 0, got -0.1"),
-    ({"train.epochs": 0}, "train.epochs: expected int >= 1, got 0"),
-    ({"train.epochs": 2.5}, "train.epochs: expected int >= 1, got 2.5"),
-    ({"train.epochs": True}, "train.epochs: expected int >= 1, got True"),
-    ({"repair.rate": 1.5}, "repair.rate: expected float in [0, 1], got 1.5"),
-    ({"train.momentum": 1.0}, "train.momentum: expected float in [0, 1), got 1.0"),
-    ({"train.model": "vgg"}, "train.model: expected one of"),
-    ({"poison.trigger": "pattern:51"}, "poison.trigger: expected str matching"),
-    ({"base.device": "gpu"}, "base.device: expected str matching"),
-    ({"recover.betas": []}, "recover.betas: expected non-empty list of float"),
-    ({"recover.betas": [0.9, 1.5]}, "recover.betas: expected non-empty list of float in (0, 1]"),
+    ({"recover.alpha": "x"}, "recover.alpha: Input should be a valid number, got 'x'"),
+    ({"recover.alpha": -0.1},
+     "recover.alpha: Input should be greater than or equal to 0, got -0.1"),
+    ({"train.epochs": 0}, "train.epochs: Input should be greater than or equal to 1, got 0"),
+    ({"train.epochs": 2.5}, "train.epochs: Input should be a valid integer, got 2.5"),
+    ({"train.epochs": True}, "train.epochs: Input should be a valid integer, got True"),
+    ({"repair.rate": 1.5}, "repair.rate: Input should be less than or equal to 1, got 1.5"),
+    ({"train.momentum": 1.0}, "train.momentum: Input should be less than 1, got 1.0"),
+    ({"train.model": "vgg"}, "train.model: Input should be 'preact_resnet18', 'resnet18'"),
+    ({"poison.trigger": "pattern:51"}, "poison.trigger: String should match pattern"),
+    ({"base.device": "gpu"}, "base.device: String should match pattern"),
+    ({"data.archive": 3}, "data.archive: Input should be a valid string, got 3"),
+    ({"recover.betas": []}, "recover.betas: Value should have at least 1 item"),
+    ({"recover.betas": [0.9, 1.5]}, "recover.betas.1: Input should be less than or equal to 1"),
     ({"poison.target": 10}, "poison.target: expected int < 10 (cifar10), got 10"),
+    ({"poison.trigger_size": 4}, "poison.trigger_size: demo is a 3x3 pattern, got 4"),
     ({"scan.eval_images": 1500}, "scan.eval_images: expected <= scan.n_images / 2"),
 ])
 def test_bad_values_name_the_key(overrides: dict, message: str) -> None:
@@ -65,19 +70,32 @@ def test_unknown_and_missing_keys_and_groups() -> None:
     with pytest.raises(ConfigError) as info:
         params_from_dict(raw)
     text = str(info.value)
-    assert "train.epoch: unknown key" in text and "repair.lr: missing" in text
+    assert "train.epoch: unknown key" in text and "repair.lr: missing key" in text
     assert "extra: unknown group" in text and "scan: missing group" in text
 
 
 def test_every_problem_is_reported_at_once() -> None:
     text = _error({"recover.alpha": "x", "train.lr": 0})
-    assert "recover.alpha" in text and "train.lr: expected float > 0, got 0" in text
+    assert "recover.alpha" in text and "train.lr: Input should be greater than 0, got 0" in text
 
 
-def test_model_names_mirror_the_library() -> None:
+def test_model_and_trigger_names_mirror_the_library() -> None:
+    import re
+
     from mesa_lib.models import MODELS
+    from mesa_lib.triggers import TRIGGERS
 
     assert sorted(cfg.MODEL_NAMES) == sorted(MODELS)
+    accepted = {k for k in TRIGGERS if re.fullmatch(cfg.TRIGGER_PATTERN, k)}
+    assert accepted | {"pattern"} == set(TRIGGERS)  # pattern needs its `:K`
+    assert re.fullmatch(cfg.TRIGGER_PATTERN, "pattern:50")
+
+
+def test_the_json_schema_in_docs_is_current() -> None:
+    """docs/params.schema.json is `python -m tasks.common.params schema` of this code."""
+    assert (ROOT / "docs" / "params.schema.json").read_text() == cfg.json_schema()
+    schema = json.loads(cfg.json_schema())
+    assert schema["additionalProperties"] is False and "validate" in schema["properties"]
 
 
 def test_unreadable_file(tmp_path: Path) -> None:
@@ -92,7 +110,7 @@ def test_unreadable_file(tmp_path: Path) -> None:
 def test_stage_command_stops_before_any_work(tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """`python -m flows.<stage>` with a bad key exits naming it; the flow never starts."""
-    from tasks.stage import main
+    from tasks.pipeline.stage import main
 
     bad = tmp_path / "params.yaml"
     bad.write_text(yaml.safe_dump(apply_overrides(RAW, {"recover.alpha": "x"})))
@@ -105,7 +123,7 @@ def test_stage_command_stops_before_any_work(tmp_path: Path,
     monkeypatch.setattr(sys, "argv", ["flows.recover", "--params", str(bad)])
     with pytest.raises(SystemExit) as info:
         main(flow)
-    assert "recover.alpha: expected float >= 0, got 'x'" in str(info.value.code)
+    assert "recover.alpha: Input should be a valid number, got 'x'" in str(info.value.code)
     assert called == []
 
 

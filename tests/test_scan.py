@@ -28,12 +28,13 @@ from mesa_lib.detect import DetectConfig, decide, detect, score_classes
 from mesa_lib.mesa import MesaConfig
 from mesa_lib.modelio import Manifest, load_model, save_model
 from mesa_lib.models import build_model
-from tasks import tracking
-from tasks.claims import ClaimStore, Ledger
-from tasks.config import ConfigError, apply_overrides, load_params, params_from_dict
-from tasks.discover import drop_groups, model_key
-from tasks.scan_core import chunks
-from tasks.tracking import TrackingError
+from tasks.common import tracking
+from tasks.common.params import ConfigError, apply_overrides, load_params, params_from_dict
+from tasks.common.tracking import TrackingError
+from tasks.scan import service
+from tasks.scan.claims import ClaimStore, Ledger
+from tasks.scan.discover import drop_groups, model_key
+from tasks.scan.reference import chunks
 
 MODELS = Path(__file__).parent / "fixtures" / "scan_models"
 CPU = torch.device("cpu")
@@ -152,7 +153,7 @@ def test_drop_folder_grouping_settling_and_ledger(project: Path) -> None:
     assert len(groups["a"]) == 3
     params = load_params(project / "params.yaml")
     book = Ledger(project / "state" / "ledger.jsonl")
-    from tasks.discover import drop_candidates
+    from tasks.scan.discover import drop_candidates
 
     assert drop_candidates(params, book, settle_s=3600) == []  # all just written
     found = {c.label: c for c in drop_candidates(params, book)}
@@ -345,14 +346,14 @@ def test_two_overlapping_discoveries_scan_each_model_once(project: Path,
     for i in range(3):
         drop(project, f"m{i}", "clean" if i % 2 else "backdoored", variant=f"copy{i}")
     barrier = threading.Barrier(2)
-    real = scan_flows.drop_candidates
+    real = service.drop_candidates
 
     def both_see_everything(*args, **kwargs):
         found = real(*args, **kwargs)
         barrier.wait(timeout=60)  # neither run claims before both have discovered
         return found
 
-    monkeypatch.setattr(scan_flows, "drop_candidates", both_see_everything)
+    monkeypatch.setattr(service, "drop_candidates", both_see_everything)
     results: list = []
 
     def run() -> None:

@@ -12,9 +12,9 @@ from pipeline_fixture import ROOT, make_project
 
 from mesa_lib.modelio import Manifest, model_fingerprint, save_model
 from mesa_lib.models import CIFAR10_MEAN, CIFAR10_STD, build_model
-from tasks import catalog, tracking
-from tasks.config import load_params
-from tasks.tracking import TrackingError
+from tasks.common import catalog, tracking
+from tasks.common.params import load_params
+from tasks.common.tracking import TrackingError
 
 
 @pytest.fixture
@@ -71,8 +71,8 @@ def test_stage_runs_nest_under_one_parent_with_tags(store: str) -> None:
     assert json.loads(got.data.tags["mesa.metrics"]) == metrics
     assert got.data.params["train.lr"] == str(params.train.lr)
     assert "recover.alpha" not in got.data.params  # only the groups dvc.yaml gives the stage
-    for tag in ("git.commit", "git.dirty", "dvc.stage_hash", "data.md5", "device",
-                "params.hash", "version.torch", "version.mlflow"):
+    for tag in ("git.commit", "git.dirty", "data.md5", "device", "params.hash",
+                "version.torch", "version.mlflow"):
         assert got.data.tags[tag], tag
     assert c.get_run(parent).info.status == "FINISHED"
     assert len(c.get_run(parent).data.params) > 50  # the parent holds every param
@@ -88,7 +88,7 @@ def test_failed_stage_marks_runs_failed(store: str) -> None:
 
 
 def test_registered_models_carry_lineage(store: str) -> None:
-    from tasks.registry import register, tag_verdicts
+    from tasks.pipeline.registry import register, tag_verdicts
 
     params = load_params("params.yaml")
     _save_tiny_model("backdoored", 0)
@@ -108,7 +108,7 @@ def test_registered_models_carry_lineage(store: str) -> None:
     assert tags["scan_verdict"] == "not scanned"
     assert tracking.model_version_tags(tracking.BACKDOORED, "1")["parent_model_version"] == "none"
 
-    # the evaluate stage tags verdicts in the scan service's format (tasks.registry.verdict_tags)
+    # the evaluate stage tags verdicts in the scan service's format (tasks.common.verdicts)
     registered = {"mesa": tracking.REPAIRED, "backdoored": tracking.BACKDOORED}
     verdicts = {"mesa": {"status": "clean", "target": None, "confidence": 0.8, "reason": "",
                          "model_sha256": tags["model_sha256"]},
@@ -130,13 +130,43 @@ def test_registered_models_carry_lineage(store: str) -> None:
     assert files == {"repaired.safetensors", "repaired.json"}
 
 
-def test_stage_hash_changes_with_its_params_only(store: str) -> None:
-    from tasks import dag
+def test_an_explicit_parent_is_joined_and_closed_by_its_opener(
+        store: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """scripts/run_pipeline.sh: `open` before dvc repro, stages join, `close` attaches dvc.lock."""
+    params = load_params("params.yaml")
+    parent = tracking.open_pipeline(params, "cpu")
+    monkeypatch.setenv("MESA_PIPELINE_RUN_ID", parent)
+    with tracking.stage_run("data", params, "cpu") as first:
+        pass
+    with tracking.stage_run("train", params, "cpu") as second:
+        pass
+    c = tracking.client()
+    assert first.parent_id == second.parent_id == parent
+    assert c.get_run(parent).info.status == "RUNNING"  # the stages leave it to its opener
+    lock = Path("dvc.lock")
+    lock.write_text("schema: '2.0'\n")
+    tracking.close_pipeline(parent, "FINISHED", (lock,))
+    assert c.get_run(parent).info.status == "FINISHED"
+    assert [a.path for a in c.list_artifacts(parent, "dvc")] == ["dvc/dvc.lock"]
+    monkeypatch.setenv("MESA_PIPELINE_RUN_ID", "no-such-run")
+    with pytest.raises(TrackingError, match="MESA_PIPELINE_RUN_ID=no-such-run is not a run"):
+        with tracking.stage_run("data", params, "cpu"):
+            pass
 
-    params = load_params("params.yaml").to_dict()
-    before = dag.stage_hash("repair", params)
-    params["recover"]["alpha"] = 0.5  # not a param of the repair stage
-    assert dag.stage_hash("repair", params) == before
-    params["repair"]["epochs"] = 7
-    assert dag.stage_hash("repair", params) != before
+
+def test_stages_of_one_dvc_experiment_share_a_parent(store: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside `dvc exp run` DVC names the experiment; without it each stage stands alone."""
+    params = load_params("params.yaml")
+    monkeypatch.setenv("DVC_EXP_NAME", "lucky-lynx")
+    with tracking.stage_run("data", params, "cpu") as first:
+        pass
+    with tracking.stage_run("train", params, "cpu") as second:
+        pass
+    assert first.parent_id == second.parent_id
+    monkeypatch.delenv("DVC_EXP_NAME")
+    with tracking.stage_run("data", params, "cpu") as alone:
+        pass
+    assert alone.parent_id != first.parent_id
+    assert tracking.client().get_run(alone.parent_id).info.status == "FINISHED"
     assert (ROOT / "dvc.yaml").exists()

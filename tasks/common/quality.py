@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from tasks.env import apply_defaults
+from tasks.common.env import apply_defaults
 
 apply_defaults()  # GX_ANALYTICS_ENABLED=false before great_expectations is imported
 

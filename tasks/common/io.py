@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,24 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from mesa_lib.distribution import PointDistribution, TriggerDistribution
-from mesa_lib.triggers import (
-    DEMO_PATTERN,
-    canonical_patterns,
-    pattern_trigger,
-    random_color_trigger,
-)
-
-
-def _atomic(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+from mesa_lib.fileio import atomic_write
 
 
 def save_npz(path: Path, arrays: Mapping[str, Tensor | np.ndarray]) -> None:
@@ -45,7 +26,7 @@ def save_npz(path: Path, arrays: Mapping[str, Tensor | np.ndarray]) -> None:
         with tmp.open("wb") as fh:
             np.savez(fh, **plain)
 
-    _atomic(Path(path), write)
+    atomic_write(Path(path), write)
 
 
 def load_npz(path: Path) -> dict[str, Tensor | np.ndarray]:
@@ -58,7 +39,7 @@ def load_npz(path: Path) -> dict[str, Tensor | np.ndarray]:
 def write_json(path: Path, value: Any) -> None:
     """Pretty JSON, atomically."""
     text = json.dumps(value, indent=2, sort_keys=True, default=str) + "\n"
-    _atomic(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def read_json(path: Path) -> Any:
@@ -92,22 +73,11 @@ def write_csv(path: Path, rows: list[Mapping[str, Any]]) -> None:
         log.append(row)
 
 
-def trigger_from_param(spec: str, seed: int) -> Tensor:
-    """`demo`, `random_color` or `pattern:K` -> float trigger (3, 3, 3) in [0, 1]."""
-    if spec == "demo":
-        return pattern_trigger(DEMO_PATTERN)
-    if spec == "random_color":
-        return random_color_trigger(3, generator=torch.Generator().manual_seed(seed))
-    if spec.startswith("pattern:"):
-        return pattern_trigger(canonical_patterns(3)[int(spec.split(":")[1])])
-    raise ValueError(f"poison.trigger: unknown trigger {spec!r}")
-
-
 def save_sampler(stem: Path, sampler: TriggerDistribution | PointDistribution) -> None:
     """`<stem>.safetensors` (tensors) + `<stem>.json` (config) of a trigger sampler."""
     stem = Path(stem)
     tensors = sampler.to_tensors()
-    _atomic(stem.with_suffix(".safetensors"), lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write(stem.with_suffix(".safetensors"), lambda tmp: save_file(tensors, str(tmp)))
     write_json(stem.with_suffix(".json"), sampler.config())
 
 
@@ -131,14 +101,3 @@ def save_grid(path: Path, triggers: Tensor, nrow: int = 8, scale: int = 8) -> No
                                           mode="nearest")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_image(big, str(path), nrow=nrow, padding=2, pad_value=0.5)
-
-
-def seeded_subset(n: int, total: int, seed: int) -> Tensor:
-    """Sorted indices of a seeded random n-of-total subset (all if n is 0 or >= total).
-
-    The splits keep the raw order, which is grouped by class in image-folder archives, so a
-    prefix would be a biased sample.
-    """
-    if n <= 0 or n >= total:
-        return torch.arange(total)
-    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n].sort().values

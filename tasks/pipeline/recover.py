@@ -7,21 +7,16 @@ from typing import Any
 import torch
 from prefect import task
 
-from mesa_lib.mesa import MesaConfig, MesaEpochStats, fit_mesa
+from mesa_lib.data import seeded_subset
+from mesa_lib.mesa import MesaEpochStats, fit_mesa
 from mesa_lib.metrics import submodel_breadth
 from mesa_lib.modelio import load_model
-from tasks import catalog, tracking
-from tasks.config import Params
-from tasks.io import CsvLog, load_npz, save_grid, save_sampler, seeded_subset
-from tasks.tracking import StageRun
-
-
-def mesa_config(params: Params) -> MesaConfig:
-    """MesaConfig from the `recover` group."""
-    r = params.recover
-    return MesaConfig(betas=r.betas, alpha=r.alpha, epochs=r.epochs, batch_size=r.batch_size,
-                      lr=r.lr, hidden=r.hidden, mine_hidden=r.mine_hidden,
-                      trigger_noise=r.trigger_noise, seed=params.base.seed)
+from mesa_lib.seed import derive_seed
+from tasks.common import catalog, tracking
+from tasks.common.configs import mesa_config, trigger_shape
+from tasks.common.io import CsvLog, load_npz, save_grid, save_sampler
+from tasks.common.params import Params
+from tasks.common.tracking import StageRun
 
 
 def _sink(run: StageRun, betas: tuple[float, ...], csv: CsvLog):
@@ -45,8 +40,10 @@ def fit_distribution(params: Params, device: torch.device, run: StageRun) -> dic
     model, _ = load_model(catalog.path("backdoored"), map_location=device)
     data = load_npz(catalog.path("dataset"))
     images = data["defender_images"]
-    images = images[seeded_subset(params.recover.n_images, len(images), params.base.seed)]
-    dist = fit_mesa(model, images, params.poison.target, (3, 3, 3), mesa_config(params), device,
+    seed = derive_seed(params.base.seed, "fit_subset")
+    images = images[seeded_subset(params.recover.n_images, len(images), seed)]
+    shape = trigger_shape(params.recover.trigger_size, images.shape[1])
+    dist = fit_mesa(model, images, params.poison.target, shape, mesa_config(params), device,
                     _sink(run, params.recover.betas, CsvLog(catalog.path("recover_curve"))))
     save_sampler(catalog.path("distribution"), dist)
     gen = torch.Generator().manual_seed(params.base.seed)

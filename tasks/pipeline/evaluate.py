@@ -4,9 +4,9 @@ Each model (backdoored, MESA-repaired, baseline-repaired) is attacked on the 2,0
 images with the original trigger and with held-out variants (the nearest other 3x3 patterns,
 contrast / tint shifts: mesa_lib.metrics). A repair that only removed one point of the backdoor
 leaves the variants working; that is the paper's argument for modelling a distribution.
-With `scan.enabled`, mesa_lib.detect also scans the backdoored and the MESA-repaired models
+With `scan.enabled`, mesa_lib.detect also scans every model
 without knowing the target; its verdicts become the `scan_*` tags in the registry, in the scan
-service's format (tasks.registry.verdict_tags).
+service's format (tasks.common.verdicts).
 """
 
 from __future__ import annotations
@@ -15,42 +15,20 @@ from typing import Any
 
 import torch
 from prefect import task
-from torch import Tensor
 
-from mesa_lib.detect import DetectConfig, Verdict, detect
+from mesa_lib.data import seeded_subset
+from mesa_lib.detect import Verdict, detect
 from mesa_lib.evaluate import accuracy, attack_success_rate
-from mesa_lib.mesa import MesaConfig
-from mesa_lib.metrics import colour_shifts, other_patterns
+from mesa_lib.metrics import evaluation_triggers
 from mesa_lib.modelio import load_model, model_fingerprint
-from tasks import catalog
-from tasks.config import Params
-from tasks.io import load_npz, seeded_subset, write_csv, write_json
-from tasks.train import eval_locations
+from mesa_lib.seed import derive_seed
+from tasks.common import catalog
+from tasks.common.configs import scan_config, trigger_shape
+from tasks.common.io import load_npz, write_csv, write_json
+from tasks.common.params import Params
+from tasks.pipeline.train import eval_locations
 
 MODELS = {"backdoored": "backdoored", "mesa": "repaired", "baseline": "baseline_repaired"}
-
-
-def eval_triggers(params: Params, trigger: Tensor) -> dict[str, Tensor]:
-    """The original trigger plus its held-out variants, by name."""
-    out = {"original": trigger}
-    black_white = bool(((trigger == 0) | (trigger == 1)).all()) and bool(
-        (trigger == trigger[:1]).all())
-    if params.evaluate.variants and black_white:
-        out |= other_patterns(trigger[0], params.evaluate.variants, trigger.shape[0])
-    if params.evaluate.colour_shifts:
-        out |= colour_shifts(trigger)
-    return out
-
-
-def scan_config(params: Params, n_classes: int) -> DetectConfig:
-    """DetectConfig from the `scan` group (all classes are candidates)."""
-    s, r = params.scan, params.recover
-    mesa = MesaConfig(betas=(s.beta,), epochs=s.epochs, batch_size=s.batch_size, lr=s.lr,
-                      hidden=r.hidden, mine_hidden=r.mine_hidden, alpha=r.alpha,
-                      trigger_noise=r.trigger_noise, seed=params.base.seed)
-    return DetectConfig(mesa=mesa, candidates=tuple(range(n_classes)),
-                        eval_images=s.eval_images, anomaly_threshold=s.anomaly_threshold,
-                        min_asr=s.min_asr, seed=params.base.seed)
 
 
 def _verdict_record(v: Verdict, sha: str) -> dict[str, Any]:
@@ -65,7 +43,8 @@ def evaluate_models(params: Params, device: torch.device) -> dict[str, Any]:
     data = load_npz(catalog.path("dataset"))
     x, y = data["heldout_images"], data["heldout_labels"]
     trigger, target = load_npz(catalog.path("poisoned"))["trigger"], params.poison.target
-    triggers = eval_triggers(params, trigger)
+    triggers = evaluation_triggers(trigger, params.evaluate.variants,
+                                   params.evaluate.colour_shifts)
     metrics: dict[str, Any] = {}
     rows = []
     for label, artifact in MODELS.items():
@@ -90,14 +69,16 @@ def evaluate_models(params: Params, device: torch.device) -> dict[str, Any]:
 
 
 def _scan(params: Params, device: torch.device, data: dict[str, Any]) -> dict[str, Any]:
-    """Scan the backdoored and MESA-repaired models on a seeded defender subset."""
+    """Scan every model (backdoored, MESA- and point-repaired) on a seeded defender subset."""
     images, labels = data["defender_images"], data["defender_labels"]
-    order = seeded_subset(params.scan.n_images, len(images), params.base.seed + 2)
+    order = seeded_subset(params.scan.n_images, len(images),
+                          derive_seed(params.base.seed, "scan_subset"))
     config = scan_config(params, len(data["classes"]))
+    shape = trigger_shape(params.scan.trigger_size, images.shape[1])
     out = {}
-    for label in ("backdoored", "mesa"):
+    for label in MODELS:
         stem = catalog.path(MODELS[label])
         model, _ = load_model(stem, map_location=device)
-        verdict = detect(model, images[order], (3, 3, 3), config, device, labels[order])
+        verdict = detect(model, images[order], shape, config, device, labels[order])
         out[label] = _verdict_record(verdict, model_fingerprint(stem))
     return out

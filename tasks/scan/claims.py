@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.io import read_json, write_json
+from tasks.common.io import read_json, write_json
 
 
 def _pid_alive(pid: int) -> bool:

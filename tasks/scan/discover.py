@@ -3,7 +3,7 @@
 A model is identified by its *key*: the sha256 over the sha256 digests of its weights, its
 manifest and (optional) its reference data, so the same files found twice (dropped and also
 registered, or two overlapping discovery runs) are one model, and a manifest that arrives after
-its weights makes a new model that is scanned again. Claims and done records (tasks.claims) are
+its weights makes a new model that is scanned again. Claims and done records (tasks.scan.claims) are
 keyed by it.
 
 Drop folder: flat, only read (never written, moved or deleted). Files are grouped by stem:
@@ -29,9 +29,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from mesa_lib.modelio import sha256_file
-from tasks import tracking
-from tasks.claims import Ledger
-from tasks.config import Params
+from tasks.common import tracking
+from tasks.common.params import Params
+from tasks.scan.claims import Ledger
 
 REFERENCE_SUFFIX = ".data.npz"
 _IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp")

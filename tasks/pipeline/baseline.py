@@ -12,13 +12,16 @@ from typing import Any
 import torch
 from prefect import task
 
-from mesa_lib.baselines import PointConfig, fit_point
+from mesa_lib.baselines import fit_point
+from mesa_lib.data import seeded_subset
 from mesa_lib.modelio import load_model
-from tasks import catalog
-from tasks.config import Params
-from tasks.io import load_npz, save_grid, save_sampler, seeded_subset
-from tasks.repair import repair_with
-from tasks.tracking import StageRun
+from mesa_lib.seed import derive_seed
+from tasks.common import catalog
+from tasks.common.configs import point_config, trigger_shape
+from tasks.common.io import load_npz, save_grid, save_sampler
+from tasks.common.params import Params
+from tasks.common.tracking import StageRun
+from tasks.pipeline.repair import repair_with
 
 
 @task
@@ -27,10 +30,10 @@ def point_baseline(params: Params, device: torch.device, run: StageRun) -> dict[
     b = params.baseline
     model, _ = load_model(catalog.path("backdoored"), map_location=device)
     images = load_npz(catalog.path("dataset"))["defender_images"]
-    images = images[seeded_subset(b.n_images, len(images), params.base.seed)]
-    config = PointConfig(starts=b.starts, epochs=b.epochs, batch_size=b.batch_size, lr=b.lr,
-                         momentum=b.momentum, seed=params.base.seed)
-    points = fit_point(model, images, params.poison.target, (3, 3, 3), config, device)
+    images = images[seeded_subset(b.n_images, len(images),
+                                  derive_seed(params.base.seed, "fit_subset"))]
+    shape = trigger_shape(params.recover.trigger_size, images.shape[1])
+    points = fit_point(model, images, params.poison.target, shape, point_config(params), device)
     save_sampler(catalog.path("point_triggers"), points)
     save_grid(catalog.path("baseline_grid"), points.triggers, nrow=min(b.starts, 10))
     del model

@@ -9,9 +9,9 @@ import torch
 from prefect import task
 
 from mesa_lib.data import load_cifar
-from tasks import catalog, quality
-from tasks.config import NUM_CLASSES, Params
-from tasks.io import load_npz
+from tasks.common import catalog, quality
+from tasks.common.io import load_npz
+from tasks.common.params import NUM_CLASSES, Params
 
 
 @task

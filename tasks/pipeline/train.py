@@ -18,17 +18,14 @@ from mesa_lib.evaluate import accuracy, attack_success_rate
 from mesa_lib.modelio import Manifest, save_model
 from mesa_lib.models import CIFAR10_MEAN, CIFAR10_STD, build_model
 from mesa_lib.poison import BatchHook, FineTuneInjection
-from mesa_lib.train import EpochStats, TrainConfig, train
+from mesa_lib.train import EpochStats, train
 from mesa_lib.triggers import corner_location
-from tasks import catalog, dag, quality, tracking
-from tasks.config import Params
-from tasks.io import CsvLog, load_npz, write_json
-from tasks.tracking import StageRun
-
-
-def arch_kwargs(params: Params) -> dict[str, int]:
-    """Architecture options of `build_model` implied by the params."""
-    return {"width": params.train.width} if params.train.model == "resnet8" else {}
+from tasks.common import catalog, quality, tracking
+from tasks.common.configs import arch_kwargs, train_config
+from tasks.common.dvcgraph import data_md5
+from tasks.common.io import CsvLog, load_npz, write_json
+from tasks.common.params import Params
+from tasks.common.tracking import StageRun
 
 
 def eval_locations(params: Params, trigger: Tensor) -> Tensor | str:
@@ -50,14 +47,6 @@ def epoch_sink(run: StageRun, prefix: str, csv: CsvLog, offset: int = 0):
         csv.append({"epoch": s.epoch + offset, "phase": prefix, **values})
 
     return callback
-
-
-def _config(params: Params, **changes: Any) -> TrainConfig:
-    t = params.train
-    base = {"epochs": t.epochs, "batch_size": t.batch_size, "lr": t.lr, "momentum": t.momentum,
-            "nesterov": t.momentum > 0, "weight_decay": t.weight_decay, "schedule": t.schedule,
-            "warmup": t.warmup, "label_smoothing": t.label_smoothing, "seed": params.base.seed}
-    return TrainConfig(**(base | changes))
 
 
 class InjectionRecorder:
@@ -95,15 +84,15 @@ def train_backdoored(params: Params, device: torch.device, run: StageRun) -> dic
     hook: BatchHook | None = None
     recorder = None
     if params.poison.attack == "finetune_injection":
-        train(model, poisoned["images"], poisoned["labels"], _config(params), device,
+        train(model, poisoned["images"], poisoned["labels"], train_config(params), device,
               callback=epoch_sink(run, "clean", curve))
         attack = FineTuneInjection(trigger=poisoned["trigger"], target=params.poison.target,
                                    seed=params.base.seed, prob=params.poison.prob)
         hook = recorder = InjectionRecorder(attack)
     t = params.train
     epochs, offset = (t.inject_epochs, t.epochs) if recorder else (t.epochs, 0)
-    cfg = _config(params, epochs=epochs, lr=t.inject_lr, schedule="constant") if recorder \
-        else _config(params)
+    cfg = train_config(params, epochs=epochs, lr=t.inject_lr, schedule="constant") if recorder \
+        else train_config(params)
     if epochs:
         train(model, poisoned["images"], poisoned["labels"], cfg, device, batch_hook=hook,
               callback=epoch_sink(run, "poisoned", curve, offset))
@@ -114,7 +103,7 @@ def train_backdoored(params: Params, device: torch.device, run: StageRun) -> dic
     else:
         write_json(catalog.path("injection_quality"), summary)
     manifest = Manifest(params.train.model, len(classes), tuple(classes), CIFAR10_MEAN,
-                        CIFAR10_STD, data_hash=dag.data_md5(), arch_kwargs=arch_kwargs(params),
+                        CIFAR10_STD, data_hash=data_md5(), arch_kwargs=arch_kwargs(params),
                         extra={"attack": params.poison.attack, "trigger": params.poison.trigger,
                                "target": params.poison.target, "seed": params.base.seed})
     save_model(model, catalog.path("backdoored"), manifest)

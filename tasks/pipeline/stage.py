@@ -19,13 +19,14 @@ import torch
 from prefect import task
 
 from mesa_lib.seed import resolve_device, seed_everything
-from tasks import catalog, tracking
-from tasks.config import ConfigError, Params, load_params
-from tasks.io import write_json
-from tasks.tracking import StageRun, TrackingError
+from tasks.common import catalog, tracking
+from tasks.common.io import write_json
+from tasks.common.params import ConfigError, Params, load_params
+from tasks.common.tracking import StageRun, TrackingError
 
 # Formats copied into the MLflow artifact store by `publish`. npz data sets stay in DVC only;
-# models are logged once, under the run's `model/` folder, when tasks.registry registers them.
+# models are logged once, under the run's `model/` folder, when tasks.pipeline.registry
+# registers them.
 _LOGGED_FORMATS = ("sampler", "json", "csv", "png", "html-dir")
 
 

@@ -9,9 +9,10 @@ Layout in the MLflow store:
       scan_verdict; their source is the run artifact folder holding our safetensors + JSON
       manifest (no pickle, no pyfunc flavour).
 
-Which parent a stage joins: `MESA_PIPELINE_RUN_ID` if set (flows.pipeline sets it for its
-sub-flows); otherwise the stages of one `dvc repro` / `dvc exp run` process share a parent keyed
-by that dvc process (its pid and start time); a stage run by hand gets a parent of its own.
+Which parent a stage joins, named explicitly, never guessed: `MESA_PIPELINE_RUN_ID` if set
+(scripts/run_pipeline.sh opens the parent before `dvc repro` and closes it after, with dvc.lock as
+its artifact; flows.pipeline sets it for its sub-flows); else, inside `dvc exp run`, the parent of
+that experiment (DVC's own `DVC_EXP_NAME`); else a parent of the stage's own.
 
 Store: `MLFLOW_TRACKING_URI` if set, else `sqlite:///<project>/mlflow.db` with artifacts in
 `<project>/mlartifacts`. An http(s) server is probed on `/health` first, so a down server fails
@@ -23,10 +24,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,9 +37,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from tasks import dag
-from tasks.config import Params
-from tasks.env import PARENT_RUN_ENV, apply_defaults
+from tasks.common import dvcgraph
+from tasks.common.env import PARENT_RUN_ENV, apply_defaults
+from tasks.common.params import Params
 
 apply_defaults()  # telemetry off and short HTTP retries, before mlflow reads them
 
@@ -174,7 +175,7 @@ def run_tags(params: Params, device: str) -> dict[str, str]:
     versions = package_versions()
     tags = {
         "git.commit": commit, "mlflow.source.git.commit": commit, "git.dirty": str(dirty).lower(),
-        "data.md5": dag.data_md5(), "params.hash": params.digest(), "device": device,
+        "data.md5": dvcgraph.data_md5(), "params.hash": params.digest(), "device": device,
         "versions": json.dumps(versions, sort_keys=True),
     }
     tags.update({f"version.{k}": v for k, v in versions.items()})
@@ -185,16 +186,9 @@ def run_tags(params: Params, device: str) -> dict[str, str]:
 
 
 def _invocation_key() -> str:
-    """Key shared by the stages of one dvc process: 'dvc-<pid>-<start time>'."""
-    import psutil  # a dependency of dvc
-
-    try:
-        for proc in psutil.Process().parents():
-            if any("dvc" in Path(part).name for part in proc.cmdline()[:3]):
-                return f"dvc-{proc.pid}-{int(proc.create_time())}"
-    except (psutil.Error, OSError):
-        pass
-    return f"standalone-{uuid.uuid4().hex}"
+    """Key shared by the stages of one `dvc exp run` (DVC's experiment name), else unique."""
+    exp = os.environ.get("DVC_EXP_NAME")
+    return f"dvc-exp-{exp}" if exp else f"standalone-{os.getpid()}-{time.time_ns()}"
 
 
 def _log_params(c: MlflowClient, run_id: str, flat: Mapping[str, Any]) -> None:
@@ -212,7 +206,8 @@ def _create_parent(c: MlflowClient, exp: str, params: Params, device: str, key: 
     return run.info.run_id
 
 
-def _parent(c: MlflowClient, exp: str, params: Params, device: str) -> str:
+def _parent(c: MlflowClient, exp: str, params: Params, device: str) -> tuple[str, bool]:
+    """(parent run id, whether this stage owns its status)."""
     explicit = os.environ.get(PARENT_RUN_ENV)
     if explicit:
         try:
@@ -220,26 +215,40 @@ def _parent(c: MlflowClient, exp: str, params: Params, device: str) -> str:
         except MlflowException:
             raise TrackingError(f"{PARENT_RUN_ENV}={explicit} is not a run in "
                                 f"{tracking_uri()}") from None
-        return explicit
+        return explicit, False  # whoever opened it closes it
     key = _invocation_key()
     found = c.search_runs([exp], f"tags.`mesa.invocation` = '{key}'", max_results=1)
-    return found[0].info.run_id if found else _create_parent(c, exp, params, device, key)
+    return (found[0].info.run_id if found else _create_parent(c, exp, params, device, key)), True
+
+
+def open_pipeline(params: Params, device: str, key: str | None = None) -> str:
+    """Create the parent run of one pipeline run; its stages join it via MESA_PIPELINE_RUN_ID."""
+    uri = tracking_uri()
+    c = client(uri)
+    key = key or f"pipeline-{os.getpid()}-{time.time_ns()}"
+    return _create_parent(c, experiment_id(c, uri), params, device, key)
+
+
+def close_pipeline(run_id: str, status: str, artifacts: tuple[Path, ...] = ()) -> None:
+    """End a parent run FINISHED or FAILED, attaching e.g. dvc.lock (the exact DVC record)."""
+    c = client()
+    for path in artifacts:
+        if Path(path).is_file():
+            c.log_artifact(run_id, str(path), "dvc")
+    c.set_terminated(run_id, status)
 
 
 @contextmanager
 def pipeline_run(params: Params, device: str) -> Iterator[str]:
     """A parent run for an in-process pipeline; stages started inside join it (via the env)."""
-    uri = tracking_uri()
-    c = client(uri)
-    exp = experiment_id(c, uri)
-    run_id = _create_parent(c, exp, params, device, f"prefect-{os.getpid()}-{int(time.time())}")
+    run_id = open_pipeline(params, device)
     previous = os.environ.get(PARENT_RUN_ENV)
     os.environ[PARENT_RUN_ENV] = run_id
     try:
         yield run_id
-        c.set_terminated(run_id, "FINISHED")
+        close_pipeline(run_id, "FINISHED")
     except BaseException:
-        c.set_terminated(run_id, "FAILED")
+        close_pipeline(run_id, "FAILED")
         raise
     finally:
         if previous is None:
@@ -254,21 +263,23 @@ def stage_run(stage: str, params: Params, device: str) -> Iterator[StageRun]:
     uri = tracking_uri()
     c = client(uri)
     exp = experiment_id(c, uri)
-    parent = _parent(c, exp, params, device)
-    c.update_run(parent, status="RUNNING")
+    parent, owns_parent = _parent(c, exp, params, device)
+    if owns_parent:
+        c.update_run(parent, status="RUNNING")
     tags = {**run_tags(params, device), "mlflow.parentRunId": parent, "mesa.role": "stage",
-            "mesa.stage": stage, "dvc.stage_hash": dag.stage_hash(stage, params.to_dict())}
+            "mesa.stage": stage}
     run = c.create_run(exp, run_name=stage, tags=tags)
-    _log_params(c, run.info.run_id, params.section(*dag.param_groups(stage)))
+    _log_params(c, run.info.run_id, params.section(*dvcgraph.param_groups(stage)))
     handle = StageRun(run.info.run_id, parent, stage, uri)
     try:
         yield handle
     except BaseException:
         c.set_terminated(run.info.run_id, "FAILED")
-        c.set_terminated(parent, "FAILED")
+        c.set_terminated(parent, "FAILED")  # a failed stage fails its whole run
         raise
     c.set_terminated(run.info.run_id, "FINISHED")
-    c.set_terminated(parent, "FINISHED")
+    if owns_parent:
+        c.set_terminated(parent, "FINISHED")
 
 
 # --------------------------------------------------------------------------- logging
@@ -461,3 +472,35 @@ def download_model_version(source: str, dst: Path, uri: str | None = None) -> Pa
     except (MlflowException, OSError) as err:
         check_reachable(uri)  # a server that went down is a TrackingError, not a bad source
         raise ModelSourceError(f"cannot download {source}: {err}") from None
+
+
+def _cli(argv: list[str] | None = None) -> None:
+    """`python -m tasks.common.tracking open PARAMS | close RUN_ID STATUS [FILE...]`.
+
+    scripts/run_pipeline.sh opens the parent run before `dvc repro` (printing its id) and closes
+    it afterwards with dvc.lock attached.
+    """
+    import argparse
+
+    from tasks.common.params import ConfigError, load_params
+
+    parser = argparse.ArgumentParser(prog="python -m tasks.common.tracking")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("open").add_argument("params", nargs="?", default="params.yaml")
+    close = sub.add_parser("close")
+    close.add_argument("run_id")
+    close.add_argument("status", choices=("FINISHED", "FAILED", "KILLED"))
+    close.add_argument("files", nargs="*", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "open":
+            params = load_params(args.params)
+            print(open_pipeline(params, params.base.device))
+        else:
+            close_pipeline(args.run_id, args.status, tuple(args.files))
+    except (ConfigError, TrackingError) as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    _cli()

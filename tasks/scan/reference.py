@@ -3,7 +3,7 @@
 The defender's reference data: the pipeline's defender split, a CIFAR archive, or an `.npz`
 given with the model. `chunks` cuts a model's classes so that Prefect task runners (threads,
 Dask) fit them in parallel; each chunk is fitted and scored by `mesa_lib.detect.score_classes`
-and the verdict over all classes comes from `mesa_lib.detect.decide` (tasks.scan_record).
+and the verdict over all classes comes from `mesa_lib.detect.decide` (tasks.scan.record).
 """
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from mesa_lib.data import DataError, default_source, load_cifar, split_defender
-from tasks import catalog
-from tasks.config import Params
-from tasks.io import load_npz, seeded_subset
+from mesa_lib.data import DataError, load_cifar, seeded_subset, split_defender
+from mesa_lib.seed import derive_seed
+from tasks.common import catalog
+from tasks.common.env import default_data_source
+from tasks.common.io import load_npz
+from tasks.common.params import Params
 
 
 @dataclass(frozen=True)
@@ -60,14 +62,20 @@ def _auto_reference(params: Params) -> Reference:
     """The pipeline's defender split if built, else the same split decoded from the archive."""
     if catalog.path("dataset").is_file():
         return _npz_reference(catalog.path("dataset"))
-    from tasks.data import resolve_archive  # the data stage's choice of archive
+    from tasks.pipeline.data import resolve_archive  # the data stage's choice of archive
 
     try:
         source = resolve_archive(catalog.DATA_DIR, params.data.archive, params.data.name)
     except DataError:
-        source = default_source(Path.cwd())
+        source = default_data_source()
+    return _archive_reference(source, params)
+
+
+def _archive_reference(source: Path, params: Params) -> Reference:
+    """The defender split of a CIFAR archive's test set, cut as the data stage cuts it."""
     data = load_cifar(source, params.data.name, catalog.CACHE_DIR)
-    defender, _ = split_defender(data.test, params.data.n_defender, params.base.seed + 1)
+    seed = derive_seed(params.base.seed, "defender_split")
+    defender, _ = split_defender(data.test, params.data.n_defender, seed)
     return Reference(defender.images, defender.labels, defender.classes, str(source))
 
 
@@ -80,9 +88,7 @@ def load_reference(params: Params, override: Path | None = None) -> Reference:
     """The model's own `.data.npz` if given, else `scan.reference` (cached per process)."""
     spec = str(override) if override else params.scan.reference
     if spec != "auto" and not spec.endswith(".npz"):  # a CIFAR archive or folder
-        data = load_cifar(Path(spec), params.data.name, catalog.CACHE_DIR)
-        defender, _ = split_defender(data.test, params.data.n_defender, params.base.seed + 1)
-        return Reference(defender.images, defender.labels, defender.classes, spec)
+        return _archive_reference(Path(spec), params)
     target = catalog.path("dataset") if spec == "auto" else Path(spec)
     stamp = target.stat().st_mtime_ns if target.is_file() else 0
     return _cached(spec, stamp, params)
@@ -90,7 +96,7 @@ def load_reference(params: Params, override: Path | None = None) -> Reference:
 
 def reference_batch(ref: Reference, n_images: int, seed: int) -> tuple[Tensor, Tensor | None]:
     """A seeded random subset of n_images (all if 0), in the reference's order (labels alike)."""
-    order = seeded_subset(n_images, len(ref.images), seed + 2)
+    order = seeded_subset(n_images, len(ref.images), derive_seed(seed, "scan_subset"))
     return ref.images[order], None if ref.labels is None else ref.labels[order]
 
 

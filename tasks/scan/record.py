@@ -25,12 +25,12 @@ from prefect.cache_policies import NO_CACHE
 
 from mesa_lib.detect import decide
 from mesa_lib.modelio import model_fingerprint
-from tasks import tracking
-from tasks.config import Params
-from tasks.evaluate import scan_config
-from tasks.io import save_grid, write_csv, write_json
-from tasks.registry import TAG_LIMIT, verdict_tags
-from tasks.scan import Checked, ChunkResult, logger, repair_model, work_dir
+from tasks.common import tracking
+from tasks.common.configs import scan_config
+from tasks.common.io import save_grid, write_csv, write_json
+from tasks.common.params import Params
+from tasks.common.verdicts import TAG_LIMIT, verdict_tags
+from tasks.scan.check import Checked, ChunkResult, logger, repair_model, work_dir
 
 
 def verdict_of(checked: Checked, chunks: list[ChunkResult], params: Params) -> dict[str, Any]:

@@ -1,19 +1,20 @@
-"""Model Registry tasks: register a stage's model with its lineage tags, write scan verdicts onto
-versions (I/O, retried). `verdict_tags` is the one tag format of a verdict, used by the evaluate
-stage and by the scan service alike."""
+"""Model Registry tasks of the pipeline: register a stage's model with its lineage tags, write the
+evaluate stage's scan verdicts onto the versions (I/O, retried). The tag format of a verdict is
+tasks.common.verdicts, shared with the scan service."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 
 from mesa_lib.modelio import model_fingerprint
-from tasks import catalog, dag, tracking
-from tasks.config import Params
-from tasks.tracking import StageRun
+from tasks.common import catalog, tracking
+from tasks.common.dvcgraph import data_md5
+from tasks.common.params import Params
+from tasks.common.tracking import StageRun
+from tasks.common.verdicts import verdict_tags
 
 # Which params groups shaped each registered model (its params hash covers exactly these).
 LINEAGE_GROUPS = {
@@ -39,7 +40,7 @@ def register(run: StageRun, params: Params, artifact: str, description: str) -> 
     name = REGISTERED_NAMES[artifact]
     tags = {
         "parent_model_version": "none" if artifact == "backdoored" else parent_version(run.uri),
-        "data_hash": dag.data_md5(),
+        "data_hash": data_md5(),
         "params_hash": params.digest(*LINEAGE_GROUPS[artifact]),
         "model_sha256": model_fingerprint(stem),
         "scan_verdict": "not scanned",
@@ -50,26 +51,6 @@ def register(run: StageRun, params: Params, artifact: str, description: str) -> 
     version = tracking.register_model(run, catalog.get(artifact).files(), name, tags, description)
     tracking.set_tags(run, {"registered_model": f"{name}/{version}"})
     return f"{name}/{version}"
-
-
-TAG_LIMIT = 4000  # registry tag values are limited in length
-
-
-def verdict_tags(verdict: dict[str, Any], run_id: str) -> dict[str, str]:
-    """The tags a scan verdict {status, target, confidence, reason} puts on a model version.
-
-    `scan_verdict` is clean | backdoored | rejected (or "not scanned" at registration); a
-    backdoored model is also tagged `quarantined`.
-    """
-    tags = {"scan_verdict": verdict["status"],
-            "scan_target": "" if verdict["target"] is None else str(verdict["target"]),
-            "scan_confidence": f"{verdict['confidence']:.3f}",
-            "scan_reason": verdict.get("reason", "")[:TAG_LIMIT],
-            "scan_run_id": run_id,
-            "scan_time": datetime.now(UTC).isoformat(timespec="seconds")}
-    if verdict["status"] == "backdoored":
-        tags["quarantined"] = "true"
-    return tags
 
 
 @task(retries=2, retry_delay_seconds=2)

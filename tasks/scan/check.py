@@ -6,7 +6,7 @@ sniffs magic bytes), manifest strictly validated, the architecture sized on the 
 bounded before it is built, weights checked against it (names, shapes, dtypes, NaN/Inf), class
 count and input shape against the defender's reference data, and one finite forward pass. A
 failed check is a *rejection*: a verdict with a reason, recorded like any other
-(tasks.scan_record). `scan_chunk` fits one chunk of classes (mesa_lib.detect.score_classes) so
+(tasks.scan.record). `scan_chunk` fits one chunk of classes (mesa_lib.detect.score_classes) so
 that the classes of a model fan out over the task runner; `repair_model` repairs a backdoored
 model with the recovered trigger distribution (MESA Sec. 4.3) and re-scans it.
 
@@ -31,12 +31,11 @@ from mesa_lib.detect import score_classes
 from mesa_lib.modelio import Manifest, ModelFileError, load_model, save_model
 from mesa_lib.repair import repair
 from mesa_lib.seed import resolve_device
-from tasks.config import Params
-from tasks.discover import REFERENCE_SUFFIX, Candidate, model_key
-from tasks.evaluate import scan_config
-from tasks.io import load_sampler, save_sampler
-from tasks.repair import repair_config
-from tasks.scan_core import load_reference, reference_batch
+from tasks.common.configs import repair_config, scan_config, trigger_shape
+from tasks.common.io import load_sampler, save_sampler
+from tasks.common.params import Params
+from tasks.scan.discover import REFERENCE_SUFFIX, Candidate, model_key
+from tasks.scan.reference import load_reference, reference_batch
 
 MODEL_STEM = "model"  # the copy of a candidate inside its work folder: model.safetensors, ...
 _LOAD_ERRORS = (ModelFileError, DataError, ValueError, TypeError, RuntimeError, KeyError)
@@ -182,8 +181,8 @@ def fit_chunk(checked: Checked, classes: tuple[int, ...], params: Params) -> Chu
     model, _ = load_model(checked.stem, map_location=device)
     images, labels, channels = _batch(params, checked)
     config = replace(scan_config(params, checked.n_classes), candidates=tuple(classes))
-    k = params.scan.trigger_size
-    dist, scores = score_classes(model, images, labels, tuple(classes), (channels, k, k), config,
+    shape = trigger_shape(params.scan.trigger_size, channels)
+    dist, scores = score_classes(model, images, labels, tuple(classes), shape, config,
                                 device, params.scan.grid_samples)
     sampler = ""
     if params.scan.repair:
@@ -220,5 +219,5 @@ def repair_model(checked: Checked, chunks: list[ChunkResult], target: int, param
     extra = {**manifest.extra, "repair": "mesa", **lineage}
     save_model(model, out, replace(manifest, extra=extra))
     rescan = Checked(checked.candidate, str(out), "", checked.n_classes, checked.reference)
-    no_repair = replace(params, scan=replace(params.scan, repair=False))
+    no_repair = params.model_copy(update={"scan": params.scan.model_copy(update={"repair": False})})
     return out, [fit_chunk(rescan, tuple(range(checked.n_classes)), no_repair)]

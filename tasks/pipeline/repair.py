@@ -15,20 +15,13 @@ from prefect import task
 from mesa_lib.distribution import TriggerSampler
 from mesa_lib.evaluate import accuracy
 from mesa_lib.modelio import load_model, save_model
-from mesa_lib.repair import RepairConfig, repair
-from tasks import catalog
-from tasks.config import Params
-from tasks.io import CsvLog, load_npz, load_sampler
-from tasks.tracking import StageRun
-from tasks.train import epoch_sink
-
-
-def repair_config(params: Params, epochs: int | None = None) -> RepairConfig:
-    """RepairConfig from the `repair` group (epochs overridable for the baseline)."""
-    r = params.repair
-    return RepairConfig(epochs=epochs or r.epochs, batch_size=r.batch_size, lr=r.lr,
-                        momentum=r.momentum, weight_decay=r.weight_decay, stamp_rate=r.rate,
-                        augment=r.augment, seed=params.base.seed)
+from mesa_lib.repair import repair
+from tasks.common import catalog
+from tasks.common.configs import repair_config
+from tasks.common.io import CsvLog, load_npz, load_sampler
+from tasks.common.params import Params
+from tasks.common.tracking import StageRun
+from tasks.pipeline.train import epoch_sink
 
 
 def repair_with(params: Params, device: torch.device, run: StageRun, sampler: TriggerSampler,

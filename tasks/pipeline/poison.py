@@ -13,9 +13,10 @@ import torch
 from prefect import task
 
 from mesa_lib.poison import PoisonedSet, build_attack
-from tasks import catalog, quality
-from tasks.config import Params
-from tasks.io import load_npz, save_grid, save_npz, trigger_from_param
+from mesa_lib.triggers import build_trigger
+from tasks.common import catalog, quality
+from tasks.common.io import load_npz, save_grid, save_npz
+from tasks.common.params import Params
 
 
 @task
@@ -28,7 +29,7 @@ def poison_training_set(params: Params) -> tuple[dict[str, Any], dict[str, Any]]
     p = params.poison
     data = load_npz(catalog.path("dataset"))
     images, labels = data["train_images"], data["train_labels"]
-    trigger = trigger_from_param(p.trigger, params.base.seed)
+    trigger = build_trigger(p.trigger, p.trigger_size, 3, params.base.seed)
     if p.attack == "badnets":
         attack = build_attack("badnets", trigger=trigger, target=p.target, seed=params.base.seed,
                               rate=p.rate, location=p.location)

@@ -23,15 +23,15 @@ from mesa_lib.data import (
     DataError,
     ImageSet,
     data_fingerprint,
-    default_source,
     load_cifar,
     split_defender,
 )
-from tasks import catalog
-from tasks.config import Params
-from tasks.io import save_npz
+from mesa_lib.seed import derive_seed
+from tasks.common import catalog
+from tasks.common.env import DATA_SOURCE_ENV, OFFLINE_COPY, default_data_source
+from tasks.common.io import save_npz
+from tasks.common.params import Params
 
-SOURCE_ENV = "MESA_DATA_SOURCE"
 CANONICAL = {"cifar10": "cifar-10-python.tar.gz", "cifar100": "cifar-100-python.tar.gz"}
 
 
@@ -57,7 +57,7 @@ def resolve_archive(data_dir: Path, archive: str, name: str) -> Path:
         return found[0]
     if not found:
         raise DataError(f"{data_dir}/ holds no data archive; run scripts/run_pipeline.sh (or "
-                        f"set {SOURCE_ENV}=path/to/archive and run `python -m flows.fetch`)")
+                        f"set {DATA_SOURCE_ENV}=path/to/archive and run `python -m flows.fetch`)")
     raise DataError(f"{data_dir}/ holds several archives {[p.name for p in found]}; name one "
                     "in params.yaml data.archive")
 
@@ -66,7 +66,7 @@ def resolve_archive(data_dir: Path, archive: str, name: str) -> Path:
 def fetch_raw(data_dir: Path = catalog.DATA_DIR, name: str = "cifar10") -> Path:
     """Make sure data/ holds a raw archive; return it (I/O: downloads are retried).
 
-    The source follows mesa_lib.data.default_source: MESA_DATA_SOURCE, else the offline copy
+    The source follows tasks.common.env.default_data_source: MESA_DATA_SOURCE, else the offline copy
     ../shared/datasets/cifar10-jpeg.tar.gz if present, else the canonical archive, downloaded.
     """
     log = get_run_logger()
@@ -75,12 +75,16 @@ def fetch_raw(data_dir: Path = catalog.DATA_DIR, name: str = "cifar10") -> Path:
         log.info("data/ already holds %s", [p.name for p in present])
         return present[0]
     data_dir.mkdir(parents=True, exist_ok=True)
-    source = default_source(Path.cwd()) if name == "cifar10" else data_dir / CANONICAL[name]
+    source = default_data_source() if name == "cifar10" else data_dir / CANONICAL[name]
     if source.resolve().parent == data_dir.resolve():  # the canonical archive: download it
         log.info("downloading %s into %s/", CANONICAL[name], data_dir)
-        return download_cifar(data_dir, name)
+        try:
+            return download_cifar(data_dir, name)
+        except DataError as err:
+            raise DataError(f"{err}; set {DATA_SOURCE_ENV}=/path/to/archive, e.g. the offline "
+                            f"copy {OFFLINE_COPY}") from None
     if not source.exists():
-        raise DataError(f"data source {source} ({SOURCE_ENV}) does not exist")
+        raise DataError(f"data source {source} ({DATA_SOURCE_ENV}) does not exist")
     log.info("copying %s into %s/", source, data_dir)
     if source.is_dir():
         return Path(shutil.copytree(source, data_dir / source.name))
@@ -112,8 +116,9 @@ def prepare_dataset(params: Params, archive: Path) -> tuple[dict[str, Any], dict
     n_train = p.n_train or len(data.train)
     if n_train > len(data.train):
         raise DataError(f"data.n_train: expected <= {len(data.train)}, got {n_train}")
-    train_idx, _ = _split(data.train, n_train, params.base.seed)
-    def_idx, held_idx = _split(data.test, p.n_defender, params.base.seed + 1)
+    seed = params.base.seed
+    train_idx, _ = _split(data.train, n_train, derive_seed(seed, "train_subset"))
+    def_idx, held_idx = _split(data.test, p.n_defender, derive_seed(seed, "defender_split"))
     arrays: dict[str, Any] = {"classes": list(data.train.classes)}
     for key, part, idx in (("train", data.train, train_idx), ("defender", data.test, def_idx),
                            ("heldout", data.test, held_idx)):

@@ -1,0 +1,70 @@
+"""Params groups -> the frozen config dataclasses of mesa_lib, in one place.
+
+Every product builds its mesa_lib settings here, so the pipeline's `evaluate` stage and the scan
+service scan with exactly the same `DetectConfig`, and the pipeline's repair and the scan's
+repair fine-tune alike.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mesa_lib.baselines import PointConfig
+from mesa_lib.detect import DetectConfig
+from mesa_lib.mesa import MesaConfig
+from mesa_lib.repair import RepairConfig
+from mesa_lib.train import TrainConfig
+from tasks.common.params import Params
+
+
+def arch_kwargs(params: Params) -> dict[str, int]:
+    """Architecture options of `build_model` implied by the params."""
+    return {"width": params.train.width} if params.train.model == "resnet8" else {}
+
+
+def train_config(params: Params, **changes: Any) -> TrainConfig:
+    """TrainConfig from the `train` group (fields overridable, e.g. for the injection)."""
+    t = params.train
+    base = {"epochs": t.epochs, "batch_size": t.batch_size, "lr": t.lr, "momentum": t.momentum,
+            "nesterov": t.momentum > 0, "weight_decay": t.weight_decay, "schedule": t.schedule,
+            "warmup": t.warmup, "label_smoothing": t.label_smoothing, "seed": params.base.seed}
+    return TrainConfig(**(base | changes))
+
+
+def mesa_config(params: Params) -> MesaConfig:
+    """MesaConfig from the `recover` group."""
+    r = params.recover
+    return MesaConfig(betas=r.betas, alpha=r.alpha, epochs=r.epochs, batch_size=r.batch_size,
+                      lr=r.lr, hidden=r.hidden, mine_hidden=r.mine_hidden,
+                      trigger_noise=r.trigger_noise, seed=params.base.seed)
+
+
+def point_config(params: Params) -> PointConfig:
+    """PointConfig from the `baseline` group."""
+    b = params.baseline
+    return PointConfig(starts=b.starts, epochs=b.epochs, batch_size=b.batch_size, lr=b.lr,
+                       momentum=b.momentum, seed=params.base.seed)
+
+
+def repair_config(params: Params, epochs: int | None = None) -> RepairConfig:
+    """RepairConfig from the `repair` group (epochs overridable for the baseline)."""
+    r = params.repair
+    return RepairConfig(epochs=epochs or r.epochs, batch_size=r.batch_size, lr=r.lr,
+                        momentum=r.momentum, weight_decay=r.weight_decay, stamp_rate=r.rate,
+                        augment=r.augment, seed=params.base.seed)
+
+
+def trigger_shape(side: int, channels: int = 3) -> tuple[int, int, int]:
+    """(C, h, w) of the square triggers a defender models."""
+    return (channels, side, side)
+
+
+def scan_config(params: Params, n_classes: int) -> DetectConfig:
+    """DetectConfig from the `scan` group (all classes are candidates)."""
+    s, r = params.scan, params.recover
+    mesa = MesaConfig(betas=(s.beta,), epochs=s.epochs, batch_size=s.batch_size, lr=s.lr,
+                      hidden=r.hidden, mine_hidden=r.mine_hidden, alpha=r.alpha,
+                      trigger_noise=r.trigger_noise, seed=params.base.seed)
+    return DetectConfig(mesa=mesa, candidates=tuple(range(n_classes)),
+                        eval_images=s.eval_images, anomaly_threshold=s.anomaly_threshold,
+                        min_asr=s.min_asr, seed=params.base.seed)

@@ -1,0 +1,389 @@
+"""`params.yaml` -> typed, frozen pydantic models, checked once before any work (STYLE habit 3).
+
+Every key of `params.yaml` is required and every key is known (`extra="forbid"`); types are strict
+(YAML `true` is not the number 1, `"0.1"` is not a float) and ranges and choices are declared on
+the fields. A bad file raises `ConfigError` naming each offending key and value, e.g.
+`recover.alpha: Input should be greater than or equal to 0, got -0.1`. DVC reads the same file
+for its params deps, so `dvc exp run -S recover.alpha=0.2` and `dvc params diff` see exactly what
+the stages use. The JSON schema of the file is `docs/params.schema.json`
+(`python -m tasks.common.params schema`).
+
+Reading params needs no torch: the model and trigger names are mirrored here (a test keeps them
+equal to the registries in mesa_lib).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+PARAMS_FILE = Path("params.yaml")
+# Mirrors of the mesa_lib registries (tests/test_config.py keeps them equal).
+MODEL_NAMES = ("preact_resnet18", "resnet18", "resnet20", "resnet8")
+TRIGGER_PATTERN = r"^(demo|random_color|pattern:([0-9]|[1-4][0-9]|50))$"
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
+
+
+class ConfigError(ValueError):
+    """params.yaml is unreadable, or a key is unknown, missing, mistyped or out of range."""
+
+
+def _listed(value: Any) -> Any:
+    """YAML gives lists; the frozen models hold tuples (hashable)."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+Floats = Annotated[tuple[float, ...], BeforeValidator(_listed), Field(min_length=1)]
+Strings = Annotated[tuple[str, ...], BeforeValidator(_listed), Field(min_length=1)]
+Probability = Annotated[float, Field(ge=0, le=1)]
+Positive = Annotated[float, Field(gt=0)]
+Momentum = Annotated[float, Field(ge=0, lt=1)]
+Count = Annotated[int, Field(ge=1)]
+BatchSize = Annotated[int, Field(ge=2)]
+
+
+class Group(BaseModel):
+    """A params.yaml group: every key required, none unknown, strict types, immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class BaseParams(Group):
+    """Run-wide settings."""
+
+    seed: int = Field(ge=0, description="seed of every random draw")
+    device: str = Field(pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
+                        description="auto | cpu | cuda | cuda:N; auto picks CUDA when present")
+    deterministic: bool = Field(description="torch.use_deterministic_algorithms (warn-only)")
+
+
+class DataParams(Group):
+    """Which raw data and how it is split."""
+
+    name: Literal["cifar10", "cifar100"]
+    archive: str = Field(description="file or folder inside data/, or 'auto' (the one there)")
+    n_train: int = Field(ge=0, description="training images used, a seeded subset; 0 = all")
+    n_defender: int = Field(ge=2, description="test images given to the defender; rest held out")
+
+
+class ValidateParams(Group):
+    """Tolerances of the Great Expectations gates."""
+
+    class_balance: Probability = Field(description="per-class count within this share of N/K")
+    poison_rate_tolerance: Probability = Field(description="|measured - configured| poison rate")
+    data_docs: bool = Field(description="also render GX Data Docs HTML")
+
+
+class PoisonParams(Group):
+    """The attack."""
+
+    attack: Literal["badnets", "finetune_injection"]
+    trigger: str = Field(pattern=TRIGGER_PATTERN,
+                         description="demo | random_color | pattern:K (K = 0..50)")
+    trigger_size: int = Field(ge=1, le=32, description="side of the trigger (demo/pattern: 3)")
+    target: int = Field(ge=0)
+    rate: Probability = Field(description="badnets: share of non-target images poisoned")
+    location: Literal["corner", "random"] = Field(description="badnets: where the trigger goes")
+    prob: Probability = Field(description="finetune_injection: per-image poison probability")
+
+
+class TrainParams(Group):
+    """Training of the (backdoored) classifier."""
+
+    model: Literal[MODEL_NAMES]  # type: ignore[valid-type]
+    width: Count = Field(description="resnet8 width multiplier (ignored by other models)")
+    epochs: Count = Field(description="badnets: training from scratch; injection: clean model")
+    batch_size: BatchSize
+    lr: Positive
+    momentum: Momentum
+    weight_decay: float = Field(ge=0)
+    schedule: Literal["onecycle", "cosine", "constant"]
+    warmup: float = Field(gt=0, lt=1)
+    label_smoothing: float = Field(ge=0, lt=1)
+    inject_epochs: int = Field(ge=0, description="finetune_injection: epochs with poison")
+    inject_lr: Positive = Field(description="finetune_injection: constant SGD lr")
+
+
+class RecoverParams(Group):
+    """MESA: fitting the staircase of trigger generators (mesa_lib.mesa.MesaConfig)."""
+
+    betas: Annotated[tuple[Annotated[float, Field(gt=0, le=1)], ...], BeforeValidator(_listed),
+                     Field(min_length=1)]
+    alpha: float = Field(ge=0)
+    epochs: Count
+    batch_size: BatchSize
+    lr: Positive
+    hidden: Count
+    mine_hidden: Count
+    trigger_noise: float = Field(ge=0)
+    trigger_size: int = Field(ge=1, le=32, description="side of the square triggers modelled")
+    n_images: int = Field(ge=0, description="defender images used for fitting; 0 = all")
+    grid_samples: int = Field(ge=1, le=1024, description="triggers drawn for the PNG grid")
+
+
+class BaselineParams(Group):
+    """The single-point baseline (mesa_lib.baselines.PointConfig) and its repair."""
+
+    starts: Count = Field(description="random restarts; each gives one trigger")
+    epochs: Count = Field(description="passes over the images while optimising the triggers")
+    batch_size: BatchSize
+    lr: Positive
+    momentum: Momentum
+    n_images: int = Field(ge=0, description="defender images used to optimise; 0 = all")
+    repair_epochs: Count = Field(description="its repair's epochs (other settings: repair.*)")
+
+
+class RepairParams(Group):
+    """Fine-tuning the model against sampled triggers (labels kept true)."""
+
+    epochs: Count
+    batch_size: BatchSize
+    lr: Positive
+    momentum: Momentum
+    weight_decay: float = Field(ge=0)
+    rate: Probability = Field(description="share of each batch stamped with a sampled trigger")
+    augment: bool
+
+
+class EvaluateParams(Group):
+    """Held-out evaluation."""
+
+    variants: int = Field(ge=0, description="nearest other 3x3 patterns also attacked")
+    colour_shifts: bool = Field(description="also ASR of contrast / tint shifted copies")
+
+
+class ScanParams(Group):
+    """Detection (mesa_lib.detect) and the scan deployment (flows/scan.py, docs/scanning.md)."""
+
+    enabled: bool = Field(description="scan the backdoored and repaired models in `evaluate`")
+    epochs: Count
+    batch_size: BatchSize = Field(description="images per step (each class sees all of them)")
+    lr: Positive
+    beta: float = Field(gt=0, le=1)
+    n_images: int = Field(ge=4, description="defender images used (seeded subset)")
+    eval_images: int = Field(ge=2, description="of which held out to measure each class's ASR")
+    anomaly_threshold: Positive = Field(description="MAD anomaly index a class's ASR must exceed")
+    min_asr: Probability = Field(description="ASR a flagged class must also reach")
+    interval_s: int = Field(ge=0, description="deployment: seconds between runs; 0 = use cron")
+    cron: str = Field(description="deployment: cron schedule, used when interval_s is 0")
+    drop_folder: str = Field(description="watched folder of <stem>.safetensors + .json")
+    drop_model_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$",
+                                 description="registered model that dropped models join")
+    registry_models: Strings = Field(description="registered models audited; '*' = all")
+    reference: str = Field(description="defender's clean data: auto | .npz | CIFAR archive")
+    state_folder: str = Field(description="claims, done records, ledger, work files")
+    repair: bool = Field(description="repair a backdoored model, re-scan, register it")
+    task_runner: Literal["thread", "dask"]
+    dask_address: str = Field(description="Dask scheduler (tcp://host:8786); '' = local")
+    workers: Count = Field(description="threads, or workers of the local Dask cluster")
+    class_chunks: Count = Field(description="a model's classes split into this many fits")
+    trigger_size: int = Field(ge=1, le=16, description="side of the square triggers searched")
+    grid_samples: int = Field(ge=1, le=64, description="trigger samples per class in the grid")
+    claim_timeout_s: Count = Field(description="a claim older than this is stale")
+    settle_s: int = Field(ge=0, description="drop files changed more recently wait a run")
+
+
+class Params(Group):
+    """The whole params.yaml."""
+
+    base: BaseParams
+    data: DataParams
+    validate_: ValidateParams = Field(alias="validate")  # `validate` is a BaseModel method
+    poison: PoisonParams
+    train: TrainParams
+    recover: RecoverParams
+    baseline: BaselineParams
+    repair: RepairParams
+    evaluate: EvaluateParams
+    scan: ScanParams
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
+
+    @property
+    def validate(self) -> ValidateParams:  # type: ignore[override]
+        """The `validate` group (the attribute name pydantic reserves)."""
+        return self.validate_
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Params:
+        errors = []
+        classes = NUM_CLASSES[self.data.name]
+        if self.poison.target >= classes:
+            errors.append(f"poison.target: expected int < {classes} ({self.data.name}), "
+                          f"got {self.poison.target}")
+        if self.poison.trigger != "random_color" and self.poison.trigger_size != 3:
+            errors.append(f"poison.trigger_size: {self.poison.trigger} is a 3x3 pattern, "
+                          f"got {self.poison.trigger_size}")
+        if self.recover.n_images and self.recover.n_images < self.recover.batch_size:
+            errors.append(f"recover.n_images: expected 0 or >= recover.batch_size "
+                          f"({self.recover.batch_size}), got {self.recover.n_images}")
+        if 2 * self.scan.eval_images > self.scan.n_images:
+            errors.append(f"scan.eval_images: expected <= scan.n_images / 2 "
+                          f"({self.scan.n_images // 2}), got {self.scan.eval_images}")
+        if self.scan.n_images > self.data.n_defender:
+            errors.append(f"scan.n_images: expected <= data.n_defender ({self.data.n_defender}),"
+                          f" got {self.scan.n_images}")
+        if self.scan.interval_s == 0 and not self.scan.cron.strip():
+            errors.append("scan.interval_s: expected > 0 when scan.cron is empty, got 0")
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Nested plain dict (tuples as lists), as in params.yaml."""
+        return json.loads(self.model_dump_json(by_alias=True))
+
+    def section(self, *names: str) -> dict[str, Any]:
+        """Flat {"group.key": value} of the named groups, for logging as run params."""
+        full = self.to_dict()
+        return {f"{g}.{k}": v for g in names for k, v in full[g].items()}
+
+    def digest(self, *names: str) -> str:
+        """sha256 of the named groups (all groups if none), canonical JSON: the params hash."""
+        full = self.to_dict()
+        chosen = {g: full[g] for g in (names or full)}
+        return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    """One pydantic error as 'group.key: message, got value'."""
+    loc = ".".join(str(p) for p in error["loc"]) or "params"
+    what = "group" if len(error["loc"]) == 1 else "key"
+    if error["type"] == "missing":
+        return f"{loc}: missing {what}"
+    if error["type"] == "extra_forbidden":
+        return f"{loc}: unknown {what}"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "value_error" and not error["loc"]:
+        return message  # the cross-checks name their keys themselves
+    return f"{loc}: {message}, got {error['input']!r}"
+
+
+def params_from_dict(raw: Any) -> Params:
+    """Validate a decoded params mapping; every problem found is named in one ConfigError."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"params: expected a mapping of groups, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        lines = [_describe(e) for e in err.errors(include_url=False)]
+        raise ConfigError("invalid params:\n" + "\n".join(lines)) from None
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Copy of `raw` with dotted keys replaced, e.g. {"train.epochs": 1} (used by tests)."""
+    out = json.loads(json.dumps(raw))
+    for dotted, value in overrides.items():
+        group, _, key = dotted.partition(".")
+        if not key or not isinstance(out.get(group), dict):
+            raise ConfigError(f"{dotted}: override must name group.key of an existing group")
+        out[group][key] = value
+    return out
+
+
+def read_yaml(path: Path | str) -> Any:
+    """Parse a YAML file, naming the file in any error."""
+    path = Path(path)
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: params file not found") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+
+
+def load_params(
+    path: Path | str = PARAMS_FILE, overrides: Mapping[str, Any] | None = None
+) -> Params:
+    """Read and validate params.yaml (plus optional dotted overrides)."""
+    raw = read_yaml(path)
+    if overrides:
+        raw = apply_overrides(raw or {}, overrides)
+    try:
+        return params_from_dict(raw)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def json_schema() -> str:
+    """The JSON schema of params.yaml (docs/params.schema.json), deterministic text."""
+    schema = Params.model_json_schema(by_alias=True, mode="validation")
+    schema["title"] = "params.yaml of the MESA pipeline"
+    return json.dumps(schema, indent=2, sort_keys=True) + "\n"
+
+
+def describe_params() -> str:
+    """Markdown table of every key, its type/constraints and description (docs)."""
+    schema = json.loads(json_schema())
+    lines = ["| key | expected | meaning |", "|---|---|---|"]
+    for group, ref in schema["properties"].items():
+        body = schema["$defs"][ref["$ref"].rsplit("/", 1)[-1]]
+        for key, spec in body["properties"].items():
+            rules = {k: v for k, v in spec.items() if k not in ("title", "description")}
+            lines.append(f"| `{group}.{key}` | `{json.dumps(rules, sort_keys=True)}` | "
+                         f"{spec.get('description', '')} |")
+    return "\n".join(lines)
+
+
+def _hydra_value(value: Any) -> str:
+    """A value as `dvc exp run -S key=value` (Hydra override syntax) expects it."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_hydra_value(v) for v in value) + "]"
+    if isinstance(value, str) and not re.fullmatch(r"[A-Za-z0-9_.\-]+", value):
+        return f"'{value}'"
+    return str(value)
+
+
+def set_args(profile: Path | str, base: Path | str = PARAMS_FILE) -> list[str]:
+    """`-S key=value` arguments that turn `base` into `profile` (both validated first)."""
+    new, old = load_params(profile).to_dict(), load_params(base).to_dict()
+    args = []
+    for group, values in new.items():
+        for key, value in values.items():
+            if old[group][key] != value:
+                args += ["-S", f"{group}.{key}={_hydra_value(value)}"]
+    return args
+
+
+def _cli(argv: list[str] | None = None) -> None:
+    """`python -m tasks.common.params check [FILE] | set-args PROFILE | describe | schema`."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m tasks.common.params")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("check", help="validate a params file").add_argument(
+        "file", nargs="?", default=str(PARAMS_FILE))
+    sub.add_parser("set-args", help="print `-S k=v` turning params.yaml into a profile"
+                   ).add_argument("profile")
+    sub.add_parser("describe", help="print every key as a Markdown table")
+    sub.add_parser("schema", help="print the JSON schema of params.yaml")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "check":
+            load_params(args.file)
+            print(f"{args.file}: ok")
+        elif args.command == "set-args":
+            print(" ".join(set_args(args.profile)))
+        elif args.command == "describe":
+            print(describe_params())
+        else:
+            print(json_schema(), end="")
+    except ConfigError as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    _cli()

@@ -1,0 +1,54 @@
+"""DVC deps that cannot go stale: every stage lists the import closure of its command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from tasks.common.codedeps import RECORD_ONLY, closure, missing_deps, stage_code_deps
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+# The stages whose results depend on the one `stamp` (poisoning, MESA, the baselines, repair,
+# evaluation); data and validate never stamp.
+STAMPING = {"poison", "train", "recover", "baseline", "repair", "evaluate"}
+
+
+def test_every_stage_lists_its_whole_import_closure() -> None:
+    for name, body in STAGES.items():
+        assert missing_deps(body["cmd"], body["deps"], ROOT) == [], name
+
+
+def test_removing_a_dep_is_caught() -> None:
+    deps = [d for d in STAGES["train"]["deps"] if d != "mesa_lib/triggers.py"]
+    assert missing_deps(STAGES["train"]["cmd"], deps, ROOT) == ["mesa_lib/triggers.py"]
+    deps = [d for d in STAGES["evaluate"]["deps"] if not d.startswith("mesa_lib/")]
+    assert "mesa_lib/detect.py" in missing_deps(STAGES["evaluate"]["cmd"], deps, ROOT)
+
+
+def test_a_folder_dep_covers_its_files() -> None:
+    deps = ["mesa_lib", "tasks", "flows"]
+    assert missing_deps(STAGES["train"]["cmd"], deps, ROOT) == []
+
+
+def test_editing_stamp_reruns_every_stage_that_stamps() -> None:
+    with_stamp = {name for name, body in STAGES.items()
+                  if "mesa_lib/triggers.py" in body["deps"]}
+    assert with_stamp >= STAMPING
+
+
+def test_the_walk_follows_lazy_imports_and_package_inits() -> None:
+    files = {p.as_posix() for p in closure("flows.train", ROOT)}
+    assert {"flows/__init__.py", "tasks/__init__.py", "tasks/pipeline/__init__.py",
+            "mesa_lib/triggers.py", "tasks/common/tracking.py"} <= files
+    # tasks.scan.reference imports the data stage's resolve_archive inside a function
+    assert "tasks/pipeline/data.py" in {p.as_posix() for p in closure("tasks.scan.reference",
+                                                                      ROOT)}
+
+
+def test_only_record_only_modules_are_exempt() -> None:
+    assert RECORD_ONLY == {"tasks/common/tracking.py", "tasks/pipeline/registry.py"}
+    for name, body in STAGES.items():
+        code = [d for d in body["deps"] if d.endswith(".py")]
+        assert code == stage_code_deps(body["cmd"], ROOT), name  # exact and sorted
