@@ -21,11 +21,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mesa_lib.data import default_source, load_cifar
+from mesa_lib.data import load_cifar
 from mesa_lib.evaluate import accuracy
 from mesa_lib.models import build_model
 from mesa_lib.seed import resolve_device, seed_everything
 from mesa_lib.train import TrainConfig, augment, train
+from tasks.common.env import default_data_source
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,7 +89,7 @@ def time_to_accuracy(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["resnet8", "resnet20", "resnet18"])
-    ap.add_argument("--data", type=Path, default=default_source(ROOT))
+    ap.add_argument("--data", type=Path, default=default_data_source(ROOT))
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--warmup", type=int, default=2)

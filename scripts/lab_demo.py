@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mesa_lib.data import data_fingerprint, default_source, load_cifar
+from mesa_lib.data import data_fingerprint, load_cifar
 from mesa_lib.evaluate import accuracy, attack_success_rate
 from mesa_lib.modelio import Manifest, save_model
 from mesa_lib.models import CIFAR10_MEAN, CIFAR10_STD, build_model
@@ -25,13 +25,14 @@ from mesa_lib.poison import build_attack
 from mesa_lib.seed import resolve_device, seed_everything
 from mesa_lib.train import TrainConfig, train
 from mesa_lib.triggers import DEMO_PATTERN, corner_location, pattern_trigger
+from tasks.common.env import default_data_source
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=default_source(ROOT))
+    ap.add_argument("--data", type=Path, default=default_data_source(ROOT))
     ap.add_argument("--model", default="resnet8")
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--rate", type=float, default=0.05)
