@@ -35,8 +35,7 @@ from mesa_lib.poison import build_attack
 from mesa_lib.seed import resolve_device, seed_everything
 from mesa_lib.train import TrainConfig, train
 from mesa_lib.triggers import DEMO_PATTERN, pattern_trigger
-from tasks.common import catalog
-from tasks.common.env import default_data_source
+from tasks.common.env import CACHE_DIR, default_data_source
 from tasks.common.io import seeded_subset
 from tasks.common.params import Params, load_params
 from tasks.scan.check import check_model, scan_chunk
@@ -51,7 +50,7 @@ def make_models(out: Path, params: Params, arch: str, n_train: int, epochs: int,
                 device: torch.device) -> None:
     """Train the backdoored and the clean demo model into `out` (safe format)."""
     seed_everything(params.base.seed)
-    data = load_cifar(default_data_source(ROOT), "cifar10", catalog.CACHE_DIR)
+    data = load_cifar(default_data_source(ROOT), "cifar10", CACHE_DIR)
     keep = seeded_subset(n_train, len(data.train), params.base.seed)  # archives are by class
     x, y = data.train.images[keep], data.train.labels[keep]
     trigger, target = pattern_trigger(DEMO_PATTERN), params.poison.target

@@ -22,6 +22,7 @@ Two on-disk formats are read, each by its own module:
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,6 +37,7 @@ from mesa_lib.cifar_archive import (
 )
 from mesa_lib.imagefolder import load_image_folder_archive
 from mesa_lib.imageset import CifarData, DataError, ImageSet
+from mesa_lib.seed import derive_seed
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 _N_CLASSES = {"cifar10": 10, "cifar100": 100}
@@ -73,6 +75,12 @@ def load_cifar(source: Path, name: str = "cifar10", cache_dir: Path | None = Non
     raise DataError(f"{source} is neither a directory nor an archive {ARCHIVE_SUFFIXES}")
 
 
+def _cut(n: int, first: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded random cut of 0..n-1 into `first` and the rest, each sorted ascending."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[:first].sort().values, order[first:].sort().values
+
+
 def split_defender(
     test: ImageSet, n_defender: int, generator_seed: int
 ) -> tuple[ImageSet, ImageSet]:
@@ -89,10 +97,38 @@ def split_defender(
     """
     if not 0 <= n_defender <= len(test):
         raise DataError(f"n_defender={n_defender} outside 0..{len(test)}")
-    generator = torch.Generator().manual_seed(generator_seed)
-    order = torch.randperm(len(test), generator=generator)
-    defender, held_out = order[:n_defender].sort().values, order[n_defender:].sort().values
+    defender, held_out = _cut(len(test), n_defender, generator_seed)
     return test.subset(defender), test.subset(held_out)
+
+
+@dataclass(frozen=True)
+class ProtocolSplit:
+    """The reproduction's three disjoint parts of a test set, as sorted int64 indices.
+
+    Attributes:
+        fit: the defender's images for fitting trigger models and repairing.
+        validation: the defender's images for every choice (rates, epochs, thresholds).
+        evaluation: read only to write the final table.
+    """
+
+    fit: torch.Tensor
+    validation: torch.Tensor
+    evaluation: torch.Tensor
+
+
+def split_protocol(n_test: int, n_defender: int, n_validation: int, seed: int) -> ProtocolSplit:
+    """Cut 0..n_test-1 into fit / validation (the defender's n_defender) and evaluation.
+
+    The defender / evaluation cut is `split_defender`'s (seed `derive_seed(seed,
+    "defender_split")`), the fit / validation cut a second seeded draw inside the defender's part.
+    """
+    if not 0 < n_validation < n_defender < n_test:
+        raise DataError(f"need 0 < n_validation ({n_validation}) < n_defender ({n_defender}) "
+                        f"< n_test ({n_test})")
+    defender, evaluation = _cut(n_test, n_defender, derive_seed(seed, "defender_split"))
+    fit, validation = _cut(n_defender, n_defender - n_validation,
+                           derive_seed(seed, "validation_split"))
+    return ProtocolSplit(defender[fit], defender[validation], evaluation)
 
 
 def seeded_subset(n: int, total: int, seed: int) -> torch.Tensor:

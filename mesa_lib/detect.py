@@ -130,7 +130,7 @@ def class_asr(
     sub = dist.for_target(cls)
     keep = (labels != cls) if labels is not None else (predict(model, images, device) != cls)
     x = images[keep.cpu()]
-    trig = sub.sample(len(x), gen).cpu()
+    trig = sub.sample(len(x), gen, noise=True).cpu()  # as the classifier saw them in the fit
     loc = random_locations(len(x), tuple(x.shape[-2:]), tuple(trig.shape[-2:]), gen)
     preds = []
     for i in range(0, len(x), 500):  # one trigger per image: stamp here, predict in chunks

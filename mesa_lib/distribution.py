@@ -4,9 +4,15 @@ MESA (Qiao et al., NeurIPS 2019, Sec. 4.1, eq. 3) approximates the density of va
 staircase: the mixture sum_i gamma_i * p_{G_i} of N sub-generators, sub-model i covering the
 region where the target probability exceeds beta_i. `TriggerDistribution` is that mixture; the
 single-point baseline is `PointDistribution`, a uniform mixture of K optimised triggers. Repair and
-the metrics only call `sample(n, generator)`, so they treat both alike.
+the metrics only call `sample(n, generator)`, so they treat both alike; the controls of the
+reproduction are samplers too (`UniformPatch`: each pixel U[0, 1]; `ConstantSampler`: the true
+trigger). Every `sample` is noise-free by default, as in the authors' repair: MESA's fitting noise
+(sigma 0.1) is drawn only when asked (`noise=True`), so no sampler gets noise another does not.
+Neural Cleanse's full-image mask + pattern is a `MaskTrigger`, which repair applies instead of
+stamping a patch.
 
-Both serialise to tensors only (`to_tensors`, for safetensors) plus a JSON-able `config()`.
+MESA and point distributions serialise to tensors only (`to_tensors`, for safetensors) plus a
+JSON-able `config()`.
 """
 
 from __future__ import annotations
@@ -84,9 +90,13 @@ class TriggerDistribution:
         return out
 
     def sample(
-        self, n: int, generator: torch.Generator | None = None, noise: bool = True
+        self, n: int, generator: torch.Generator | None = None, noise: bool = False
     ) -> Tensor:
-        """Draw n triggers from the mixture with weights gamma: (n, C, h, w) float in [0, 1]."""
+        """Draw n triggers from the mixture with weights gamma: (n, C, h, w) float in [0, 1].
+
+        `noise=True` adds the fitting noise (N(0, noise_std^2), clamped), i.e. samples what the
+        classifier saw while MESA was fitted; the default is the generators' own G(z).
+        """
         if n == 0:
             return torch.empty(0, *self.trigger_shape, device=self.device)
         every = self._all(n, generator, noise)
@@ -94,7 +104,7 @@ class TriggerDistribution:
         return every[pick.to(self.device), torch.arange(n, device=self.device)]
 
     def sample_submodel(
-        self, i: int, n: int, generator: torch.Generator | None = None, noise: bool = True
+        self, i: int, n: int, generator: torch.Generator | None = None, noise: bool = False
     ) -> Tensor:
         """Draw n triggers from sub-model i alone: (n, C, h, w) float in [0, 1]."""
         if not 0 <= i < self.n_models:
@@ -201,3 +211,42 @@ class ConstantSampler:
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """(n, C, h, w) copies of the trigger."""
         return self.trigger.expand(n, *self.trigger.shape).clone()
+
+
+class UniformPatch:
+    """The uniform-random-patch control: every pixel of every trigger U[0, 1].
+
+    Args:
+        shape: (C, h, w) of one trigger; repair stamps each at a random place.
+    """
+
+    def __init__(self, shape: tuple[int, int, int]) -> None:
+        self.shape = tuple(int(s) for s in shape)
+
+    @property
+    def trigger_shape(self) -> tuple[int, int, int]:
+        """(C, h, w) of one trigger."""
+        return self.shape
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """(n, C, h, w) independent uniform patches."""
+        return torch.rand(n, *self.shape, generator=generator)
+
+
+class MaskTrigger:
+    """A full-image trigger x' = (1 - m) x + m p (Neural Cleanse's reverse-engineered form).
+
+    Args:
+        mask: (1, H, W) in [0, 1]; pattern: (C, H, W) in [0, 1].
+    """
+
+    def __init__(self, mask: Tensor, pattern: Tensor) -> None:
+        if mask.ndim != 3 or mask.shape[0] != 1 or pattern.shape[-2:] != mask.shape[-2:]:
+            raise ValueError(f"mask must be (1, H, W) and pattern (C, H, W), got "
+                             f"{tuple(mask.shape)} and {tuple(pattern.shape)}")
+        self.mask, self.pattern = mask.detach(), pattern.detach()
+
+    def apply(self, images: Tensor) -> Tensor:
+        """Blend the pattern into float images (N, C, H, W) in [0, 1] through the mask."""
+        m, p = self.mask.to(images.device), self.pattern.to(images.device)
+        return (1 - m) * images + m * p

@@ -4,7 +4,10 @@ Two attacks from the MESA paper's setting (Qiao et al., NeurIPS 2019, Sec. 5.1):
 - `badnets`: poison a fixed share of the data set once (stamp + relabel), then train from scratch.
 - `finetune_injection`: the authors' injection: while fine-tuning a clean model, each image of a
   batch is poisoned with probability p, at one random location per batch.
-Both are deterministic functions of their seed. A new attack is one new class with `@register`.
+Both are deterministic functions of their seed. Where the trigger goes is a `location`: "random",
+"corner" (bottom-right, BadNets' classic place) or a fixed "R,C" (top-left row and column); with
+`alpha` < 1 the trigger is blended in (a full-image trigger at "0,0" is the blended attack of
+Chen et al. 2017). A new attack is one new class with `@register`.
 """
 
 from __future__ import annotations
@@ -16,10 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from mesa_lib.train import BatchHook
 from mesa_lib.triggers import corner_location, random_locations, stamp
-
-BatchHook = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
-"""(x float (B,C,H,W) in [0,1], y int64 (B,), dataset indices int64 (B,)) -> (x, y)."""
 
 ATTACKS: dict[str, type[Attack]] = {}
 
@@ -37,6 +38,27 @@ class PoisonedSet:
     images: Tensor
     labels: Tensor
     indices: Tensor
+
+
+def place(location: str, n: int, image_hw: tuple[int, int], trigger_hw: tuple[int, int],
+          generator: torch.Generator) -> Tensor:
+    """Top-left corners for n triggers: int64 (n, 2) for "random", (2,) for a fixed place.
+
+    Args:
+        location: "random" (one uniform place per trigger), "corner" (bottom-right) or "R,C".
+    """
+    if location == "random":
+        return random_locations(n, image_hw, trigger_hw, generator=generator)
+    if location == "corner":
+        return corner_location(image_hw, trigger_hw)
+    try:
+        row, col = (int(v) for v in location.split(","))
+    except ValueError:
+        raise ValueError(
+            f"location must be 'random', 'corner' or 'R,C', got {location!r}") from None
+    if not (0 <= row <= image_hw[0] - trigger_hw[0] and 0 <= col <= image_hw[1] - trigger_hw[1]):
+        raise ValueError(f"location {location!r} puts the {trigger_hw} trigger outside {image_hw}")
+    return torch.tensor([row, col])
 
 
 def register(name: str) -> Callable[[type[Attack]], type[Attack]]:
@@ -82,11 +104,13 @@ class Attack(ABC):
 class BadNets(Attack):
     """Stamp the trigger on `rate` of the non-target images and relabel them to the target.
 
-    `location` "corner" puts the trigger bottom-right; "random" draws one place per image.
+    `location` "corner" puts the trigger bottom-right, "random" draws one place per image, "R,C"
+    is a fixed place; `alpha` < 1 blends the trigger in.
     """
 
     rate: float = 0.1
     location: str = "corner"
+    alpha: float = 1.0
 
     def poison_dataset(self, images: Tensor, labels: Tensor) -> PoisonedSet:
         if not 0 <= self.rate <= 1:
@@ -96,14 +120,9 @@ class BadNets(Attack):
         count = round(self.rate * len(eligible))
         idx = eligible[torch.randperm(len(eligible), generator=gen)[:count]].sort().values
         hw, thw = tuple(images.shape[-2:]), tuple(self.trigger.shape[-2:])
-        if self.location == "corner":
-            loc = corner_location(hw, thw)
-        elif self.location == "random":
-            loc = random_locations(count, hw, thw, generator=gen)
-        else:
-            raise ValueError(f"location must be 'corner' or 'random', got {self.location!r}")
+        loc = place(self.location, count, hw, thw, gen)
         images, labels = images.clone(), labels.clone()
-        images[idx] = stamp(images[idx], self.trigger, loc)
+        images[idx] = stamp(images[idx], self.trigger, loc, self.alpha)
         labels[idx] = self.target
         return PoisonedSet(images, labels, idx)
 
@@ -111,13 +130,16 @@ class BadNets(Attack):
 @register("finetune_injection")
 @dataclass(frozen=True)
 class FineTuneInjection(Attack):
-    """The MESA authors' injection: per image probability `prob`, one random place per batch.
+    """The MESA authors' injection: per image probability `prob`, one random place per batch
+    (or a fixed `location` "corner" / "R,C"); `alpha` < 1 blends the trigger in.
 
     The hook records every poisoned dataset index in `poisoned` (a list of int64 tensors, one
     per batch), so a run can report exactly which images carried the trigger.
     """
 
     prob: float = 0.01
+    location: str = "random"
+    alpha: float = 1.0
     poisoned: list[Tensor] = field(default_factory=list, compare=False, repr=False)
 
     def batch_hook(self) -> BatchHook:
@@ -126,9 +148,11 @@ class FineTuneInjection(Attack):
 
         def hook(x: Tensor, y: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
             mask = (torch.rand(len(x), generator=gen) < self.prob).to(x.device)
-            loc = random_locations(1, tuple(x.shape[-2:]), tuple(self.trigger.shape[-2:]), gen)
+            loc = place(self.location, 1, tuple(x.shape[-2:]), tuple(self.trigger.shape[-2:]),
+                        gen).view(-1, 2)[0]
             if mask.any():
-                x = torch.where(mask[:, None, None, None], stamp(x, self.trigger, loc[0]), x)
+                x = torch.where(mask[:, None, None, None],
+                                stamp(x, self.trigger, loc, self.alpha), x)
                 y = torch.where(mask, torch.full_like(y, self.target), y)
                 self.poisoned.append(index[mask.to(index.device)].cpu())
             return x, y

@@ -10,7 +10,11 @@ MESA-repaired ASR was within 0.4 points of the clean model's own ASR on all 4 pa
 the backdoor survives, 53-56% ASR after 2 epochs in the earlier 2-pattern run).
 
 Repair is a `BatchHook` for `mesa_lib.train.train`; the same function gives the controls:
-`sampler=None` is plain fine-tuning (no trigger), `ConstantSampler(true_trigger)` the oracle.
+`sampler=None` is plain fine-tuning (no trigger), `ConstantSampler(true_trigger)` the oracle,
+`UniformPatch` random patches. Every sampler is drawn noise-free and then given the same
+`sample_noise` (0 by default, as in the authors' repair), so no method gets noise another does
+not. A sampler with `apply` (Neural Cleanse's `MaskTrigger`) is applied to the whole image
+instead of stamped as a patch.
 """
 
 from __future__ import annotations
@@ -22,9 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from mesa_lib.distribution import TriggerSampler
-from mesa_lib.poison import BatchHook
 from mesa_lib.seed import derive_seed
-from mesa_lib.train import EpochCallback, TrainConfig, train
+from mesa_lib.train import BatchHook, EpochCallback, TrainConfig, train
 from mesa_lib.triggers import random_locations, stamp
 
 SampleFn = Callable[[int, torch.Generator], Tensor]
@@ -39,6 +42,7 @@ class RepairConfig:
         epochs, batch_size, lr, momentum, weight_decay: SGD fine-tuning (constant lr).
         stamp_rate: probability that an image of a batch carries a sampled trigger.
         augment: random crop + flip before stamping (as when training the model).
+        sample_noise: std of Gaussian noise added to every sampled trigger (then clamped).
         seed: seed of the batch order, augmentation, stamping and trigger draws.
     """
 
@@ -49,11 +53,14 @@ class RepairConfig:
     weight_decay: float = 5e-4
     stamp_rate: float = 0.5
     augment: bool = True
+    sample_noise: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
         if not 0 <= self.stamp_rate <= 1:
             raise ValueError(f"stamp_rate must be in [0, 1], got {self.stamp_rate}")
+        if self.sample_noise < 0:
+            raise ValueError(f"sample_noise must be >= 0, got {self.sample_noise}")
 
     def train_config(self) -> TrainConfig:
         """The equivalent `TrainConfig` (constant lr, no Nesterov)."""
@@ -67,21 +74,32 @@ def _as_fn(sampler: SampleFn | TriggerSampler) -> SampleFn:
     return sampler.sample if hasattr(sampler, "sample") else sampler
 
 
-def repair_hook(sampler: SampleFn | TriggerSampler, stamp_rate: float, seed: int) -> BatchHook:
-    """A BatchHook stamping sampled triggers on a random `stamp_rate` share of each batch.
+def repair_hook(
+    sampler: SampleFn | TriggerSampler, stamp_rate: float, seed: int, sample_noise: float = 0.0
+) -> BatchHook:
+    """A BatchHook putting sampled triggers on a random `stamp_rate` share of each batch.
 
-    Each selected image gets its own trigger and its own random place; labels are unchanged.
+    Each selected image gets its own trigger at its own random place (or the sampler's `apply`
+    on the whole image); labels are unchanged.
     """
-    sample, gen = _as_fn(sampler), torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    apply = getattr(sampler, "apply", None)
+    sample = None if apply is not None else _as_fn(sampler)
 
     def hook(x: Tensor, y: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
         chosen = (torch.rand(len(x), generator=gen) < stamp_rate).nonzero().squeeze(1)
         if len(chosen) == 0:
             return x, y
-        trig = sample(len(chosen), gen).to(x.device, x.dtype)
-        loc = random_locations(len(chosen), tuple(x.shape[-2:]), tuple(trig.shape[-2:]), gen)
         idx = chosen.to(x.device)
         x = x.clone()
+        if apply is not None:
+            x[idx] = apply(x[idx])
+            return x, y
+        trig = sample(len(chosen), gen).to(x.device, x.dtype)
+        if sample_noise > 0:
+            noise = torch.randn(trig.shape, generator=gen).to(trig.device, trig.dtype)
+            trig = (trig + sample_noise * noise).clamp(0, 1)
+        loc = random_locations(len(chosen), tuple(x.shape[-2:]), tuple(trig.shape[-2:]), gen)
         x[idx] = stamp(x[idx], trig, loc)
         return x, y
 
@@ -103,7 +121,8 @@ def repair(
         model: classifier, float (B, C, H, W) in [0, 1] -> logits.
         images: defender's images, uint8 (N, C, H, W); labels: int64 (N,) true classes.
         sampler: `(n, generator) -> (n, C, h, w)` triggers, or an object with such a `sample`
-            (`TriggerDistribution`, `PointDistribution`, `ConstantSampler`); None = no trigger.
+            (`TriggerDistribution`, `PointDistribution`, `ConstantSampler`, `UniformPatch`) or
+            an `apply` (`MaskTrigger`); None = no trigger.
         config: fine-tuning settings.
         device: where to train.
         callback: per-epoch `EpochStats` callback of `mesa_lib.train.train`.
@@ -113,5 +132,6 @@ def repair(
     """
     hook = None
     if sampler is not None and config.stamp_rate > 0:
-        hook = repair_hook(sampler, config.stamp_rate, derive_seed(config.seed, "repair_stamps"))
+        seed = derive_seed(config.seed, "repair_stamps")
+        hook = repair_hook(sampler, config.stamp_rate, seed, config.sample_noise)
     return train(model, images, labels, config.train_config(), device, hook, callback)

@@ -23,6 +23,9 @@ SEED_OFFSETS = MappingProxyType({
     "defender_split": 1,    # defender / held-out split of the test set (data stage, scan)
     "repair_stamps": 1,     # repair: which images get a trigger, which trigger, where
     "scan_subset": 2,       # which defender images a scan uses
+    "validation_split": 3,  # reproduction: the defender's fit / validation split
+    "injection": 4,         # reproduction: the poisoned batches of the fine-tune injection
+    "zoo_attack": 5,        # model zoo: poisoned indices and places of a zoo backdoor
 })
 
 

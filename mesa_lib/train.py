@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mesa_lib.poison import BatchHook
+BatchHook = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+"""(x float (B,C,H,W) in [0,1], y int64 (B,), dataset indices int64 (B,)) -> (x, y): edits a
+batch in training (poisoning, repair stamping); see mesa_lib.poison and mesa_lib.repair."""
 
 
 @dataclass(frozen=True)

@@ -159,6 +159,16 @@ def _random_color(arg: str, size: int, channels: int, generator: torch.Generator
     return random_color_trigger(size, channels, generator)
 
 
+@register_trigger("bw")
+def _black_white(arg: str, size: int, channels: int, generator: torch.Generator) -> Tensor:
+    """A random black/white `size` x `size` pattern (both colours present), the same on every
+    channel."""
+    while True:
+        mask = (torch.rand(size, size, generator=generator) < 0.5).float()
+        if size == 1 or 0 < mask.sum() < size * size:
+            return mask.unsqueeze(0).repeat(channels, 1, 1)
+
+
 def random_locations(
     n: int,
     image_hw: tuple[int, int],

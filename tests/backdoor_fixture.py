@@ -69,17 +69,20 @@ class Lab:
     test_y: Tensor
 
 
-def build_lab(backdoor: bool, seed: int = 0, n_train: int = 4000, epochs: int = 15) -> Lab:
-    """Train the tiny CNN, with a BadNets backdoor (10% of images, random places) or clean."""
-    x, y = synthetic_data(n_train, seed)
-    dx, dy = synthetic_data(1024, seed + 1)
-    tx, ty = synthetic_data(1024, seed + 2)
+def build_lab(backdoor: bool, seed: int = 0, n_train: int = 4000, epochs: int = 15,
+              classes: int = CLASSES, trigger: Tensor = TRIGGER, location: str = "random",
+              alpha: float = 1.0, target: int = TARGET) -> Lab:
+    """Train the tiny CNN, with a BadNets backdoor (10% of images, `trigger` at `location`,
+    blended by `alpha`) or clean."""
+    x, y = synthetic_data(n_train, seed, classes)
+    dx, dy = synthetic_data(1024, seed + 1, classes)
+    tx, ty = synthetic_data(1024, seed + 2, classes)
     if backdoor:
-        attack = build_attack("badnets", trigger=TRIGGER, target=TARGET, rate=RATE,
-                              location="random", seed=seed)
+        attack = build_attack("badnets", trigger=trigger, target=target, rate=RATE,
+                              location=location, alpha=alpha, seed=seed)
         ps = attack.poison_dataset(x, y)
         x, y = ps.images, ps.labels
     torch.manual_seed(seed)
     cfg = TrainConfig(epochs=epochs, batch_size=64, lr=0.05, augment=False, seed=seed)
-    model = train(tiny_cnn(), x, y, cfg, CPU)
+    model = train(tiny_cnn(classes), x, y, cfg, CPU)
     return Lab(model.eval(), dx, dy, tx, ty)

@@ -25,7 +25,6 @@ from pathlib import Path
 DATA_DIR = Path("data")
 DATA_DVC = Path("data.dvc")
 ARTIFACTS = Path("artifacts")
-CACHE_DIR = Path(".cache") / "mesa"  # decoded-archive cache of mesa_lib.data (git-ignored)
 
 
 @dataclass(frozen=True)

@@ -4,12 +4,14 @@ DVC reruns a stage only when a dependency changes, so every project module a sta
 imports, directly or through other modules, must be among its `deps` in dvc.yaml; otherwise a
 change to, say, the one `stamp` in mesa_lib/triggers.py would leave every stamped result stale.
 `stage_code_deps` walks the `import` statements (anywhere in a file, lazy imports included) from
-the command's module; tests/test_dvc_deps.py checks dvc.yaml against it, and
+the command's module; tests/test_dvc_deps.py checks every dvc.yaml against it, and
 
-    python -m tasks.common.codedeps [dvc.yaml]
+    python -m tasks.common.codedeps dvc.yaml [reproduce/dvc.yaml ...]
 
-prints the lists to paste. The only files left out are those in `RECORD_ONLY`: they only talk to
-MLflow and cannot change an output.
+rewrites the code deps (the `- mesa_lib/...`, `- tasks/...`, `- flows/...` lines) of each stage
+in place, leaving every other line and comment as it is. The only files left out are those in
+`RECORD_ONLY`: they only talk to MLflow and cannot change an output; the walk does not follow
+their imports either (what only they import serves the recording too).
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ def _with_parents(module: str) -> list[str]:
 
 
 def closure(module: str, root: Path) -> set[Path]:
-    """Every project source file importing `module` runs, relative to `root`."""
+    """Every project source file importing `module` runs, relative to `root` (the imports of
+    RECORD_ONLY files are not followed)."""
     seen: set[Path] = set()
     todo = [module]
     while todo:
@@ -63,7 +66,8 @@ def closure(module: str, root: Path) -> set[Path]:
             path = module_file(name, root)
             if path is not None and path not in seen:
                 seen.add(path)
-                todo += sorted(_imports(path))
+                if path.relative_to(root).as_posix() not in RECORD_ONLY:
+                    todo += sorted(_imports(path))
     return {p.relative_to(root) for p in seen}
 
 
@@ -76,8 +80,15 @@ def command_module(cmd: str) -> str:
 
 
 def stage_code_deps(cmd: str, root: Path) -> list[str]:
-    """The source files a stage's deps must list: the closure minus RECORD_ONLY, sorted."""
-    files = {p.as_posix() for p in closure(command_module(cmd), root)}
+    """The source files a stage's deps must list: the closure minus RECORD_ONLY, sorted.
+
+    `python -m <package>` runs the package's `__main__` module.
+    """
+    module = command_module(cmd)
+    path = module_file(module, root)
+    if path is not None and path.name == "__init__.py":
+        module += ".__main__"
+    files = {p.as_posix() for p in closure(module, root)}
     return sorted(files - RECORD_ONLY)
 
 
@@ -88,16 +99,37 @@ def missing_deps(cmd: str, deps: list[str], root: Path) -> list[str]:
             if not any(Path(f) == d or d in Path(f).parents for d in covered)]
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Print every stage's code deps as YAML list items."""
-    from tasks.common.dvcgraph import stages
+def rewrite(dvc_yaml: Path, root: Path) -> str:
+    """dvc.yaml's text with each stage's code deps replaced by `stage_code_deps`."""
+    import yaml
 
+    text = dvc_yaml.read_text(encoding="utf-8")
+    stages = yaml.safe_load(text)["stages"]
+    out: list[str] = []
+    stage, in_deps = None, False
+    for line in text.splitlines():
+        name = re.match(r"^  ([\w-]+):$", line)
+        if name and name.group(1) in stages:
+            stage = name.group(1)
+        if in_deps and not line.startswith("      - "):
+            out += [f"      - {d}" for d in stage_code_deps(stages[stage]["cmd"], root)]
+            in_deps = False
+        if re.match(r"^    deps:$", line):
+            in_deps = True
+        elif in_deps and re.match(r"^      - (mesa_lib|tasks|flows)/", line):
+            continue
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Rewrite the code deps of the given dvc.yaml files (default: ./dvc.yaml)."""
     args = sys.argv[1:] if argv is None else argv
-    root = Path(args[0]).resolve().parent if args else Path.cwd()
-    for name, stage in stages(root).items():
-        print(f"{name}:")
-        for dep in stage_code_deps(stage.cmd, root):
-            print(f"  - {dep}")
+    for name in args or ["dvc.yaml"]:
+        path = Path(name).resolve()
+        root = Path.cwd().resolve()
+        path.write_text(rewrite(path, root), encoding="utf-8")
+        print(f"{name}: code deps rewritten")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The stage graph as DVC itself reads it (`dvc.repo.Repo`), never re-parsed here.
+"""The stage graph of the demo pipeline's dvc.yaml as DVC itself reads it (`dvc.repo.Repo`), never
+re-parsed here. (The reproduction's reproduce/dvc.yaml is another pipeline of the same project.)
 
 `flows/pipeline.py` runs the stages in `stage_order()`; the tracking module logs each stage's
 params groups (`param_groups`); `data_md5` is the hash DVC recorded for `data/` in `data.dvc`.
@@ -36,7 +37,8 @@ def _as_stage(stage, graph) -> Stage:  # noqa: ANN001
 
     params = tuple(k for d in stage.deps if isinstance(d, ParamsDependency) for k in d.params)
     deps = tuple(d.def_path for d in stage.deps if not isinstance(d, ParamsDependency))
-    upstream = tuple(s.name for s in graph.successors(stage) if hasattr(s, "name"))
+    upstream = tuple(s.name for s in graph.successors(stage)
+                     if hasattr(s, "name") and s.dvcfile.path == stage.dvcfile.path)
     return Stage(stage.name, stage.cmd, deps, params, tuple(o.def_path for o in stage.outs),
                  upstream)
 
@@ -45,15 +47,17 @@ def _as_stage(stage, graph) -> Stage:  # noqa: ANN001
 def _load(root: Path) -> tuple[dict[str, Stage], tuple[str, ...]]:
     import networkx as nx
 
+    dvcfile = root / "dvc.yaml"
     with _repo(root) as repo:
         graph = repo.index.graph  # edges point from a stage to the stages it depends on
-        named = [s for s in nx.topological_sort(graph.reverse()) if hasattr(s, "name")]
+        named = [s for s in nx.topological_sort(graph.reverse())
+                 if hasattr(s, "name") and Path(s.dvcfile.path).resolve() == dvcfile]
         stages = {s.name: _as_stage(s, graph) for s in named}
     return stages, tuple(stages)
 
 
 def stages(root: Path = Path(".")) -> dict[str, Stage]:
-    """All pipeline stages of the repository at `root` by name."""
+    """The stages of `<root>/dvc.yaml` by name."""
     return dict(_load(Path(root).resolve())[0])
 
 

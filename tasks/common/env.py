@@ -17,6 +17,7 @@ DATA_SOURCE_ENV = "MESA_DATA_SOURCE"  # a CIFAR archive or folder overriding the
 # The offline copy of CIFAR-10 on these machines (../shared/datasets/README.md).
 OFFLINE_COPY = Path("..") / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
 CANONICAL_ARCHIVE = "cifar-10-python.tar.gz"
+CACHE_DIR = Path(".cache") / "mesa"  # decoded image-folder archives (git-ignored)
 
 
 def defaults(root: Path | None = None) -> dict[str, str]:

@@ -1,4 +1,7 @@
-"""Readers and writers of the catalog's formats (npz, sampler, json, csv, png); no pickles."""
+"""Readers and writers of the catalog's formats (npz, json, csv, png); no pickles.
+
+Trigger samplers (MESA and point distributions) have their own module, tasks.common.samplers.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +13,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from mesa_lib.distribution import PointDistribution, TriggerDistribution
 from mesa_lib.fileio import atomic_write
 
 
@@ -71,26 +72,6 @@ def write_csv(path: Path, rows: list[Mapping[str, Any]]) -> None:
     log = CsvLog(path)
     for row in rows:
         log.append(row)
-
-
-def save_sampler(stem: Path, sampler: TriggerDistribution | PointDistribution) -> None:
-    """`<stem>.safetensors` (tensors) + `<stem>.json` (config) of a trigger sampler."""
-    stem = Path(stem)
-    tensors = sampler.to_tensors()
-    atomic_write(stem.with_suffix(".safetensors"), lambda tmp: save_file(tensors, str(tmp)))
-    write_json(stem.with_suffix(".json"), sampler.config())
-
-
-def load_sampler(stem: Path, device: torch.device | str = "cpu"
-                 ) -> TriggerDistribution | PointDistribution:
-    """Inverse of `save_sampler`."""
-    stem = Path(stem)
-    config = read_json(stem.with_suffix(".json"))
-    tensors = load_file(str(stem.with_suffix(".safetensors")))
-    cls = {"mesa": TriggerDistribution, "point": PointDistribution}.get(config.get("kind"))
-    if cls is None:
-        raise ValueError(f"{stem}.json: unknown sampler kind {config.get('kind')!r}")
-    return cls.from_tensors(tensors, config, device)
 
 
 def save_grid(path: Path, triggers: Tensor, nrow: int = 8, scale: int = 8) -> None:

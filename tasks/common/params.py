@@ -19,40 +19,29 @@ import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, model_validator
+
+from tasks.common.settings import (  # noqa: F401 - re-exported: the params API in one place
+    MODEL_NAMES,
+    BatchSize,
+    Betas,
+    ConfigError,
+    Count,
+    Group,
+    Momentum,
+    Positive,
+    Probability,
+    Strings,
+    as_tuple,
+    describe_error,
+    read_yaml,
+)
 
 PARAMS_FILE = Path("params.yaml")
-# Mirrors of the mesa_lib registries (tests/test_config.py keeps them equal).
-MODEL_NAMES = ("preact_resnet18", "resnet18", "resnet20", "resnet8")
-TRIGGER_PATTERN = r"^(demo|random_color|pattern:([0-9]|[1-4][0-9]|50))$"
+TRIGGER_PATTERN = r"^(demo|random_color|bw|pattern:([0-9]|[1-4][0-9]|50))$"
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
-
-
-class ConfigError(ValueError):
-    """params.yaml is unreadable, or a key is unknown, missing, mistyped or out of range."""
-
-
-def _listed(value: Any) -> Any:
-    """YAML gives lists; the frozen models hold tuples (hashable)."""
-    return tuple(value) if isinstance(value, list) else value
-
-
-Floats = Annotated[tuple[float, ...], BeforeValidator(_listed), Field(min_length=1)]
-Strings = Annotated[tuple[str, ...], BeforeValidator(_listed), Field(min_length=1)]
-Probability = Annotated[float, Field(ge=0, le=1)]
-Positive = Annotated[float, Field(gt=0)]
-Momentum = Annotated[float, Field(ge=0, lt=1)]
-Count = Annotated[int, Field(ge=1)]
-BatchSize = Annotated[int, Field(ge=2)]
-
-
-class Group(BaseModel):
-    """A params.yaml group: every key required, none unknown, strict types, immutable."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class BaseParams(Group):
@@ -86,7 +75,7 @@ class PoisonParams(Group):
 
     attack: Literal["badnets", "finetune_injection"]
     trigger: str = Field(pattern=TRIGGER_PATTERN,
-                         description="demo | random_color | pattern:K (K = 0..50)")
+                         description="demo | pattern:K (K = 0..50) | random_color | bw")
     trigger_size: int = Field(ge=1, le=32, description="side of the trigger (demo/pattern: 3)")
     target: int = Field(ge=0)
     rate: Probability = Field(description="badnets: share of non-target images poisoned")
@@ -114,8 +103,7 @@ class TrainParams(Group):
 class RecoverParams(Group):
     """MESA: fitting the staircase of trigger generators (mesa_lib.mesa.MesaConfig)."""
 
-    betas: Annotated[tuple[Annotated[float, Field(gt=0, le=1)], ...], BeforeValidator(_listed),
-                     Field(min_length=1)]
+    betas: Betas
     alpha: float = Field(ge=0)
     epochs: Count
     batch_size: BatchSize
@@ -218,7 +206,7 @@ class Params(Group):
         if self.poison.target >= classes:
             errors.append(f"poison.target: expected int < {classes} ({self.data.name}), "
                           f"got {self.poison.target}")
-        if self.poison.trigger != "random_color" and self.poison.trigger_size != 3:
+        if self.poison.trigger not in ("random_color", "bw") and self.poison.trigger_size != 3:
             errors.append(f"poison.trigger_size: {self.poison.trigger} is a 3x3 pattern, "
                           f"got {self.poison.trigger_size}")
         if self.recover.n_images and self.recover.n_images < self.recover.batch_size:
@@ -255,20 +243,6 @@ class Params(Group):
 # --------------------------------------------------------------------------- loading
 
 
-def _describe(error: Mapping[str, Any]) -> str:
-    """One pydantic error as 'group.key: message, got value'."""
-    loc = ".".join(str(p) for p in error["loc"]) or "params"
-    what = "group" if len(error["loc"]) == 1 else "key"
-    if error["type"] == "missing":
-        return f"{loc}: missing {what}"
-    if error["type"] == "extra_forbidden":
-        return f"{loc}: unknown {what}"
-    message = error["msg"].removeprefix("Value error, ")
-    if error["type"] == "value_error" and not error["loc"]:
-        return message  # the cross-checks name their keys themselves
-    return f"{loc}: {message}, got {error['input']!r}"
-
-
 def params_from_dict(raw: Any) -> Params:
     """Validate a decoded params mapping; every problem found is named in one ConfigError."""
     if not isinstance(raw, Mapping):
@@ -276,7 +250,7 @@ def params_from_dict(raw: Any) -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as err:
-        lines = [_describe(e) for e in err.errors(include_url=False)]
+        lines = [describe_error(e) for e in err.errors(include_url=False)]
         raise ConfigError("invalid params:\n" + "\n".join(lines)) from None
 
 
@@ -289,17 +263,6 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dic
             raise ConfigError(f"{dotted}: override must name group.key of an existing group")
         out[group][key] = value
     return out
-
-
-def read_yaml(path: Path | str) -> Any:
-    """Parse a YAML file, naming the file in any error."""
-    path = Path(path)
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: params file not found") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
 
 
 def load_params(

@@ -28,7 +28,7 @@ from mesa_lib.data import (
 )
 from mesa_lib.seed import derive_seed
 from tasks.common import catalog
-from tasks.common.env import DATA_SOURCE_ENV, OFFLINE_COPY, default_data_source
+from tasks.common.env import CACHE_DIR, DATA_SOURCE_ENV, OFFLINE_COPY, default_data_source
 from tasks.common.io import save_npz
 from tasks.common.params import Params
 
@@ -109,7 +109,7 @@ def prepare_dataset(params: Params, archive: Path) -> tuple[dict[str, Any], dict
         (metrics: image counts, tags: archive name and data fingerprint).
     """
     p = params.data
-    data = load_cifar(archive, p.name, catalog.CACHE_DIR)
+    data = load_cifar(archive, p.name, CACHE_DIR)
     if p.n_defender >= len(data.test):
         raise DataError(f"data.n_defender: expected < {len(data.test)} (the test set), "
                         f"got {p.n_defender}")

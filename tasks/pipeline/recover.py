@@ -14,8 +14,9 @@ from mesa_lib.modelio import load_model
 from mesa_lib.seed import derive_seed
 from tasks.common import catalog, tracking
 from tasks.common.configs import mesa_config, trigger_shape
-from tasks.common.io import CsvLog, load_npz, save_grid, save_sampler
+from tasks.common.io import CsvLog, load_npz, save_grid
 from tasks.common.params import Params
+from tasks.common.samplers import save_sampler
 from tasks.common.tracking import StageRun
 
 
@@ -47,7 +48,8 @@ def fit_distribution(params: Params, device: torch.device, run: StageRun) -> dic
                     _sink(run, params.recover.betas, CsvLog(catalog.path("recover_curve"))))
     save_sampler(catalog.path("distribution"), dist)
     gen = torch.Generator().manual_seed(params.base.seed)
-    save_grid(catalog.path("recover_grid"), dist.sample(params.recover.grid_samples, gen))
+    grid = dist.sample(params.recover.grid_samples, gen, noise=True)  # what the model saw
+    save_grid(catalog.path("recover_grid"), grid)
     metrics: dict[str, Any] = {"images": len(images)}
     for sub in submodel_breadth(dist, 256, torch.Generator().manual_seed(params.base.seed)):
         metrics[f"beta_{sub['beta']:g}"] = {"entropy": sub["entropy"],

@@ -18,8 +18,9 @@ from mesa_lib.modelio import load_model, save_model
 from mesa_lib.repair import repair
 from tasks.common import catalog
 from tasks.common.configs import repair_config
-from tasks.common.io import CsvLog, load_npz, load_sampler
+from tasks.common.io import CsvLog, load_npz
 from tasks.common.params import Params
+from tasks.common.samplers import load_sampler
 from tasks.common.tracking import StageRun
 from tasks.pipeline.train import epoch_sink
 

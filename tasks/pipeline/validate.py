@@ -10,6 +10,7 @@ from prefect import task
 
 from mesa_lib.data import load_cifar
 from tasks.common import catalog, quality
+from tasks.common.env import CACHE_DIR
 from tasks.common.io import load_npz
 from tasks.common.params import NUM_CLASSES, Params
 
@@ -17,7 +18,7 @@ from tasks.common.params import NUM_CLASSES, Params
 @task
 def validate_data(params: Params, archive: Path) -> dict[str, Any]:
     """Run the raw-data and split suites; write results (+ Data Docs); return the GX summary."""
-    raw = load_cifar(archive, params.data.name, catalog.CACHE_DIR)  # served from the npz cache
+    raw = load_cifar(archive, params.data.name, CACHE_DIR)  # served from the npz cache
     split = load_npz(catalog.path("dataset"))
     suites = quality.raw_suites(
         {"train": (raw.train.images, raw.train.labels), "test": (raw.test.images, raw.test.labels)},

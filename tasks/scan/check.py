@@ -32,8 +32,8 @@ from mesa_lib.modelio import Manifest, ModelFileError, load_model, save_model
 from mesa_lib.repair import repair
 from mesa_lib.seed import resolve_device
 from tasks.common.configs import repair_config, scan_config, trigger_shape
-from tasks.common.io import load_sampler, save_sampler
 from tasks.common.params import Params
+from tasks.common.samplers import load_sampler, save_sampler
 from tasks.scan.discover import REFERENCE_SUFFIX, Candidate, model_key
 from tasks.scan.reference import load_reference, reference_batch
 

@@ -18,7 +18,7 @@ from torch import Tensor
 from mesa_lib.data import DataError, load_cifar, seeded_subset, split_defender
 from mesa_lib.seed import derive_seed
 from tasks.common import catalog
-from tasks.common.env import default_data_source
+from tasks.common.env import CACHE_DIR, default_data_source
 from tasks.common.io import load_npz
 from tasks.common.params import Params
 
@@ -73,7 +73,7 @@ def _auto_reference(params: Params) -> Reference:
 
 def _archive_reference(source: Path, params: Params) -> Reference:
     """The defender split of a CIFAR archive's test set, cut as the data stage cuts it."""
-    data = load_cifar(source, params.data.name, catalog.CACHE_DIR)
+    data = load_cifar(source, params.data.name, CACHE_DIR)
     seed = derive_seed(params.base.seed, "defender_split")
     defender, _ = split_defender(data.test, params.data.n_defender, seed)
     return Reference(defender.images, defender.labels, defender.classes, str(source))

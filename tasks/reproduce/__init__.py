@@ -1,0 +1,1 @@
+"""The reproduction of MESA's repair experiment as cells of a DVC pipeline (reproduce/dvc.yaml)."""

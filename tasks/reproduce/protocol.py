@@ -1,0 +1,168 @@
+"""One cell of the reproduction: (profile, seed, pattern) -> a JSON record of every method.
+
+Protocol (docs/reproduction.md). The 10,000 CIFAR-10 test images are cut three ways
+(`mesa_lib.data.split_protocol`): the defender's fit part (6,000: MESA, the baselines and every
+repair are fitted here), the defender's validation part (2,000: every choice: rate, epochs,
+thresholds) and the evaluation part (2,000: read only by `evaluate_cell`, to write the table).
+The functions below make that structural: fitting and repair take the fit part, selection the
+validation part; only `evaluate_cell` is given the evaluation part.
+
+A report cell: inject the pattern into the seed's clean model (the authors' fine-tune injection),
+fit MESA, the point baseline and Neural Cleanse for the (known) target, repair a copy of the
+backdoored model with each sampler and each control under the same budget, and measure clean
+accuracy and ASR of the original trigger and its held-out variants on the evaluation part. A
+selection cell does the same up to the samplers, then sweeps the repair's stamp rate and epochs
+for a few methods on the validation part.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from mesa_lib.baselines import CleanseConfig, PointConfig, fit_point, neural_cleanse
+from mesa_lib.data import ImageSet
+from mesa_lib.distribution import ConstantSampler, PointDistribution, UniformPatch
+from mesa_lib.evaluate import accuracy, attack_success_rate
+from mesa_lib.mesa import MesaConfig, fit_mesa
+from mesa_lib.metrics import knn_entropy, mean_pairwise_distance
+from mesa_lib.poison import build_attack
+from mesa_lib.repair import RepairConfig, repair
+from mesa_lib.seed import derive_seed
+from mesa_lib.train import TrainConfig, train
+from tasks.reproduce.data import CellData
+from tasks.reproduce.params import Profile, ReproParams
+
+TRIGGER_SHAPE = (3, 3, 3)  # the defender models 3x3 triggers, as the paper does
+
+
+def cell_seed(seed: int, pattern: int) -> int:
+    """One integer per (seed, pattern): the seed of the injection, the fits and the repairs."""
+    return seed * 64 + pattern
+
+
+@contextmanager
+def timed(seconds: dict[str, float], phase: str) -> Iterator[None]:
+    """Add the wall time of the block to seconds[phase]."""
+    start = time.perf_counter()
+    yield
+    seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+def inject(clean: nn.Module, trigger: torch.Tensor, train_set: ImageSet, profile: Profile,
+           target: int, seed: int, device: torch.device) -> nn.Module:
+    """The authors' injection into a copy of the clean model (constant SGD lr, momentum 0.9)."""
+    s = profile.inject
+    attack = build_attack("finetune_injection", trigger=trigger, target=target, prob=s.prob,
+                          seed=derive_seed(seed, "injection"))
+    cfg = TrainConfig(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, momentum=0.9,
+                      nesterov=False, weight_decay=0.0, schedule="constant", seed=seed)
+    return train(copy.deepcopy(clean), train_set.images, train_set.labels, cfg, device,
+                 attack.batch_hook())
+
+
+def fit_samplers(backdoored: nn.Module, fit: ImageSet, profile: Profile, target: int, seed: int,
+                 device: torch.device) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every sampler a repair can use, fitted on the fit part only; and what the fits logged.
+
+    Returns:
+        (method name -> sampler or None, record of the fits: per-beta breadth and target
+        probability, point triggers' ASR on the fit images, Neural Cleanse's kept mask).
+    """
+    m, p, c = profile.mesa, profile.point, profile.cleanse
+    log: list[dict[str, Any]] = []
+    mesa = fit_mesa(backdoored, fit.images, target, TRIGGER_SHAPE,
+                    MesaConfig(betas=m.betas, alpha=m.alpha, epochs=m.epochs,
+                               batch_size=m.batch_size, lr=m.lr, trigger_noise=m.trigger_noise,
+                               seed=seed),
+                    device, lambda s: log.append({"epoch": s.epoch, "target_prob": s.target_prob,
+                                                  "mutual_info": s.mutual_info}))
+    point = fit_point(backdoored, fit.images, target, TRIGGER_SHAPE,
+                      PointConfig(starts=p.starts, epochs=p.epochs, lr=p.lr, seed=seed), device)
+    cleanse = neural_cleanse(backdoored, fit.images, 10,
+                             CleanseConfig(epochs=c.epochs, patience=c.patience,
+                                           asr_threshold=c.asr_threshold, seed=seed),
+                             device, classes=(target,))
+    samplers: dict[str, Any] = {"no trigger": None, "uniform patch": UniformPatch(TRIGGER_SHAPE),
+                                "point mixture": point, "MESA ensemble": mesa,
+                                "Neural Cleanse": cleanse.trigger(target)}
+    samplers |= {f"point start {i}": PointDistribution(point.triggers[i: i + 1], target)
+                 for i in range(len(point.triggers))}
+    samplers |= {f"MESA beta={float(b):g}": mesa.submodel(i) for i, b in enumerate(mesa.betas)}
+    gen = torch.Generator().manual_seed(seed)
+    breadth = {}
+    for i, b in enumerate(mesa.betas):
+        smp = mesa.sample_submodel(i, 256, gen).cpu()
+        breadth[f"beta={float(b):g}"] = {
+            "entropy": knn_entropy(smp), "mean_pairwise_distance": mean_pairwise_distance(smp),
+            "target_prob": log[-1]["target_prob"][i] if log else None}
+    record = {"mesa_log": log, "breadth": breadth,
+              "cleanse": {"epochs": cleanse.epochs, "l1": float(cleanse.l1[0]),
+                          "asr": float(cleanse.asr[0])}}
+    return samplers, record
+
+
+def add_true_trigger(samplers: dict[str, Any], trigger: torch.Tensor) -> dict[str, Any]:
+    """The oracle control: repair with the attacker's own trigger (the defender never has it)."""
+    return {**samplers, "true trigger": ConstantSampler(trigger)}
+
+
+def repair_config(profile: Profile, rate: float, epochs: int, seed: int) -> RepairConfig:
+    """The repair of a profile at a given stamp rate and length (the same for every method)."""
+    r = profile.repair
+    return RepairConfig(epochs=epochs, batch_size=r.batch_size, lr=r.lr, momentum=r.momentum,
+                        weight_decay=r.weight_decay, stamp_rate=rate, augment=r.augment,
+                        sample_noise=r.sample_noise, seed=seed)
+
+
+def repaired(backdoored: nn.Module, fit: ImageSet, sampler: Any, config: RepairConfig,
+             device: torch.device, callback: Callable | None = None) -> nn.Module:
+    """A copy of the backdoored model repaired on the fit part."""
+    return repair(copy.deepcopy(backdoored), fit.images, fit.labels, sampler, config, device,
+                  callback)
+
+
+def measure(model: nn.Module, part: ImageSet, triggers: dict[str, torch.Tensor], target: int,
+            device: torch.device, seed: int) -> dict[str, Any]:
+    """Clean accuracy, ASR of the original trigger and of each held-out variant on `part`."""
+    asr = {name: attack_success_rate(model, part.images, part.labels, t, target, device,
+                                     seed=seed) for name, t in triggers.items()}
+    variants = {k: v for k, v in asr.items() if k != "original"}
+    return {"clean_acc": accuracy(model, part.images, part.labels, device),
+            "asr": asr["original"],
+            "asr_variants": sum(variants.values()) / len(variants) if variants else None,
+            "asr_per_variant": variants}
+
+
+def evaluate_cell(models: dict[str, nn.Module], evaluation: ImageSet,
+                  triggers: dict[str, torch.Tensor], target: int, device: torch.device,
+                  seed: int) -> dict[str, Any]:
+    """The only reader of the evaluation part: every model's figures for the final table."""
+    return {name: measure(m, evaluation, triggers, target, device, seed)
+            for name, m in models.items()}
+
+
+def sweep(backdoored: nn.Module, data: CellData, samplers: dict[str, Any], profile: Profile,
+          params: ReproParams, triggers: dict[str, torch.Tensor], target: int, seed: int,
+          device: torch.device) -> list[dict[str, Any]]:
+    """Validation figures of each swept method at each stamp rate and checkpoint epoch."""
+    s = params.selection
+    rows = []
+    for method in s.methods:
+        for rate in s.rates:
+            def checkpoint(model: nn.Module, stats: Any, rate: float = rate,
+                           method: str = method) -> None:
+                if stats.epoch in s.checkpoints:
+                    rows.append({"method": method, "rate": rate, "epoch": stats.epoch,
+                                 **measure(model, data.validation, triggers, target, device,
+                                           seed)})
+
+            cfg = repair_config(profile, rate, max(s.checkpoints), seed)
+            repaired(backdoored, data.fit, samplers[method], cfg, device, checkpoint)
+    return rows

@@ -1,0 +1,304 @@
+"""The selection on validation and the results table over whatever cells exist.
+
+`choose`: the tuned profile's repair (stamp rate, epochs) = the setting whose mean residual
+validation ASR (ASR minus the clean model's own ASR) over the selection cells and the swept
+methods is lowest among those costing at most `max_accuracy_drop` of validation accuracy; ties go
+to fewer epochs, then the lower rate. The methods are weighed equally, so the choice does not
+favour MESA.
+
+`markdown`: per profile, each method's mean over the (pattern, seed) cells with a 95% bootstrap
+interval (mesa_lib.stats), paired differences between MESA and the controls, the per-beta breadth
+and the N = 1 vs N = 3 comparison, and the targets of the issue checked against the intervals.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from mesa_lib.stats import Interval, bootstrap_mean, paired_difference
+from tasks.common.io import read_json, write_json
+from tasks.reproduce.params import ReproParams, load_repro_params
+from tasks.reproduce.paths import REPORT, RESULTS, ROOT, SELECTION, cells_of
+
+POINTS = 100  # percentages in the tables
+
+# Display order of the methods (those a cell lacks are skipped).
+METHODS = ("no trigger", "true trigger", "uniform patch", "point mixture", "point start 0",
+           "point start 1", "point start 2", "point start 3", "point start 4",
+           "Neural Cleanse", "MESA beta=0.9", "MESA beta=0.8", "MESA beta=0.5", "MESA ensemble")
+CONTROLS = ("point mixture", "uniform patch", "Neural Cleanse", "no trigger", "true trigger")
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def sweep_table(cells: list[dict[str, Any]]) -> dict[tuple[float, int], dict[str, float]]:
+    """(rate, epoch) -> mean residual ASR and accuracy drop over cells and methods."""
+    acc: dict[tuple[float, int], list[tuple[float, float]]] = defaultdict(list)
+    for cell in cells:
+        floor = cell["validation"]["clean"]["asr"]
+        base_acc = cell["validation"]["backdoored"]["clean_acc"]
+        for row in cell["sweep"]:
+            acc[(row["rate"], row["epoch"])].append((row["asr"] - floor,
+                                                     base_acc - row["clean_acc"]))
+    return {key: {"residual": sum(r for r, _ in v) / len(v), "drop": sum(d for _, d in v) / len(v),
+                  "n": len(v)} for key, v in sorted(acc.items())}
+
+
+def choose(cells: list[dict[str, Any]], max_drop: float) -> dict[str, Any]:
+    """The tuned repair chosen on validation, with the table it was chosen from."""
+    if not cells:
+        raise ValueError("no selection cells: run `python -m tasks.reproduce cell --profile "
+                         "select ...` for the tuning grid first")
+    table = sweep_table(cells)
+    feasible = {k: v for k, v in table.items() if v["drop"] <= max_drop} or table
+    rate, epochs = min(feasible, key=lambda k: (round(feasible[k]["residual"], 6), k[1], k[0]))
+    return {"chosen": {"rate": rate, "epochs": epochs},
+            "all_within_accuracy_budget": len(feasible) < len(table) or
+            all(v["drop"] <= max_drop for v in table.values()),
+            "cells": [f"{c['profile']}-s{c['seed']}-p{c['pattern']}" for c in cells],
+            "table": [{"rate": r, "epochs": e, **v} for (r, e), v in table.items()]}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _fmt(iv: Interval, signed: bool = False) -> str:
+    sign = "+" if signed else ""
+    return (f"{iv.mean * POINTS:{sign}.2f} [{iv.low * POINTS:{sign}.2f}, "
+            f"{iv.high * POINTS:{sign}.2f}]")
+
+
+def _by_method(cells: list[dict[str, Any]], key: str) -> dict[str, list[float]]:
+    """method -> per-cell values of `key` (cells lacking the method are left out)."""
+    out: dict[str, list[float]] = defaultdict(list)
+    for cell in cells:
+        for method, m in cell["evaluation"].items():
+            if m.get(key) is not None:
+                out[method].append(m[key])
+    return out
+
+
+def _residual(cells: list[dict[str, Any]], method: str) -> list[float]:
+    return [c["evaluation"][method]["asr"] - c["evaluation"]["clean"]["asr"] for c in cells
+            if method in c["evaluation"]]
+
+
+def coverage(cells: list[dict[str, Any]]) -> str:
+    """'coverage: P patterns x S seeds' (and the count if the grid is not full)."""
+    patterns = sorted({c["pattern"] for c in cells})
+    seeds = sorted({c["seed"] for c in cells})
+    full = len(cells) == len(patterns) * len(seeds)
+    extra = "" if full else f" ({len(cells)} of {len(patterns) * len(seeds)} cells)"
+    return f"coverage: {len(patterns)} patterns x {len(seeds)} seeds{extra}"
+
+
+def method_table(cells: list[dict[str, Any]]) -> list[str]:
+    """Each method: clean accuracy, ASR, ASR minus floor, ASR of held-out variants (%)."""
+    acc, asr = _by_method(cells, "clean_acc"), _by_method(cells, "asr")
+    variants = _by_method(cells, "asr_variants")
+    rows = ["| model | clean accuracy | ASR | ASR - floor | ASR, held-out variants |",
+            "|---|---|---|---|---|"]
+    for method in ("clean", "backdoored", *METHODS):
+        if method not in asr:
+            continue
+        gap = "-" if method == "clean" else _fmt(bootstrap_mean(_residual(cells, method)), True)
+        var = _fmt(bootstrap_mean(variants[method])) if variants.get(method) else "-"
+        rows.append(f"| {method} | {_fmt(bootstrap_mean(acc[method]))} | "
+                    f"{_fmt(bootstrap_mean(asr[method]))} | {gap} | {var} |")
+    return rows
+
+
+def paired(cells: list[dict[str, Any]], method: str, other: str, key: str) -> Interval | None:
+    """Paired difference method - other of `key` over the cells holding both."""
+    both = [c for c in cells if method in c["evaluation"] and other in c["evaluation"]
+            and c["evaluation"][method].get(key) is not None]
+    if not both:
+        return None
+    return paired_difference([c["evaluation"][method][key] for c in both],
+                             [c["evaluation"][other][key] for c in both])
+
+
+def paired_table(cells: list[dict[str, Any]]) -> list[str]:
+    """MESA ensemble minus each control, paired over cells (negative ASR = MESA better)."""
+    rows = ["| MESA ensemble minus | ASR (points) | ASR, held-out variants | clean accuracy |",
+            "|---|---|---|---|"]
+    best_beta = _best_single_beta(cells)
+    for other in (*CONTROLS, *([best_beta] if best_beta else [])):
+        cols = [paired(cells, "MESA ensemble", other, k) for k in
+                ("asr", "asr_variants", "clean_acc")]
+        if cols[0] is None:
+            continue
+        rows.append(f"| {other} | " + " | ".join("-" if iv is None else _fmt(iv, True)
+                                                  for iv in cols) + " |")
+    return rows
+
+
+def _best_single_beta(cells: list[dict[str, Any]]) -> str | None:
+    """The single sub-model (N = 1) with the lowest mean ASR."""
+    asr = _by_method(cells, "asr")
+    betas = [m for m in asr if m.startswith("MESA beta=")]
+    return min(betas, key=lambda m: sum(asr[m]) / len(asr[m])) if betas else None
+
+
+def breadth_table(cells: list[dict[str, Any]]) -> list[str]:
+    """Per beta: k-NN entropy, mean pairwise distance, target probability; and its ASR."""
+    asr = _by_method(cells, "asr")
+    per: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for cell in cells:
+        for beta, b in cell["fits"]["breadth"].items():
+            for key, value in b.items():
+                if value is not None:
+                    per[beta][key].append(value)
+    rows = ["| sub-model | entropy (nats) | mean pairwise distance | target probability | "
+            "ASR after repair with it alone (N = 1) |", "|---|---|---|---|---|"]
+    for beta, vals in per.items():
+        def m(key: str, vals: dict = vals) -> str:
+            return f"{sum(vals[key]) / len(vals[key]):.2f}" if vals[key] else "-"
+
+        rep = asr.get(f"MESA {beta}")
+        rows.append(f"| {beta} | {m('entropy')} | {m('mean_pairwise_distance')} | "
+                    f"{m('target_prob')} | "
+                    f"{_fmt(bootstrap_mean(rep)) if rep else '-'} |")
+    if asr.get("MESA ensemble"):
+        rows.append(f"| ensemble (N = 3) | - | - | - | "
+                    f"{_fmt(bootstrap_mean(asr['MESA ensemble']))} |")
+    return rows
+
+
+def targets(cells: list[dict[str, Any]]) -> list[str]:
+    """The issue's targets, each judged against its interval."""
+    if not any("MESA ensemble" in c["evaluation"] for c in cells):
+        return []
+    gap = bootstrap_mean(_residual(cells, "MESA ensemble"))
+    drop = paired(cells, "MESA ensemble", "backdoored", "clean_acc")
+    lines = [f"- MESA's residual ASR within 0.5 points of the clean model's own ASR (upper end of "
+             f"the interval): {_fmt(gap, True)} -> {'met' if gap.high <= 0.005 else 'NOT met'}"]
+    if drop is not None:
+        lines.append(f"- clean accuracy within 0.5 points of the backdoored model: "
+                     f"{_fmt(drop, True)} -> "
+                     f"{'met' if drop.low >= -0.005 and drop.high <= 0.005 else 'NOT met'}")
+    for other in ("uniform patch", "point mixture"):
+        iv = paired(cells, "MESA ensemble", other, "asr")
+        if iv is not None:
+            verdict = "MESA better" if iv.high < 0 else ("MESA worse" if iv.low > 0 else
+                                                         "no difference shown")
+            lines.append(f"- MESA vs {other} (paired ASR difference): {_fmt(iv, True)} -> "
+                         f"{verdict}")
+    return lines
+
+
+def seconds_line(cells: Iterable[dict[str, Any]]) -> str:
+    """Mean seconds per phase of a cell, and the threads it ran on."""
+    cells = list(cells)
+    phases: dict[str, list[float]] = defaultdict(list)
+    for c in cells:
+        for k, v in c["seconds"].items():
+            phases[k].append(v)
+    threads = sorted({c.get("threads", 0) for c in cells})
+    return ("mean seconds per cell: " + ", ".join(f"{k} {sum(v) / len(v):.0f}"
+                                                   for k, v in phases.items())
+            + f" (torch threads per cell: {threads})")
+
+
+def profile_section(name: str, cells: list[dict[str, Any]]) -> list[str]:
+    """The tables of one profile."""
+    if not cells:
+        return [f"## Profile `{name}`", "", "coverage: no cells yet", ""]
+    rep = cells[0]["repair"]
+    return [f"## Profile `{name}`", "", coverage(cells), "",
+            f"Repair: stamp rate {rep['rate']}, {rep['epochs']} epochs, same for every method. "
+            "Mean over cells with 95% bootstrap intervals, in percent; the floor is the clean "
+            "model's own ASR for the same trigger.", "", *method_table(cells), "",
+            "Paired differences (negative ASR: MESA leaves less backdoor):", "",
+            *paired_table(cells), "", "Breadth of each sub-model and the staircase (N = 1 vs 3):",
+            "", *breadth_table(cells), "", "Targets:", "", *targets(cells), "",
+            seconds_line(cells), ""]
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def run_selection(params: ReproParams) -> Path:
+    """Choose the tuned profile's repair on the selection cells' validation figures."""
+    cells = cells_of("select")
+    wanted = {(s, p) for s, p in params.cells("select")}
+    have = {(c["seed"], c["pattern"]) for c in cells}
+    if wanted - have:
+        raise SystemExit(f"error: selection cells missing: {sorted(wanted - have)}")
+    write_json(SELECTION, choose([c for c in cells if (c["seed"], c["pattern"]) in wanted],
+                                 params.selection.max_accuracy_drop))
+    return SELECTION
+
+
+def _selection_lines() -> list[str]:
+    if not SELECTION.is_file():
+        return ["No selection yet: the tuned profile has no repair setting."]
+    sel = read_json(SELECTION)
+    rows = sorted(sel["table"], key=lambda r: (r["residual"], r["epochs"], r["rate"]))[:8]
+    return [f"Chosen on validation (selection cells {', '.join(sel['cells'])}): stamp rate "
+            f"**{sel['chosen']['rate']}**, **{sel['chosen']['epochs']}** repair epochs. "
+            "Residual ASR and accuracy drop: means over those cells and the swept methods, "
+            "validation split, in percent (best 8 settings):", "",
+            "| rate | epochs | residual ASR | accuracy drop |", "|---|---|---|---|",
+            *[f"| {r['rate']} | {r['epochs']} | {100 * r['residual']:+.2f} | "
+              f"{100 * r['drop']:+.2f} |" for r in rows]]
+
+
+def run_report(params: ReproParams) -> Path:
+    """Merge whatever report cells exist into reproduce/results/report.md; log it to MLflow."""
+    lines = ["# MESA reproduction: repair on CIFAR-10, CPU scale", "",
+             "Written by `python -m tasks.reproduce report` (the `report` stage of "
+             "reproduce/dvc.yaml) from the cell records in reproduce/results/; protocol and "
+             "commands: docs/reproduction.md.", "",
+             f"Model: {params.model.arch} x{params.model.width}, {params.model.epochs} clean "
+             f"epochs; target class {params.grid.target}; evaluation part: "
+             f"{10000 - params.data.n_defender} test images never used to fit, repair or "
+             "choose anything.", "", "## Selection (tuned profile)", "", *_selection_lines(), ""]
+    for profile in ("tuned", "paper"):
+        wanted = set(params.cells(profile))
+        cells = [c for c in cells_of(profile) if (c["seed"], c["pattern"]) in wanted]
+        lines += profile_section(profile, cells)
+    REPORT.parent.mkdir(parents=True, exist_ok=True)
+    write_text = "\n".join(lines).rstrip() + "\n"
+    REPORT.write_text(write_text, encoding="utf-8")
+    _track(params)
+    return REPORT
+
+
+def _track(params: ReproParams) -> None:
+    """One MLflow run per report: the table, the selection and every cell record."""
+    from tasks.common import tracking
+
+    run = tracking.start_run("reproduction report", {"mesa.role": "reproduction"},
+                             experiment="mesa-reproduce")
+    try:
+        files = [REPORT, ROOT / "params.yaml"] + ([SELECTION] if SELECTION.is_file() else [])
+        tracking.log_artifacts(run, files + [RESULTS / p for p in ("tuned", "paper", "select")
+                                             if (RESULTS / p).is_dir()], "reproduction")
+        tracking.end_run(run)
+    except BaseException:
+        tracking.end_run(run, "FAILED")
+        raise
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m tasks.reproduce.report selection | report`."""
+    import argparse
+
+    from tasks.common.env import apply_defaults
+
+    apply_defaults()  # before mlflow is imported by the tracking of the report
+    ap = argparse.ArgumentParser(prog="python -m tasks.reproduce.report")
+    ap.add_argument("command", choices=("selection", "report"))
+    ap.add_argument("--params", default="reproduce/params.yaml")
+    args = ap.parse_args(argv)
+    params = load_repro_params(args.params)
+    print(run_selection(params) if args.command == "selection" else run_report(params))
+
+
+if __name__ == "__main__":
+    main()

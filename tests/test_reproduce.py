@@ -1,0 +1,182 @@
+"""The reproduction: the split never leaks, the statistics, the report, the controls, NC."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from backdoor_fixture import CPU, TARGET, build_lab
+from pipeline_fixture import write_archive
+
+from mesa_lib.baselines import CleanseConfig, neural_cleanse
+from mesa_lib.distribution import UniformPatch
+from mesa_lib.repair import repair_hook
+from mesa_lib.stats import bootstrap_mean, paired_difference
+from tasks.reproduce import protocol
+from tasks.reproduce.data import load_data
+from tasks.reproduce.params import load_repro_params
+from tasks.reproduce.report import choose, coverage, method_table, paired, sweep_table
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"inject": {"prob": 0.2, "lr": 0.01, "epochs": 1, "batch_size": 32},
+        "mesa": {"betas": [0.9, 0.5], "alpha": 0.1, "epochs": 1, "batch_size": 16, "lr": 0.001,
+                 "trigger_noise": 0.1},
+        "point": {"starts": 2, "epochs": 1, "lr": 0.1},
+        "cleanse": {"epochs": 2, "patience": 1, "asr_threshold": 0.5}}
+
+
+def tiny_params(tmp: Path) -> Path:
+    """reproduce/params.yaml shrunk to seconds, on a synthetic archive of 100 test images."""
+    raw = yaml.safe_load((ROOT / "reproduce" / "params.yaml").read_text())
+    raw["data"] = {"archive": str(write_archive(tmp / "tiny.tar.gz")), "split_seed": 0,
+                   "n_defender": 60, "n_validation": 20}
+    raw["model"] = {"arch": "resnet8", "width": 1, "epochs": 1, "batch_size": 32, "lr": 0.05}
+    raw["grid"] = {"seeds": [0], "patterns": [3], "paper_seeds": [0], "paper_patterns": [3],
+                   "tuning_seeds": [100], "tuning_patterns": [6], "clean_seeds": [0, 100],
+                   "target": 0}
+    raw["evaluate"] = {"variants": 2, "shifts": False}
+    raw["selection"] = {"rates": [0.1, 0.5], "checkpoints": [1, 2],
+                        "methods": ["MESA ensemble", "uniform patch"], "max_accuracy_drop": 1.0}
+    repair = {"lr": 0.01, "momentum": 0.9, "weight_decay": 0.0, "augment": False,
+              "batch_size": 16, "sample_noise": 0.0}
+    raw["profiles"] = {
+        "paper": {**TINY, "repair": {"rate": 0.1, "epochs": 1, **repair}},
+        "tuned": {**TINY, "repair": {"rate": "selected", "epochs": "selected", **repair}}}
+    path = tmp / "reproduce" / "params.yaml"
+    path.parent.mkdir(parents=True)
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _rows(images: torch.Tensor) -> set[str]:
+    return {hashlib.sha1(x.numpy().tobytes()).hexdigest() for x in images}
+
+
+def test_evaluation_images_never_reach_fitting_repair_or_selection(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tasks.reproduce import cell, clean, report
+
+    params_path = tiny_params(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    params = load_repro_params(params_path)
+    seen: dict[str, set[str]] = {}
+
+    def spy(name: str, real):
+        def wrapped(*args, **kwargs):
+            images = next(a for a in args if isinstance(a, torch.Tensor)
+                          and a.dtype == torch.uint8)
+            seen.setdefault(name, set()).update(_rows(images))
+            return real(*args, **kwargs)
+        return wrapped
+
+    for name in ("fit_mesa", "fit_point", "neural_cleanse", "repair"):
+        monkeypatch.setattr(protocol, name, spy(name, getattr(protocol, name)))
+    real_measure = protocol.measure
+
+    def measure(model, part, *args, **kwargs):
+        seen.setdefault(f"measure:{current[0]}", set()).update(_rows(part.images))
+        return real_measure(model, part, *args, **kwargs)
+
+    monkeypatch.setattr(protocol, "measure", measure)
+    current = ["select"]
+    for seed in params.grid.clean_seeds:
+        clean.run_clean(params, seed)
+    cell.run_cell(params, "select", 100, 6)
+    report.run_selection(params)
+    current[0] = "tuned"
+    cell.run_cell(params, "tuned", 0, 3)
+    current[0] = "paper"
+    cell.run_cell(params, "paper", 0, 3)
+
+    data = load_data(params)
+    evaluation, validation = _rows(data.evaluation.images), _rows(data.validation.images)
+    assert len(evaluation) == 40 and len(validation) == 20
+    for name in ("fit_mesa", "fit_point", "neural_cleanse", "repair"):
+        assert seen[name] and not seen[name] & (evaluation | validation), name
+    assert seen["measure:select"] == validation  # the selection reads validation only
+    assert seen["measure:tuned"] == seen["measure:paper"] == evaluation
+
+    text = report.run_report(params).read_text()
+    assert "coverage: 1 patterns x 1 seeds" in text and "## Profile `paper`" in text
+    assert "MESA ensemble" in text and "uniform patch" in text and "Neural Cleanse" in text
+
+
+def test_bootstrap_interval_on_known_data() -> None:
+    flat = bootstrap_mean([0.3] * 12)
+    assert flat.mean == pytest.approx(0.3) and flat.low == pytest.approx(0.3) == flat.high
+    coin = bootstrap_mean([0.0, 1.0] * 50, seed=1)
+    assert coin.mean == 0.5 and 0.39 < coin.low < 0.42 and 0.58 < coin.high < 0.61
+    assert not coin.excludes_zero() or coin.low > 0
+    d = paired_difference([1.0, 2.0, 3.0], [0.5, 1.5, 2.5])  # every cell 0.5 apart
+    assert (d.mean, d.low, d.high) == pytest.approx((0.5, 0.5, 0.5)) and d.excludes_zero()
+    with pytest.raises(ValueError, match="same length"):
+        paired_difference([1.0], [1.0, 2.0])
+
+
+def _cell(pattern: int, seed: int, asr: dict[str, float]) -> dict:
+    evaluation = {m: {"clean_acc": 0.7, "asr": a, "asr_variants": a / 2} for m, a in asr.items()}
+    return {"pattern": pattern, "seed": seed, "evaluation": evaluation}
+
+
+def test_report_arithmetic() -> None:
+    cells = [_cell(3, 0, {"clean": 0.05, "backdoored": 0.9, "MESA ensemble": 0.06,
+                          "uniform patch": 0.10}),
+             _cell(9, 0, {"clean": 0.03, "backdoored": 0.8, "MESA ensemble": 0.05,
+                          "uniform patch": 0.09})]
+    assert coverage(cells) == "coverage: 2 patterns x 1 seeds"
+    assert coverage(cells[:1] + [_cell(3, 1, {"clean": 0.1})]) == \
+        "coverage: 1 patterns x 2 seeds"
+    table = "\n".join(method_table(cells))
+    # MESA: mean ASR 5.5%, residual (0.06-0.05, 0.05-0.03) -> mean 1.5 points
+    assert "| MESA ensemble | 70.00 [70.00, 70.00] | 5.50 [" in table
+    assert "| +1.50 [+1.00, +2.00] |" in table
+    diff = paired(cells, "MESA ensemble", "uniform patch", "asr")
+    assert diff.mean == pytest.approx(-0.04) and diff.high < 0
+
+
+def test_selection_picks_the_lowest_residual_within_the_accuracy_budget() -> None:
+    def sweep(rate, epoch, asr, acc):
+        return {"method": "m", "rate": rate, "epoch": epoch, "asr": asr, "clean_acc": acc}
+
+    cells = [{"profile": "select", "seed": 100, "pattern": 6,
+              "validation": {"clean": {"asr": 0.05}, "backdoored": {"clean_acc": 0.80}},
+              "sweep": [sweep(0.1, 2, 0.20, 0.80), sweep(0.1, 4, 0.10, 0.80),
+                        sweep(0.5, 2, 0.06, 0.79), sweep(0.5, 4, 0.05, 0.70)]}]
+    table = sweep_table(cells)
+    assert table[(0.5, 4)]["residual"] == pytest.approx(0.0)
+    assert table[(0.5, 4)]["drop"] == pytest.approx(0.10)
+    chosen = choose(cells, max_drop=0.02)["chosen"]
+    assert chosen == {"rate": 0.5, "epochs": 2}  # 0.5/4 is better but costs 10 points
+    assert choose(cells, max_drop=0.2)["chosen"] == {"rate": 0.5, "epochs": 4}
+
+
+def test_uniform_patch_range_and_placement() -> None:
+    patches = UniformPatch((3, 4, 4)).sample(500, torch.Generator().manual_seed(0))
+    assert patches.shape == (500, 3, 4, 4) and 0 <= patches.min() and patches.max() <= 1
+    assert 0.45 < patches.mean() < 0.55 and patches.std() > 0.25
+    x = torch.full((64, 3, 16, 16), -1.0)  # outside [0, 1]: every stamped pixel shows
+    out, _ = repair_hook(UniformPatch((3, 4, 4)), 1.0, seed=0)(x, torch.zeros(64), None)
+    changed = (out != -1).any(1)  # (N, H, W)
+    rows, cols = changed.any(2), changed.any(1)
+    assert int(changed.sum()) == 64 * 16  # one 4x4 patch per image, fully inside
+    assert all(int(r.sum()) == 4 and int(c.sum()) == 4 for r, c in zip(rows, cols, strict=True))
+    firsts = {int(r.nonzero()[0]) for r in rows}
+    assert len(firsts) > 5  # random places, not one
+
+
+def test_neural_cleanse_keeps_its_best_mask_and_flags_the_target() -> None:
+    lab = build_lab(backdoor=True, classes=10, n_train=6000)  # MAD needs ~10 classes
+    config = CleanseConfig(epochs=20, batch_size=64, lr=0.1, asr_threshold=0.95, patience=5,
+                           init_cost=1e-2)
+    res = neural_cleanse(lab.model, lab.defender_x[:512], 10, config, CPU)
+    assert res.flagged == (TARGET,) and res.anomaly[TARGET] < -2
+    assert (res.asr >= 0.95).all() and res.l1[TARGET] < 15  # the 3x3 trigger has 9 pixels
+    # the kept mask is NC's own best: the smallest L1 among the epochs that reached the ASR
+    l1, asr = res.history[:, 0], res.history[:, 1]
+    best = torch.where(asr >= 0.95, l1, torch.inf).min(0).values
+    assert torch.allclose(res.l1, best) and res.epochs == len(res.history)
+    assert not torch.allclose(res.l1, l1[-1])  # which the last iterate is not
