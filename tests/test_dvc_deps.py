@@ -10,14 +10,22 @@ from tasks.common.codedeps import RECORD_ONLY, closure, missing_deps, stage_code
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+PIPELINES = ("dvc.yaml", "reproduce/dvc.yaml", "zoo/dvc.yaml")
+
+
+def _bodies(dvcfile: str) -> dict[str, dict]:
+    """Each stage's body (a foreach stage's `do`), by name."""
+    stages = yaml.safe_load((ROOT / dvcfile).read_text())["stages"]
+    return {name: body.get("do", body) for name, body in stages.items()}
 # The stages whose results depend on the one `stamp` (poisoning, MESA, the baselines, repair,
 # evaluation); data and validate never stamp.
 STAMPING = {"poison", "train", "recover", "baseline", "repair", "evaluate"}
 
 
-def test_every_stage_lists_its_whole_import_closure() -> None:
-    for name, body in STAGES.items():
-        assert missing_deps(body["cmd"], body["deps"], ROOT) == [], name
+def test_every_stage_of_every_pipeline_lists_its_whole_import_closure() -> None:
+    for dvcfile in PIPELINES:
+        for name, body in _bodies(dvcfile).items():
+            assert missing_deps(body["cmd"], body["deps"], ROOT) == [], f"{dvcfile}:{name}"
 
 
 def test_removing_a_dep_is_caught() -> None:
@@ -49,6 +57,7 @@ def test_the_walk_follows_lazy_imports_and_package_inits() -> None:
 
 def test_only_record_only_modules_are_exempt() -> None:
     assert RECORD_ONLY == {"tasks/common/tracking.py", "tasks/pipeline/registry.py"}
-    for name, body in STAGES.items():
-        code = [d for d in body["deps"] if d.endswith(".py")]
-        assert code == stage_code_deps(body["cmd"], ROOT), name  # exact and sorted
+    for dvcfile in PIPELINES:
+        for name, body in _bodies(dvcfile).items():
+            code = [d for d in body["deps"] if d.endswith(".py")]
+            assert code == stage_code_deps(body["cmd"], ROOT), name  # exact and sorted

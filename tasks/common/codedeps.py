@@ -100,25 +100,31 @@ def missing_deps(cmd: str, deps: list[str], root: Path) -> list[str]:
 
 
 def rewrite(dvc_yaml: Path, root: Path) -> str:
-    """dvc.yaml's text with each stage's code deps replaced by `stage_code_deps`."""
+    """dvc.yaml's text with each stage's code deps replaced by `stage_code_deps`.
+
+    Stages may be plain or `foreach` (their body under `do:`); a `deps:` list at any indentation
+    is rewritten, keeping its non-code entries.
+    """
     import yaml
 
     text = dvc_yaml.read_text(encoding="utf-8")
     stages = yaml.safe_load(text)["stages"]
     out: list[str] = []
-    stage, in_deps = None, False
+    stage, item = None, None  # the current stage, and the indent of its deps' items
     for line in text.splitlines():
         name = re.match(r"^  ([\w-]+):$", line)
         if name and name.group(1) in stages:
             stage = name.group(1)
-        if in_deps and not line.startswith("      - "):
-            out += [f"      - {d}" for d in stage_code_deps(stages[stage]["cmd"], root)]
-            in_deps = False
-        if re.match(r"^    deps:$", line):
-            in_deps = True
-        elif in_deps and re.match(r"^      - (mesa_lib|tasks|flows)/", line):
+        if item is not None and not line.startswith(item + "- "):
+            body = stages[stage].get("do", stages[stage])
+            out += [f"{item}- {d}" for d in stage_code_deps(body["cmd"], root)]
+            item = None
+        deps = re.match(r"^( +)deps:$", line)
+        if deps:
+            item = deps.group(1) + "  "
+        elif item is not None and re.match(rf"^{item}- (mesa_lib|tasks|flows)/", line):
             continue
-        out.append(line)
+        out.append(line.rstrip() if deps else line)
     return "\n".join(out) + "\n"
 
 

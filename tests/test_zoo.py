@@ -1,0 +1,75 @@
+"""The model zoo: each kind of entry builds, its truth record is right, the manifest is silent."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from pipeline_fixture import write_archive
+
+from tasks.common.settings import ConfigError
+from tasks.zoo import build
+from tasks.zoo.params import load_zoo_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_zoo(tmp: Path, **changes) -> Path:
+    raw = {"data": {"archive": str(write_archive(tmp / "tiny.tar.gz", train_per_class=30)),
+                    "n_train": 300, "split_seed": 0, "n_reference": 60},
+           "train": {"epochs": 3, "batch_size": 32, "lr": 0.05},
+           "finetune": {"epochs": 2, "batch_size": 32, "lr": 0.05},
+           "min_asr": 0.8,
+           "bases": {"c-base": {"zoo": "calibration", "arch": "resnet8", "seed": 0}},
+           "clean_finetunes": {"c-ft": {"zoo": "calibration", "base": "c-base", "seed": 1}},
+           "injections": {"c-inj": {"zoo": "calibration", "base": "c-base", "seed": 2,
+                                    "trigger": "bw", "size": 4, "location": "corner",
+                                    "rate": 0.3, "target": 3, "alpha": 1.0}},
+           "badnets": {"c-bn": {"zoo": "calibration", "arch": "resnet8", "seed": 3,
+                                "trigger": "random_color", "size": 32, "location": "0,0",
+                                "rate": 0.3, "target": 5, "alpha": 0.2}}}
+    for key, value in changes.items():
+        raw[key] = value
+    path = tmp / "zoo" / "params.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_the_project_zoo_is_valid_and_its_zoos_share_no_base() -> None:
+    zoo = load_zoo_params(ROOT / "zoo" / "params.yaml")
+    cal, test = set(zoo.names("calibration")), set(zoo.names("test"))
+    assert len(cal) + len(test) == len(zoo.names()) and not cal & test
+    clean = [n for n in zoo.names() if zoo.entry(n)[0] in ("bases", "clean_finetunes")]
+    assert len(clean) >= 20 and len(zoo.names()) - len(clean) >= 30
+    sizes = {e.size for e in {**zoo.injections, **zoo.badnets}.values()}
+    assert {2, 3, 4, 5, 32} <= sizes  # 2x2 to 5x5 patches and whole-image blends
+
+
+def test_a_base_from_the_other_zoo_is_refused(tmp_path: Path) -> None:
+    path = tiny_zoo(tmp_path, clean_finetunes={
+        "t-ft": {"zoo": "test", "base": "c-base", "seed": 1}})
+    with pytest.raises(ConfigError, match="t-ft.base: c-base is in the calibration zoo"):
+        load_zoo_params(path)
+
+
+def test_each_kind_builds_with_a_truth_record_and_a_silent_manifest(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    params = load_zoo_params(tiny_zoo(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    for name in ("c-base", "c-ft", "c-inj", "c-bn"):
+        truth = json.loads(build.run(params, name).read_text())
+        assert truth["name"] == name and truth["zoo"] == "calibration"
+        assert 0 <= truth["clean_accuracy"] <= 1
+        manifest = json.loads((tmp_path / "zoo" / "models" / f"{name}.json").read_text())
+        assert manifest["extra"] == {"zoo_model": name}  # nothing about the attack
+    inj = json.loads((tmp_path / "zoo" / "truth" / "c-inj.json").read_text())
+    assert inj["backdoored"] and inj["target"] == 3 and inj["base"] == "c-base"
+    assert inj["attack"]["planted"] == "injection" and inj["attack"]["location"] == "corner"
+    assert inj["counts"] == (inj["asr"] >= 0.8)
+    blend = json.loads((tmp_path / "zoo" / "truth" / "c-bn.json").read_text())
+    assert blend["attack"]["alpha"] == 0.2 and blend["kind"] == "badnets"
+    clean = json.loads((tmp_path / "zoo" / "truth" / "c-ft.json").read_text())
+    assert not clean["backdoored"] and clean["asr"] is None and clean["counts"]
