@@ -9,6 +9,7 @@ stage runs in seconds on CPU.
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,8 +37,26 @@ TINY_OVERRIDES: dict[str, Any] = {
     "baseline.n_images": 0, "baseline.repair_epochs": 1,
     "repair.epochs": 1, "repair.batch_size": 16,
     "evaluate.variants": 2,
-    "scan.epochs": 1, "scan.n_images": 40, "scan.eval_images": 20,
+    "scan.epochs": 1, "scan.images": 40, "scan.eval_images": 20, "scan.hidden": 16,
+    "scan.mask_epochs": 1, "scan.mask_batch_size": 16, "scan.calibration": "calibration.json",
 }
+# Tests of plumbing (flows, tags, claims) calibrate on a stated null of five clean "models" at
+# alpha 0.2, not on real clean models: the statistics are tested in tests/test_scanner.py, and
+# the real calibration is calibration/scanner.json, fitted on the zoo.
+PLUMBING_NULL = [{"mask": m, "mesa": a} for m, a in
+                 ((0.6, 0.0), (1.0, 0.4), (1.4, 0.8), (1.8, 1.2), (2.2, 1.6))]
+
+
+def write_plumbing_calibration(params_path: Path, target: Path) -> Path:
+    """A calibration for exactly the scan settings of `params_path`, on PLUMBING_NULL."""
+    from mesa_lib.calibration import fit
+    from tasks.common.configs import scan_settings
+    from tasks.common.params import load_params
+
+    settings = scan_settings(load_params(params_path)).fingerprint()
+    fitted = fit(PLUMBING_NULL, 0.2, settings, {"zoo": "plumbing test (stated null)"})
+    target.write_text(json.dumps(fitted.to_dict()))
+    return target
 
 
 def _png(label: int, index: int) -> bytes:
@@ -74,5 +93,6 @@ def make_project(tmp: Path, overrides: Mapping[str, Any] | None = None,
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     params = apply_overrides(raw, {**TINY_OVERRIDES, **(overrides or {})})
     (tmp / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_plumbing_calibration(tmp / "params.yaml", tmp / "calibration.json")
     write_archive(tmp / "data" / "tiny.tar.gz", counts=counts)
     return tmp

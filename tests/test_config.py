@@ -56,7 +56,8 @@ def test_paper_profile_loads() -> None:
     ({"recover.betas": [0.9, 1.5]}, "recover.betas.1: Input should be less than or equal to 1"),
     ({"poison.target": 10}, "poison.target: expected int < 10 (cifar10), got 10"),
     ({"poison.trigger_size": 4}, "poison.trigger_size: demo is a 3x3 pattern, got 4"),
-    ({"scan.eval_images": 1500}, "scan.eval_images: expected <= scan.n_images / 2"),
+    ({"scan.eval_images": 1500}, "scan.eval_images: expected <= scan.images / 2"),
+    ({"scan.detectors": ["mask", "abs"]}, "scan.detectors.1: Input should be 'mask' or"),
 ])
 def test_bad_values_name_the_key(overrides: dict, message: str) -> None:
     assert message in _error(overrides)

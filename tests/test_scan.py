@@ -18,35 +18,33 @@ import pytest
 import torch
 import yaml
 from backdoor_fixture import TARGET, synthetic_data
-from pipeline_fixture import ROOT
+from pipeline_fixture import ROOT, write_plumbing_calibration
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 from safetensors.torch import load_file, save_file
 
 from flows import scan as scan_flows
-from mesa_lib.detect import DetectConfig, decide, detect, score_classes
-from mesa_lib.mesa import MesaConfig
 from mesa_lib.modelio import Manifest, load_model, save_model
 from mesa_lib.models import build_model
 from tasks.common import tracking
+from tasks.common.configs import scan_settings
 from tasks.common.params import ConfigError, apply_overrides, load_params, params_from_dict
 from tasks.common.tracking import TrackingError
 from tasks.scan import service
 from tasks.scan.claims import ClaimStore, Ledger
+from tasks.scan.core import load_calibration, measure_chunk, merge, verdict_of
 from tasks.scan.discover import drop_groups, model_key
 from tasks.scan.reference import chunks
 
 MODELS = Path(__file__).parent / "fixtures" / "scan_models"
 CPU = torch.device("cpu")
 # Detection settings that find the tiny backdoor (seconds per model on 2 cores).
-TUNED = {"scan.epochs": 5, "scan.lr": 0.003, "scan.n_images": 1024, "scan.eval_images": 512,
-         "scan.min_asr": 0.3, "scan.batch_size": 64, "recover.hidden": 128,
-         "recover.mine_hidden": 128, "repair.epochs": 1, "repair.batch_size": 64}
+TUNED = {"scan.images": 1024, "scan.eval_images": 512, "scan.mask_epochs": 8,
+         "scan.mask_batch_size": 64, "scan.epochs": 5, "scan.lr": 0.003, "scan.batch_size": 64,
+         "scan.hidden": 128, "repair.epochs": 1, "repair.batch_size": 64}
 # Where the verdict does not matter: the cheapest scan.
-FAST = {"scan.epochs": 1, "scan.n_images": 64, "scan.eval_images": 32, "scan.batch_size": 16,
-        "recover.hidden": 16, "recover.mine_hidden": 16}
-
-
+FAST = {"scan.images": 64, "scan.eval_images": 32, "scan.mask_epochs": 1,
+        "scan.mask_batch_size": 32, "scan.epochs": 1, "scan.batch_size": 16, "scan.hidden": 16}
 @pytest.fixture(scope="module", autouse=True)
 def harness():
     """One temporary Prefect API for the flow tests of this module."""
@@ -69,12 +67,15 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def write_params(root: Path, overrides: dict) -> Path:
+    """Test params, and a plumbing calibration for exactly their scan settings."""
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     base = {"base.device": "cpu", "scan.reference": str(root / "reference.npz"),
             "scan.drop_folder": str(root / "drop"), "scan.state_folder": str(root / "state"),
-            "scan.settle_s": 0, "scan.grid_samples": 4}
+            "scan.settle_s": 0, "scan.grid_samples": 4,
+            "scan.calibration": str(root / "calibration.json")}
     path = root / "params.yaml"
     path.write_text(yaml.safe_dump(apply_overrides(raw, {**base, **overrides})))
+    write_plumbing_calibration(path, root / "calibration.json")  # a stated null: plumbing only
     return path
 
 
@@ -173,34 +174,36 @@ def test_scan_settings_are_validated(project: Path) -> None:
     assert chunks(10, 3) == [(0, 1, 2), (3, 4, 5, 6), (7, 8, 9)] and chunks(2, 5) == [(0,), (1,)]
 
 
-def test_the_scan_path_reproduces_detect_and_is_deterministic() -> None:
-    """One chunk of all classes (scan.class_chunks = 1) + decide is exactly `detect`."""
+def test_a_chunk_measured_twice_gives_the_same_evidence_and_chunks_cover_the_model(
+        project: Path) -> None:
+    """A retried chunk task is deterministic; chunks merge into one score per detector."""
+    params = load_params(project / "params.yaml")
+    settings = scan_settings(params)
     model, _ = load_model(MODELS / "backdoored")
     x, y = synthetic_data(128, 1)
-    cfg = DetectConfig(mesa=MesaConfig(betas=(0.8,), epochs=1, batch_size=16, hidden=16,
-                                       mine_hidden=16), eval_images=48, samples=32)
-    ref = detect(model, x, (3, 3, 3), cfg, CPU, labels=y)
-    _, scores = score_classes(model, x, y, tuple(range(6)), (3, 3, 3), cfg, CPU, keep_samples=2)
-    assert decide({c: s.record() for c, s in scores.items()}, cfg) == ref
-    assert scores[0].samples.shape == (2, 3, 3, 3)
-    # a chunk scored twice (a retried task) gives the same scores
-    first, again = (score_classes(model, x, y, (3, 4, 5), (3, 3, 3), cfg, CPU)[1]
+    first, again = (measure_chunk(model, x, y, (3, 4, 5), 6, settings, CPU, keep=2)
                     for _ in range(2))
-    assert {c: s.record() for c, s in first.items()} == {c: s.record() for c, s in again.items()}
+    assert first.evidence == again.evidence and set(first.evidence) == {"mask", "mesa"}
+    assert len(first.samples["mesa"][3]) == 2
+    parts = [measure_chunk(model, x, y, part, 6, settings, CPU) for part in chunks(6, 2)]
+    merged = merge(parts)
+    assert set(merged) == {"mask", "mesa"}
+    assert sorted(merged["mask"].per_class) == list(range(6))
 
 
 @pytest.mark.slow
-def test_two_chunk_scan_names_the_same_target_as_detect() -> None:
+def test_two_chunk_scan_names_the_same_target_as_one_chunk(project: Path) -> None:
     """Chunks are separate fits (scores differ a little) yet the verdict is the same (~1 min)."""
+    path = write_params(project, TUNED)
+    params = load_params(path)
+    settings, cal = scan_settings(params), load_calibration(project / "calibration.json",
+                                                            scan_settings(params))
     model, _ = load_model(MODELS / "backdoored")
     x, y = synthetic_data(1024, 1)
-    cfg = DetectConfig(mesa=MesaConfig(betas=(0.8,), epochs=5, batch_size=64, hidden=128,
-                                       mine_hidden=128, lr=3e-3), eval_images=512)
-    ref = detect(model, x, (3, 3, 3), cfg, CPU, labels=y)
-    scores = {c: s.record() for part in chunks(6, 2)
-              for c, s in score_classes(model, x, y, part, (3, 3, 3), cfg, CPU)[1].items()}
-    ours = decide(scores, cfg)
-    assert (ref.status, ref.target) == (ours.status, ours.target) == ("backdoored", TARGET)
+    whole = verdict_of([measure_chunk(model, x, y, tuple(range(6)), 6, settings, CPU)], cal)
+    split = verdict_of([measure_chunk(model, x, y, part, 6, settings, CPU)
+                        for part in chunks(6, 2)], cal)
+    assert (whole.status, whole.target) == (split.status, split.target) == ("backdoored", TARGET)
 
 
 # --------------------------------------------------------------------------- verdicts
@@ -232,7 +235,10 @@ def test_backdoored_and_clean_drops_get_verdicts_evidence_and_repair(project: Pa
     c = tracking.client()
     run = c.get_run(bad["run_id"])
     assert run.data.tags["scan_verdict"] == "backdoored"
-    assert run.data.metrics["class.0.asr"] > 0.3 and "seconds.fit_sum" in run.data.metrics
+    assert run.data.metrics["class.mesa.0.asr"] > 0.3 and "seconds.fit_sum" in run.data.metrics
+    assert run.data.metrics["p_value"] <= 0.2 and "detector.mask.statistic" in run.data.metrics
+    assert tags[bad_v]["scan_detector"] in ("mask", "mesa")
+    assert float(tags[bad_v]["scan_p_value"]) <= 0.2
     files = {a.path for a in c.list_artifacts(bad["run_id"], "evidence")}
     assert {"evidence/verdict.json", "evidence/scores.csv", "evidence/triggers.png"} <= files
     # the next run finds nothing new: each model is scanned once
@@ -437,6 +443,7 @@ def test_dask_runner_fans_out_the_classes_of_a_model(project: Path,
     result = scan_flows.discover_and_scan(params_path=str(path))
     (outcome,) = result["scanned"]
     run = tracking.client().get_run(outcome["run_id"])
-    assert {f"class.{k}.asr" for k in range(6)} <= set(run.data.metrics)
+    assert {f"class.mesa.{k}.asr" for k in range(6)} <= set(run.data.metrics)
+    assert {f"class.mask.{k}.mask_l1" for k in range(6)} <= set(run.data.metrics)
     assert outcome["status"] in ("clean", "backdoored")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from mesa_lib.baselines import PointConfig
-from mesa_lib.detect import DetectConfig
+from mesa_lib.detectors import ScanSettings
 from mesa_lib.mesa import MesaConfig
 from mesa_lib.repair import RepairConfig
 from mesa_lib.train import TrainConfig
@@ -59,12 +59,12 @@ def trigger_shape(side: int, channels: int = 3) -> tuple[int, int, int]:
     return (channels, side, side)
 
 
-def scan_config(params: Params, n_classes: int) -> DetectConfig:
-    """DetectConfig from the `scan` group (all classes are candidates)."""
-    s, r = params.scan, params.recover
+def scan_settings(params: Params) -> ScanSettings:
+    """ScanSettings from the `scan` group (what a calibration file is checked against)."""
+    s = params.scan
     mesa = MesaConfig(betas=(s.beta,), epochs=s.epochs, batch_size=s.batch_size, lr=s.lr,
-                      hidden=r.hidden, mine_hidden=r.mine_hidden, alpha=r.alpha,
-                      trigger_noise=r.trigger_noise, seed=params.base.seed)
-    return DetectConfig(mesa=mesa, candidates=tuple(range(n_classes)),
-                        eval_images=s.eval_images, anomaly_threshold=s.anomaly_threshold,
-                        min_asr=s.min_asr, seed=params.base.seed)
+                      hidden=s.hidden, mine_hidden=s.hidden, seed=params.base.seed)
+    return ScanSettings(detectors=s.detectors, images=s.images, mask_epochs=s.mask_epochs,
+                        mask_batch_size=s.mask_batch_size, mask_lr=s.mask_lr,
+                        mask_asr=s.mask_asr, mesa=mesa, mesa_eval_images=s.eval_images,
+                        trigger_size=s.trigger_size, seed=params.base.seed)

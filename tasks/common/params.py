@@ -19,9 +19,9 @@ import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, ValidationError, model_validator
+from pydantic import BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from tasks.common.settings import (  # noqa: F401 - re-exported: the params API in one place
     MODEL_NAMES,
@@ -148,17 +148,26 @@ class EvaluateParams(Group):
 
 
 class ScanParams(Group):
-    """Detection (mesa_lib.detect) and the scan deployment (flows/scan.py, docs/scanning.md)."""
+    """The scanner (mesa_lib.detectors, calibrated by mesa_lib.calibration) and the scan
+    deployment (flows/scan.py, docs/scanning.md)."""
 
-    enabled: bool = Field(description="scan the backdoored and repaired models in `evaluate`")
-    epochs: Count
-    batch_size: BatchSize = Field(description="images per step (each class sees all of them)")
+    enabled: bool = Field(description="scan every model of the pipeline in `evaluate`")
+    calibration: str = Field(description="the calibration file verdicts are made with")
+    alpha: Probability = Field(description="false-alarm rate a new calibration is fitted for")
+    detectors: Annotated[tuple[Literal["mask", "mesa"], ...], BeforeValidator(as_tuple),
+                         Field(min_length=1)] = Field(description="detectors run on each model")
+    images: int = Field(ge=16, description="reference images each detector uses")
+    mask_epochs: Count = Field(description="mask search: passes over the images")
+    mask_batch_size: BatchSize
+    mask_lr: Positive
+    mask_asr: Probability = Field(description="mask search: a mask succeeds at this ASR")
+    epochs: Count = Field(description="MESA detector: passes over the images")
+    batch_size: BatchSize = Field(description="MESA detector: images per step")
     lr: Positive
     beta: float = Field(gt=0, le=1)
-    n_images: int = Field(ge=4, description="defender images used (seeded subset)")
-    eval_images: int = Field(ge=2, description="of which held out to measure each class's ASR")
-    anomaly_threshold: Positive = Field(description="MAD anomaly index a class's ASR must exceed")
-    min_asr: Probability = Field(description="ASR a flagged class must also reach")
+    hidden: Count = Field(description="MESA detector: generator and MINE width")
+    eval_images: int = Field(ge=2, description="MESA detector: images held out for each ASR")
+    trigger_size: int = Field(ge=1, le=16, description="MESA detector: trigger side")
     interval_s: int = Field(ge=0, description="deployment: seconds between runs; 0 = use cron")
     cron: str = Field(description="deployment: cron schedule, used when interval_s is 0")
     drop_folder: str = Field(description="watched folder of <stem>.safetensors + .json")
@@ -172,7 +181,6 @@ class ScanParams(Group):
     dask_address: str = Field(description="Dask scheduler (tcp://host:8786); '' = local")
     workers: Count = Field(description="threads, or workers of the local Dask cluster")
     class_chunks: Count = Field(description="a model's classes split into this many fits")
-    trigger_size: int = Field(ge=1, le=16, description="side of the square triggers searched")
     grid_samples: int = Field(ge=1, le=64, description="trigger samples per class in the grid")
     claim_timeout_s: Count = Field(description="a claim older than this is stale")
     settle_s: int = Field(ge=0, description="drop files changed more recently wait a run")
@@ -212,12 +220,12 @@ class Params(Group):
         if self.recover.n_images and self.recover.n_images < self.recover.batch_size:
             errors.append(f"recover.n_images: expected 0 or >= recover.batch_size "
                           f"({self.recover.batch_size}), got {self.recover.n_images}")
-        if 2 * self.scan.eval_images > self.scan.n_images:
-            errors.append(f"scan.eval_images: expected <= scan.n_images / 2 "
-                          f"({self.scan.n_images // 2}), got {self.scan.eval_images}")
-        if self.scan.n_images > self.data.n_defender:
-            errors.append(f"scan.n_images: expected <= data.n_defender ({self.data.n_defender}),"
-                          f" got {self.scan.n_images}")
+        if 2 * self.scan.eval_images > self.scan.images:
+            errors.append(f"scan.eval_images: expected <= scan.images / 2 "
+                          f"({self.scan.images // 2}), got {self.scan.eval_images}")
+        if self.scan.images > self.data.n_defender:
+            errors.append(f"scan.images: expected <= data.n_defender ({self.data.n_defender}),"
+                          f" got {self.scan.images}")
         if self.scan.interval_s == 0 and not self.scan.cron.strip():
             errors.append("scan.interval_s: expected > 0 when scan.cron is empty, got 0")
         if errors:

@@ -22,12 +22,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 LOCKED = "Unable to acquire lock"
+BIN = str(Path(sys.executable).parent)  # this environment's dvc and python
+ENV = {**os.environ, "PATH": BIN + os.pathsep + os.environ.get("PATH", "")}
 
 
 def _dvc(*args: str, retries: int = 120) -> subprocess.CompletedProcess:
     """A dvc command, retried while another process holds the repo lock."""
     for _ in range(retries):
-        done = subprocess.run(["dvc", *args], capture_output=True, text=True)
+        done = subprocess.run(["dvc", *args], capture_output=True, text=True, env=ENV)
         if LOCKED not in done.stderr:
             return done
         time.sleep(2)
@@ -62,7 +64,7 @@ def changed(address: str) -> bool:
 def run_stage(address: str, cmd: str, wdir: str, logs: Path) -> bool:
     """The stage's command, then `dvc commit`; False (logged) if either fails."""
     name = address.split(":")[-1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {**ENV, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     print(f"{time.strftime('%H:%M:%S')} start {name}: {cmd}", flush=True)
     with (logs / f"{name}.log").open("w") as log:
         ok = subprocess.run(cmd, shell=True, cwd=wdir, env=env, stdout=log,

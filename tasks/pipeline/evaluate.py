@@ -4,37 +4,30 @@ Each model (backdoored, MESA-repaired, baseline-repaired) is attacked on the 2,0
 images with the original trigger and with held-out variants (the nearest other 3x3 patterns,
 contrast / tint shifts: mesa_lib.metrics). A repair that only removed one point of the backdoor
 leaves the variants working; that is the paper's argument for modelling a distribution.
-With `scan.enabled`, mesa_lib.detect also scans every model
-without knowing the target; its verdicts become the `scan_*` tags in the registry, in the scan
-service's format (tasks.common.verdicts).
+With `scan.enabled`, the calibrated scanner (tasks.scan.core, as `mesa-scan` and the scan
+service) also scans every model without knowing the target; its verdicts become the `scan_*`
+tags in the registry, in the scan service's format (tasks.common.verdicts).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from prefect import task
 
-from mesa_lib.data import seeded_subset
-from mesa_lib.detect import Verdict, detect
 from mesa_lib.evaluate import accuracy, attack_success_rate
 from mesa_lib.metrics import evaluation_triggers
 from mesa_lib.modelio import load_model, model_fingerprint
-from mesa_lib.seed import derive_seed
 from tasks.common import catalog
-from tasks.common.configs import scan_config, trigger_shape
+from tasks.common.configs import scan_settings
 from tasks.common.io import load_npz, write_csv, write_json
 from tasks.common.params import Params
 from tasks.pipeline.train import eval_locations
+from tasks.scan.core import load_calibration, measure_chunk, verdict_of
 
 MODELS = {"backdoored": "backdoored", "mesa": "repaired", "baseline": "baseline_repaired"}
-
-
-def _verdict_record(v: Verdict, sha: str) -> dict[str, Any]:
-    return {"status": v.status, "target": v.target, "confidence": v.confidence,
-            "reason": v.reason, "model_sha256": sha,
-            "scores": {str(k): s for k, s in v.scores.items()}}
 
 
 @task
@@ -64,21 +57,26 @@ def evaluate_models(params: Params, device: torch.device) -> dict[str, Any]:
     write_json(catalog.path("scan"), verdicts or {"skipped": "scan.enabled is false"})
     if verdicts:
         metrics["scan"] = {k: {"backdoored": int(v["status"] == "backdoored"),
-                               "confidence": v["confidence"]} for k, v in verdicts.items()}
+                               "p_value": v["p_value"]} for k, v in verdicts.items()}
     return {"metrics": metrics, "verdicts": verdicts}
 
 
 def _scan(params: Params, device: torch.device, data: dict[str, Any]) -> dict[str, Any]:
-    """Scan every model (backdoored, MESA- and point-repaired) on a seeded defender subset."""
+    """Scan every model (backdoored, MESA- and point-repaired) with the calibrated scanner."""
+    settings = scan_settings(params)
+    calibration = load_calibration(Path(params.scan.calibration), settings)
     images, labels = data["defender_images"], data["defender_labels"]
-    order = seeded_subset(params.scan.n_images, len(images),
-                          derive_seed(params.base.seed, "scan_subset"))
-    config = scan_config(params, len(data["classes"]))
-    shape = trigger_shape(params.scan.trigger_size, images.shape[1])
+    n_classes = len(data["classes"])
     out = {}
-    for label in MODELS:
-        stem = catalog.path(MODELS[label])
+    for label, artifact in MODELS.items():
+        stem = catalog.path(artifact)
         model, _ = load_model(stem, map_location=device)
-        verdict = detect(model, images[order], shape, config, device, labels[order])
-        out[label] = _verdict_record(verdict, model_fingerprint(stem))
+        chunk = measure_chunk(model, images, labels, tuple(range(n_classes)), n_classes,
+                              settings, device, keep=0)
+        v = verdict_of([chunk], calibration)
+        out[label] = {"status": v.status, "target": v.target, "confidence": v.confidence,
+                      "p_value": v.p_value, "detector": v.detector, "reason": v.reason,
+                      "model_sha256": model_fingerprint(stem), "detectors": v.detectors,
+                      "scores": {d: {str(c): s for c, s in per.items()}
+                                 for d, per in v.per_class.items()}}
     return out

@@ -1,14 +1,16 @@
-"""Tasks of the scan service: check an arriving model safely, then fit MESA on chunks of classes.
+"""Tasks of the scan service: check an arriving model safely, then run the detectors on chunks
+of its classes.
 
 `check_model` copies the candidate's files into the state folder (the drop folder and the registry
 are only read) and runs every safety check before any scanning: no pickles ever (mesa_lib.modelio
 sniffs magic bytes), manifest strictly validated, the architecture sized on the meta device and
 bounded before it is built, weights checked against it (names, shapes, dtypes, NaN/Inf), class
-count and input shape against the defender's reference data, and one finite forward pass. A
-failed check is a *rejection*: a verdict with a reason, recorded like any other
-(tasks.scan.record). `scan_chunk` fits one chunk of classes (mesa_lib.detect.score_classes) so
-that the classes of a model fan out over the task runner; `repair_model` repairs a backdoored
-model with the recovered trigger distribution (MESA Sec. 4.3) and re-scans it.
+count and input shape against the defender's reference data, and one finite forward pass
+(tasks.scan.core.inspect, the same checks `mesa-scan` makes). A failed check is a *rejection*: a
+verdict with a reason, recorded like any other (tasks.scan.record). `scan_chunk` runs every
+detector on one chunk of classes (tasks.scan.core.measure_chunk) so that the classes of a model
+fan out over the task runner; `repair_model` repairs a backdoored model against the triggers of
+the detector that fired (MESA's distribution, Sec. 4.3, or Neural Cleanse's mask) and re-scans.
 
 Tasks pass paths and small records (Candidate, Checked, ChunkResult), never tensors or modules.
 """
@@ -26,14 +28,16 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 
+from mesa_lib.baselines import CleanseConfig, neural_cleanse
 from mesa_lib.data import DataError
-from mesa_lib.detect import score_classes
-from mesa_lib.modelio import Manifest, ModelFileError, load_model, save_model
+from mesa_lib.mesa import fit_mesa
+from mesa_lib.modelio import ModelFileError, load_model, save_model
 from mesa_lib.repair import repair
 from mesa_lib.seed import resolve_device
-from tasks.common.configs import repair_config, scan_config, trigger_shape
+from tasks.common.configs import repair_config, scan_settings
+from tasks.common.escape import escape
 from tasks.common.params import Params
-from tasks.common.samplers import load_sampler, save_sampler
+from tasks.scan.core import ChunkResult, Rejected, inspect, measure_chunk
 from tasks.scan.discover import REFERENCE_SUFFIX, Candidate, model_key
 from tasks.scan.reference import load_reference, reference_batch
 
@@ -70,17 +74,6 @@ class Checked:
         return not self.reason
 
 
-@dataclass(frozen=True)
-class ChunkResult:
-    """Scores of one chunk of classes: {class: {asr, entropy, mean_pairwise_distance}}."""
-
-    classes: tuple[int, ...]
-    scores: dict[int, dict[str, float]]
-    samples: dict[int, list]  # class -> (grid, C, h, w) nested lists in [0, 1]
-    sampler: str  # stem of the saved distribution ("" unless repair is on)
-    seconds: float
-
-
 def _copy(cand: Candidate, work: Path) -> dict[str, Path]:
     """Copy the candidate's model files to `work/model.*`; refuse if they changed meanwhile."""
     work.mkdir(parents=True, exist_ok=True)
@@ -102,21 +95,10 @@ def _unsupported(cand: Candidate) -> str:
             "accepted (pickled checkpoints such as .pt/.pth/.pkl/.bin are never loaded)")
 
 
-def _reference_mismatch(manifest: Manifest, n_classes: int, shape: tuple[int, ...]) -> str:
-    """Why the model cannot be scanned with the reference data, or "" if it can."""
-    if manifest.num_classes != n_classes:
-        return (f"class count {manifest.num_classes} in the manifest differs from the "
-                f"{n_classes} classes of the reference data")
-    if tuple(manifest.input_shape) != shape:
-        return (f"input shape {list(manifest.input_shape)} differs from the reference "
-                f"images' {list(shape)}")
-    return ""
-
-
 def _rejected(cand: Candidate, reason: str, work: Path, start: float) -> Checked:
     user_stem = cand.label.split(":", 1)[-1]  # name the user's files, not our copies
     reason = reason.replace(str(work / MODEL_STEM), user_stem)
-    logger().warning("REJECTED %s: %s", cand.label, reason)
+    logger().warning("REJECTED %s: %s", escape(cand.label), escape(reason))
     return Checked(cand, reason=reason, seconds=time.perf_counter() - start)
 
 
@@ -146,32 +128,26 @@ def _check(cand: Candidate, params: Params) -> Checked:
         return _rejected(cand, f"reference data: {err}", work, start)
     try:
         # pickles, oversize architectures (sized on the meta device), shapes, NaN/Inf, ...
-        model, manifest = load_model(stem)
-        reason = _reference_mismatch(manifest, len(ref.classes), tuple(ref.images.shape[1:]))
-        if reason:
-            return _rejected(cand, reason, work, start)
-        with torch.no_grad():
-            out = model(ref.images[:2].float().div(255))
-        if out.shape != (2, manifest.num_classes) or not torch.isfinite(out).all():
-            return _rejected(cand, f"forward pass gives {tuple(out.shape)} / non-finite logits",
-                             work, start)
-    except _LOAD_ERRORS as err:
+        _, manifest = inspect(stem, len(ref.classes), tuple(ref.images.shape[1:]),
+                              ref.images[:2], torch.device("cpu"))
+    except Rejected as err:
         return _rejected(cand, str(err), work, start)
-    logger().info("checked %s: %s, %d classes", cand.label, manifest.architecture,
+    except _LOAD_ERRORS as err:
+        return _rejected(cand, f"{stem}: {err}", work, start)
+    logger().info("checked %s: %s, %d classes", escape(cand.label), manifest.architecture,
                   manifest.num_classes)
     return Checked(cand, str(stem), "", manifest.num_classes, str(own_ref or ""),
                    time.perf_counter() - start)
 
 
-def _batch(params: Params, checked: Checked) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+def _batch(params: Params, checked: Checked) -> tuple[torch.Tensor, torch.Tensor | None]:
     ref = load_reference(params, Path(checked.reference) if checked.reference else None)
-    images, labels = reference_batch(ref, params.scan.n_images, params.base.seed)
-    return images, labels, int(ref.images.shape[1])
+    return reference_batch(ref, params.scan.images, params.base.seed)
 
 
 @task(cache_policy=NO_CACHE)
 def scan_chunk(checked: Checked, classes: tuple[int, ...], params: Params) -> ChunkResult:
-    """Fit MESA for one chunk of a model's classes and score each class."""
+    """Run every detector on one chunk of a model's classes."""
     return fit_chunk(checked, classes, params)
 
 
@@ -179,45 +155,46 @@ def fit_chunk(checked: Checked, classes: tuple[int, ...], params: Params) -> Chu
     """The body of `scan_chunk` (also the re-scan after a repair)."""
     start, device = time.perf_counter(), resolve_device(params.base.device)
     model, _ = load_model(checked.stem, map_location=device)
-    images, labels, channels = _batch(params, checked)
-    config = replace(scan_config(params, checked.n_classes), candidates=tuple(classes))
-    shape = trigger_shape(params.scan.trigger_size, channels)
-    dist, scores = score_classes(model, images, labels, tuple(classes), shape, config,
-                                device, params.scan.grid_samples)
-    sampler = ""
-    if params.scan.repair:
-        sampler = str(work_dir(params, checked.candidate.key) / f"sampler_{classes[0]}")
-        save_sampler(Path(sampler), dist)
-    logger().info("%s: classes %s fitted in %.1f s", checked.candidate.label, list(classes),
-                  time.perf_counter() - start)
-    return ChunkResult(tuple(classes),
-                       {c: {"asr": s.asr, "entropy": s.entropy,
-                            "mean_pairwise_distance": s.mean_pairwise_distance}
-                        for c, s in scores.items()},
-                       {c: s.samples.cpu().tolist() for c, s in scores.items()}, sampler,
-                       time.perf_counter() - start)
+    images, labels = _batch(params, checked)
+    result = measure_chunk(model, images, labels, tuple(classes), checked.n_classes,
+                           scan_settings(params), device, params.scan.grid_samples)
+    logger().info("%s: classes %s measured in %.1f s", escape(checked.candidate.label),
+                  list(classes), time.perf_counter() - start)
+    return result
 
 
-def repair_model(checked: Checked, chunks: list[ChunkResult], target: int, params: Params,
+def _trigger_source(model: torch.nn.Module, images: torch.Tensor, target: int, detector: str,
+                    n_classes: int, params: Params, device: torch.device) -> object:
+    """What to repair against: MESA's distribution of the target, or NC's mask for it."""
+    settings = scan_settings(params)
+    if detector == "mask":
+        config = CleanseConfig(epochs=settings.mask_epochs, batch_size=settings.mask_batch_size,
+                               lr=settings.mask_lr, asr_threshold=settings.mask_asr,
+                               seed=settings.seed)
+        found = neural_cleanse(model, images, n_classes, config, device, classes=(target,))
+        return found.trigger(target)
+    shape = (images.shape[1], settings.trigger_size, settings.trigger_size)
+    return fit_mesa(model, images, target, shape, settings.mesa, device)
+
+
+def repair_model(checked: Checked, target: int, detector: str, params: Params,
                  lineage: dict[str, str]) -> tuple[Path, list[ChunkResult]] | None:
-    """Repair with the target's recovered triggers (labels kept true), save, re-scan all classes.
+    """Repair against the fired detector's triggers (labels kept true), save, re-scan.
 
     Returns:
         (stem of the repaired model, its re-scan as one chunk), or None without labels.
     """
     device = resolve_device(params.base.device)
-    images, labels, channels = _batch(params, checked)
+    images, labels = _batch(params, checked)
     if labels is None:
         logger().warning("%s: no labels in the reference data, cannot repair",
-                         checked.candidate.label)
+                         escape(checked.candidate.label))
         return None
-    chunk = next(c for c in chunks if target in c.classes)
-    sampler = load_sampler(Path(chunk.sampler), device).for_target(target)
     model, manifest = load_model(checked.stem, map_location=device)
-    repair(model, images, labels, sampler, repair_config(params), device)
+    source = _trigger_source(model, images, target, detector, checked.n_classes, params, device)
+    repair(model, images, labels, source, repair_config(params), device)
     out = work_dir(params, checked.candidate.key) / "repaired"
-    extra = {**manifest.extra, "repair": "mesa", **lineage}
+    extra = {**manifest.extra, "repair": f"{detector} triggers", **lineage}
     save_model(model, out, replace(manifest, extra=extra))
     rescan = Checked(checked.candidate, str(out), "", checked.n_classes, checked.reference)
-    no_repair = params.model_copy(update={"scan": params.scan.model_copy(update={"repair": False})})
-    return out, [fit_chunk(rescan, tuple(range(checked.n_classes)), no_repair)]
+    return out, [fit_chunk(rescan, tuple(range(checked.n_classes)), params)]

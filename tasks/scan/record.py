@@ -1,10 +1,11 @@
 """Recording a scan: the verdict, its evidence and timings in MLflow, and back on the model version.
 
-Every scanned model gets one run in the `mesa-scan` experiment ("scan <label>"): params (the
-scan settings, the model's source and sha256), metrics (confidence, per-class ASR / anomaly /
-margin / entropy / breadth, seconds per phase), artifacts (`verdict.json`, `scores.csv`, the PNG
-grid of recovered trigger samples, one row per class) and tags. The verdict is then written back
-onto the registered version as tags (`scan_verdict` clean | backdoored | rejected, `scan_target`,
+Every scanned model gets one run in the `mesa-scan` experiment ("scan <label>", the label
+escaped): params (the scan settings, the model's source and sha256), metrics (p-value,
+confidence, each detector's statistic and per-class evidence, seconds per phase), artifacts
+(`verdict.json`, `scores.csv`, the PNG grid of what the fired detector recovered, one row per
+class) and tags. The verdict is then written back onto the registered version as tags
+(`scan_verdict` clean | backdoored | rejected, `scan_target`, `scan_p_value`, `scan_detector`,
 `scan_confidence`, `scan_reason`, `scan_run_id`, and `quarantined=true` for a backdoored one). A
 drop-folder model that loads is registered as a new version of `scan.drop_model_name`, with the
 run as its source and its verdict tags; a rejected file is not copied into the registry (its run
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -23,63 +25,86 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from mesa_lib.detect import decide
+from mesa_lib.calibration import Calibration
 from mesa_lib.modelio import model_fingerprint
 from tasks.common import tracking
-from tasks.common.configs import scan_config
+from tasks.common.configs import scan_settings
+from tasks.common.escape import escape
 from tasks.common.io import save_grid, write_csv, write_json
 from tasks.common.params import Params
 from tasks.common.verdicts import TAG_LIMIT, verdict_tags
-from tasks.scan.check import Checked, ChunkResult, logger, repair_model, work_dir
+from tasks.scan.check import Checked, logger, repair_model, work_dir
+from tasks.scan.core import ChunkResult, load_calibration
+from tasks.scan.core import verdict_of as verdict_of_chunks
+
+
+@lru_cache(maxsize=4)
+def _calibration(path: str, mtime_ns: int, params: Params) -> Calibration:
+    return load_calibration(Path(path), scan_settings(params))
+
+
+def calibration_for(params: Params) -> Calibration:
+    """The calibration of `scan.calibration`, checked against the scan settings (cached)."""
+    path = Path(params.scan.calibration)
+    return _calibration(str(path), path.stat().st_mtime_ns if path.is_file() else 0, params)
 
 
 def verdict_of(checked: Checked, chunks: list[ChunkResult], params: Params) -> dict[str, Any]:
-    """The verdict record: status, target, confidence, reason, per-class scores."""
+    """The verdict: status, target, p-value, confidence, detector, reason, per-class scores."""
     if not checked.ok:
-        return {"status": "rejected", "target": None, "confidence": 1.0,
-                "reason": checked.reason, "scores": {}}
-    verdict = decide({c: s for ch in chunks for c, s in ch.scores.items()},
-                     scan_config(params, checked.n_classes))
-    return {"status": verdict.status, "target": verdict.target,
-            "confidence": verdict.confidence, "reason": verdict.reason, "scores": verdict.scores}
+        return {"status": "rejected", "target": None, "confidence": 1.0, "p_value": None,
+                "detector": None, "reason": checked.reason, "detectors": {}, "scores": {}}
+    v = verdict_of_chunks(chunks, calibration_for(params))
+    return {"status": v.status, "target": v.target, "confidence": v.confidence,
+            "p_value": v.p_value, "detector": v.detector, "reason": v.reason,
+            "detectors": v.detectors, "scores": v.per_class}
 
 
 def _evidence(folder: Path, verdict: dict[str, Any], chunks: list[ChunkResult],
               extra: dict[str, Any]) -> list[Path]:
-    """verdict.json, scores.csv and the trigger grid (one row per class) in `folder`."""
+    """verdict.json, scores.csv and the fired detector's trigger grid (a row per class)."""
     files = [folder / "verdict.json"]
     write_json(files[0], {**verdict, **extra})
     if verdict["scores"]:
-        rows = [{"class": c, **s} for c, s in sorted(verdict["scores"].items())]
-        write_csv(folder / "scores.csv", rows)
-        samples = [torch.tensor(s) for ch in sorted(chunks, key=lambda ch: ch.classes)
-                   for _, s in sorted(ch.samples.items())]
-        save_grid(folder / "triggers.png", torch.cat(samples), nrow=len(samples[0]))
-        files += [folder / "scores.csv", folder / "triggers.png"]
+        rows = [{"detector": d, "class": c, **s} for d, per in verdict["scores"].items()
+                for c, s in sorted(per.items())]
+        columns = list(dict.fromkeys(k for row in rows for k in row))  # detectors differ
+        write_csv(folder / "scores.csv", [{k: row.get(k, "") for k in columns} for row in rows])
+        files.append(folder / "scores.csv")
+        grid = [torch.tensor(s) for ch in sorted(chunks, key=lambda ch: ch.classes)
+                for _, s in sorted(ch.samples.get(verdict["detector"], {}).items())]
+        if grid:
+            width = max(len(g) for g in grid)
+            save_grid(folder / "triggers.png", torch.cat(grid), nrow=width)
+            files.append(folder / "triggers.png")
     return files
 
 
 def _metrics(verdict: dict[str, Any], seconds: dict[str, float]) -> dict[str, Any]:
     return {"confidence": verdict["confidence"],
+            "p_value": verdict["p_value"] if verdict["p_value"] is not None else 1.0,
             "backdoored": float(verdict["status"] == "backdoored"),
             "rejected": float(verdict["status"] == "rejected"),
-            "class": {str(c): s for c, s in verdict["scores"].items()}, "seconds": seconds}
+            "detector": {d: {"statistic": s["statistic"], "p_value": s["p_value"]}
+                         for d, s in verdict["detectors"].items()},
+            "class": {d: {str(c): s for c, s in per.items()}
+                      for d, per in verdict["scores"].items()}, "seconds": seconds}
 
 
 def _run(label: str, checked: Checked, verdict: dict[str, Any], chunks: list[ChunkResult],
          params: Params, folder: Path, seconds: dict[str, float]) -> tracking.StageRun:
     """Open a scan run and log params, metrics and evidence (the caller ends it)."""
     cand = checked.candidate
-    run = tracking.start_run(label, {
-        "mesa.role": "scan", "scan.source": cand.source, "scan.label": cand.label,
+    run = tracking.start_run(escape(label), {
+        "mesa.role": "scan", "scan.source": cand.source, "scan.label": escape(cand.label),
         "scan.key": cand.key, "model_sha256": cand.weights_sha256,
-        "scan_verdict": verdict["status"], "scan_reason": verdict["reason"][:TAG_LIMIT],
-        "scan.files": json.dumps([Path(f).name for f in cand.files])[:TAG_LIMIT]})
-    tracking.log_params(run, {**params.section("scan"), "model.label": cand.label,
+        "scan_verdict": verdict["status"], "scan_reason": escape(verdict["reason"])[:TAG_LIMIT],
+        "scan.files": json.dumps([escape(Path(f).name) for f in cand.files])[:TAG_LIMIT]})
+    tracking.log_params(run, {**params.section("scan"), "model.label": escape(cand.label),
                               "model.classes": checked.n_classes})
     tracking.log_metrics(run, _metrics(verdict, seconds))
-    extra = {"label": cand.label, "key": cand.key, "model_sha256": cand.weights_sha256,
-             "seconds": seconds}
+    extra = {"label": escape(cand.label), "key": cand.key,
+             "model_sha256": cand.weights_sha256, "seconds": seconds}
     tracking.log_artifacts(run, _evidence(folder, verdict, chunks, extra), "evidence")
     return run
 
@@ -116,8 +141,9 @@ def record(checked: Checked, chunks: list[ChunkResult], params: Params) -> dict[
 def _record(checked: Checked, chunks: list[ChunkResult], params: Params) -> dict[str, Any]:
     start, cand = time.perf_counter(), checked.candidate
     verdict = verdict_of(checked, chunks, params)
-    seconds = {"check": checked.seconds, "fit_sum": sum(c.seconds for c in chunks),
-               "fit_max": max((c.seconds for c in chunks), default=0.0)}
+    per_chunk = [sum(c.seconds.values()) for c in chunks]
+    seconds = {"check": checked.seconds, "fit_sum": sum(per_chunk),
+               "fit_max": max(per_chunk, default=0.0)}
     folder = work_dir(params, cand.key) / "evidence"
     run = _run(f"scan {cand.label}", checked, verdict, chunks, params, folder, seconds)
     try:
@@ -136,10 +162,11 @@ def _record(checked: Checked, chunks: list[ChunkResult], params: Params) -> dict
     text = verdict["status"] + (f", target {verdict['target']}" if verdict["target"] is not None
                                 else "") + (f": {verdict['reason']}" if verdict["reason"] else "")
     (log.warning if verdict["status"] != "clean" else log.info)(
-        "VERDICT %s -> %s (confidence %.2f; MLflow run %s; %s)", cand.label, text,
-        verdict["confidence"], run.run_id, version or "not registered")
+        "VERDICT %s -> %s (confidence %.2f; MLflow run %s; %s)", escape(cand.label),
+        escape(text), verdict["confidence"], run.run_id, version or "not registered")
     return {"key": cand.key, "label": cand.label, "status": verdict["status"],
             "target": verdict["target"], "confidence": verdict["confidence"],
+            "p_value": verdict["p_value"], "detector": verdict["detector"],
             "reason": verdict["reason"], "run_id": run.run_id, "model_version": version,
             "seconds": seconds}
 
@@ -148,7 +175,8 @@ def _record(checked: Checked, chunks: list[ChunkResult], params: Params) -> dict
 def reuse_verdict(version: dict[str, str], done: dict[str, Any]) -> str:
     """A registry version holding already-scanned files gets the earlier verdict's tags."""
     verdict = {"status": done["status"], "target": done["target"],
-               "confidence": done["confidence"], "reason": done.get("reason", "")}
+               "confidence": done["confidence"], "p_value": done.get("p_value"),
+               "detector": done.get("detector"), "reason": done.get("reason", "")}
     tags = {**verdict_tags(verdict, done["run_id"]), "scan_reused_from": done["label"]}
     tracking.tag_model_version(version["name"], version["version"], tags)
     return f"{version['name']}/{version['version']}"
@@ -159,7 +187,8 @@ def repair_and_register(checked: Checked, chunks: list[ChunkResult], outcome: di
                         params: Params) -> dict[str, Any]:
     """Repair a backdoored model, re-scan it, register it as a new version with lineage."""
     parent = outcome["model_version"]
-    done = repair_model(checked, chunks, outcome["target"], params, {"repaired_from": parent})
+    done = repair_model(checked, outcome["target"], outcome["detector"], params,
+                        {"repaired_from": parent})
     if done is None or not parent:
         return {}
     stem, rescan = done
@@ -167,13 +196,14 @@ def repair_and_register(checked: Checked, chunks: list[ChunkResult], outcome: di
     verdict = verdict_of(repaired, rescan, params)
     folder = work_dir(params, checked.candidate.key) / "repaired_evidence"
     run = _run(f"repair {checked.candidate.label}", repaired, verdict, rescan, params, folder,
-               {"fit_sum": rescan[0].seconds})
+               {"fit_sum": sum(rescan[0].seconds.values())})
     name = parent.split("/")[0]
     tags = {**verdict_tags(verdict, run.run_id), "parent_model_version": parent,
-            "repair": "mesa", "model_sha256": model_fingerprint(stem)}
+            "repair": f"{outcome['detector']} triggers", "model_sha256": model_fingerprint(stem)}
     version = tracking.register_model(
         run, (stem.with_suffix(".safetensors"), stem.with_suffix(".json")), name, tags,
-        f"MESA repair of {parent}; re-scan verdict: {verdict['status']}", alias=None)
+        f"Repair of {parent} against its {outcome['detector']} triggers; re-scan verdict: "
+        f"{verdict['status']}", alias=None)
     tracking.tag_model_version(name, parent.split("/")[1], {"repaired_version":
                                                             f"{name}/{version}"})
     tracking.end_run(run)

@@ -1,10 +1,11 @@
 """`python -m tasks.zoo.build NAME`: train one zoo model and write its truth record.
 
-The model goes to zoo/models/NAME.{safetensors,json} (DVC cache, not git) in the safe format; its
-manifest says nothing about the attack (the scanner must not be told). The truth record
-zoo/truth/NAME.json (in git) says what it is: clean or backdoored with its target, the attack,
-its attack success rate (ASR) and clean accuracy, measured on the test images the scanner never
-gets (`data.n_reference` of the test set are the scanner's reference; the rest are for truth).
+The model goes to zoo/models/<zoo>/NAME.{safetensors,json} (DVC cache, not git) in the safe
+format; its manifest says nothing about the attack (the scanner must not be told). The truth
+record zoo/truth/<zoo>/NAME.json (in git) says what it is: clean or backdoored with its target,
+the attack, its attack success rate (ASR) and clean accuracy, measured on the test images the
+scanner never gets (`data.n_reference` of the test set are the scanner's reference; the rest
+are for truth).
 """
 
 from __future__ import annotations
@@ -32,6 +33,16 @@ from tasks.zoo.params import Attack, Badnets, Injection, TrainSettings, ZooParam
 
 MODELS = Path("zoo/models")
 TRUTH = Path("zoo/truth")
+
+
+def model_path(zoo: str, name: str) -> Path:
+    """Stem of a zoo model: one folder per zoo, so each zoo's consumers depend on it alone."""
+    return MODELS / zoo / name
+
+
+def truth_path(zoo: str, name: str) -> Path:
+    """A zoo model's truth record."""
+    return TRUTH / zoo / f"{name}.json"
 
 
 @dataclass(frozen=True)
@@ -103,7 +114,7 @@ def build(params: ZooParams, name: str, data: ZooData, device: torch.device
         train(model, x, y, _config(params.train, entry.seed, False), device)
         truth |= {"arch": entry.arch, "base": None}
     else:
-        model, manifest = load_model(MODELS / entry.base, map_location=device)
+        model, manifest = load_model(model_path(entry.zoo, entry.base), map_location=device)
         hook = None
         if isinstance(entry, Injection):
             attack = build_attack("finetune_injection", trigger=trigger_of(entry),
@@ -137,9 +148,9 @@ def run(params: ZooParams, name: str) -> Path:
     truth["train_seconds"] = round(seconds, 1)
     manifest = Manifest(truth["arch"], 10, data.train.classes, CIFAR10_MEAN, CIFAR10_STD,
                         extra={"zoo_model": name})  # no word of the attack
-    save_model(model.cpu(), MODELS / name, manifest)
-    write_json(TRUTH / f"{name}.json", truth)
-    return TRUTH / f"{name}.json"
+    save_model(model.cpu(), model_path(entry.zoo, name), manifest)
+    write_json(truth_path(entry.zoo, name), truth)
+    return truth_path(entry.zoo, name)
 
 
 def main(argv: list[str] | None = None) -> None:

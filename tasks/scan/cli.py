@@ -1,0 +1,141 @@
+"""`mesa-scan`: scan model files for backdoors offline, no servers (the scan service's core).
+
+    mesa-scan [--reference PATH] [--format text|json] [--params FILE] [--calibration FILE] PATH...
+
+PATH: a `<stem>.safetensors` + `<stem>.json` pair (either file, or the stem), or a folder of them.
+--reference: the defender's clean images: a CIFAR archive in any format the project reads (the
+defender part of its test split is used) or an .npz (`images` uint8 (N, C, H, W), `labels`,
+`classes`); default: the project's data source. Verdicts are calibrated (mesa_lib.calibration)
+with --calibration (default: params.yaml `scan.calibration`), which must match the scan settings.
+
+Exit code: the highest of its models': 0 all clean, 1 a backdoor found, 2 a file rejected,
+3 an error (no calibration, unreadable reference, a scan that crashed: its verdict is
+"error"). Names are printed escaped, in text and JSON alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tasks.common.env import apply_defaults
+
+apply_defaults()
+
+import torch  # noqa: E402
+
+from mesa_lib.calibration import CalibrationError  # noqa: E402
+from mesa_lib.data import DataError  # noqa: E402
+from mesa_lib.seed import resolve_device  # noqa: E402
+from tasks.common.configs import scan_settings  # noqa: E402
+from tasks.common.env import default_data_source  # noqa: E402
+from tasks.common.escape import escape  # noqa: E402
+from tasks.common.params import Params, load_params  # noqa: E402
+from tasks.common.settings import ConfigError  # noqa: E402
+from tasks.scan.core import (  # noqa: E402
+    Rejected,
+    inspect,
+    load_calibration,
+    measure_chunk,
+    record,
+    verdict_of,
+)
+from tasks.scan.reference import Reference, load_reference, reference_batch  # noqa: E402
+
+PROJECT = Path(__file__).resolve().parents[2]
+EXIT = {"clean": 0, "backdoored": 1, "rejected": 2, "error": 3}
+
+
+def model_stems(paths: list[Path]) -> list[Path]:
+    """Every model stem named by the arguments (files, stems or folders), in order, once."""
+    stems: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(p.with_suffix("") for p in path.glob("*.safetensors"))
+        elif path.suffix in (".safetensors", ".json"):
+            found = [path.with_suffix("")]
+        else:
+            found = [path]
+        stems += [s for s in found if s not in stems]
+    return stems
+
+
+def _reference(params: Params, spec: str | None) -> Reference:
+    source = spec or str(default_data_source(PROJECT))
+    scan = params.scan.model_copy(update={"reference": source})
+    return load_reference(params.model_copy(update={"scan": scan}))
+
+
+def scan_one(stem: Path, ref: Reference, params: Params, calibration: Any,
+             device: torch.device) -> dict[str, Any]:
+    """One model's verdict record (rejected with the reason if it cannot be scanned safely)."""
+    start = time.perf_counter()
+    try:
+        model, manifest = inspect(stem, len(ref.classes), tuple(ref.images.shape[1:]),
+                                  ref.images[:2], device)
+    except Rejected as err:
+        return record(str(stem), None, str(err), {"total": time.perf_counter() - start})
+    checked = time.perf_counter()
+    images, labels = reference_batch(ref, params.scan.images, params.base.seed)
+    n = manifest.num_classes
+    chunk = measure_chunk(model, images, labels, tuple(range(n)), n, scan_settings(params),
+                          device, keep=0)
+    verdict = verdict_of([chunk], calibration)
+    seconds = {"check": checked - start, **chunk.seconds, "total": time.perf_counter() - start}
+    return record(str(stem), verdict, seconds=seconds, architecture=manifest.architecture)
+
+
+def text_line(rec: dict[str, Any]) -> str:
+    """One human line per model."""
+    if rec["verdict"] in ("rejected", "error"):
+        return f"{rec['verdict'].upper():10s}  {rec['model']}: {rec['reason']}"
+    head = "BACKDOORED" if rec["verdict"] == "backdoored" else "clean     "
+    target = f" target {rec['target']}," if rec["target"] is not None else ""
+    return (f"{head}  {rec['model']}:{target} p = {rec['p_value']:.3f} "
+            f"({rec['detector']} detector; {rec['seconds'].get('total', 0):.1f} s)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, scan every model, print, return the exit code."""
+    ap = argparse.ArgumentParser(prog="mesa-scan", description=__doc__.split("\n\n")[0])
+    ap.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    ap.add_argument("--reference", help="CIFAR archive or .npz of clean images")
+    ap.add_argument("--format", choices=("text", "json"), default="text")
+    ap.add_argument("--params", type=Path, default=PROJECT / "params.yaml")
+    ap.add_argument("--calibration", type=Path, help="default: params scan.calibration")
+    args = ap.parse_args(argv)
+    try:
+        params = load_params(args.params)
+        calibration_path = args.calibration or PROJECT / params.scan.calibration
+        calibration = load_calibration(calibration_path, scan_settings(params))
+        ref = _reference(params, args.reference)
+        device = resolve_device(params.base.device)
+    except (ConfigError, CalibrationError, DataError, OSError) as err:
+        print(f"error: {escape(err)}", file=sys.stderr)
+        return EXIT["error"]
+    records = []
+    for stem in model_stems(args.paths):
+        try:
+            records.append(scan_one(stem, ref, params, calibration, device))
+        except Exception as err:  # noqa: BLE001 - one model's failure stops no other
+            records.append(record(str(stem), None, f"{type(err).__name__}: {err}")
+                           | {"verdict": "error"})
+    if args.format == "json":
+        print(json.dumps(records, indent=2))
+    else:
+        for rec in records:
+            print(text_line(rec))
+    return max((EXIT[r["verdict"]] for r in records), default=EXIT["clean"])
+
+
+def entry() -> None:
+    """Console script `mesa-scan` (pyproject.toml)."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

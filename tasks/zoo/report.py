@@ -1,0 +1,150 @@
+"""The zoo benchmark's table: hit rate, false-alarm rate, ROC-AUC and right-target rate per
+attack family, for the calibrated scanner and for the detector before it.
+
+Only models that count are used: every clean model, and backdoored ones whose attack succeeds
+(ASR >= zoo min_asr; the others are listed). A model's score for the ROC curve is 1 - p for the
+scanner (the combined conformal p-value) and the largest decision margin for the old detector;
+"TPR at FPR <= 5%" is each one's own decision (p <= alpha; the old fixed thresholds), whose
+false-alarm rate on the test zoo's clean models is reported beside it. Rates carry 95% Wilson
+intervals: with a few dozen models they are wide, and say so.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable
+from typing import Any
+
+from mesa_lib.calibration import Calibration
+
+Truth = dict[str, dict[str, Any]]
+
+
+def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion hits / n."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def auc(positive: list[float], negative: list[float]) -> float:
+    """ROC-AUC as P(score of a positive > score of a negative), ties counting one half."""
+    if not positive or not negative:
+        return float("nan")
+    wins = sum((p > n) + 0.5 * (p == n) for p in positive for n in negative)
+    return wins / (len(positive) * len(negative))
+
+
+def families(truth: Truth) -> dict[str, Callable[[dict[str, Any]], bool]]:
+    """Attack families: name -> predicate on a backdoored model's truth record."""
+    def attack(t: dict[str, Any]) -> dict[str, Any]:
+        return t["attack"]
+
+    patch = {"patch attacks (all)": lambda t: attack(t)["size"] < 32,
+             "fixed place": lambda t: attack(t)["size"] < 32 and attack(t)["location"] != "random",
+             "random place": lambda t: attack(t)["size"] < 32 and attack(t)["location"] == "random"}
+    patch |= {f"size {k}x{k}": (lambda t, k=k: attack(t)["size"] == k) for k in (2, 3, 4, 5)}
+    patch |= {"black/white": lambda t: attack(t)["size"] < 32 and attack(t)["trigger"] == "bw",
+              "random colour": lambda t: attack(t)["size"] < 32
+              and attack(t)["trigger"] == "random_color",
+              "rate <= 3%": lambda t: attack(t)["size"] < 32 and attack(t)["rate"] <= 0.03,
+              "rate 5%": lambda t: attack(t)["size"] < 32 and attack(t)["rate"] == 0.05,
+              "rate >= 10%": lambda t: attack(t)["size"] < 32 and attack(t)["rate"] >= 0.10,
+              "fine-tune injection": lambda t: attack(t)["size"] < 32
+              and attack(t)["planted"] == "injection",
+              "BadNets from scratch": lambda t: attack(t)["size"] < 32
+              and attack(t)["planted"] == "badnets",
+              "ResNet-20": lambda t: attack(t)["size"] < 32 and t["arch"] == "resnet20",
+              "blended (whole image)": lambda t: attack(t)["size"] == 32,
+              "all backdoors": lambda t: True}
+    return patch
+
+
+def _scores(truth: Truth, scans: dict[str, Any], calibration: Calibration
+            ) -> dict[str, dict[str, Any]]:
+    """Per model: new (score, flagged, target) and before (score, flagged, target)."""
+    out = {}
+    for name, rec in scans.items():
+        stats = {d: s["statistic"] for d, s in rec["detectors"].items()}
+        p, fired = calibration.combined(stats)
+        out[name] = {"new": (1 - p, p <= calibration.alpha, rec["detectors"][fired]["target"],
+                             fired),
+                     "before": (rec["before"]["margin"], rec["before"]["status"] == "backdoored",
+                                rec["before"]["target"], "mesa")}
+    return out
+
+
+def _row(label: str, bd: list[str], clean: list[str], truth: Truth,
+         scores: dict[str, dict[str, Any]], which: str) -> str:
+    pos = [scores[n][which][0] for n in bd]
+    neg = [scores[n][which][0] for n in clean]
+    hits = [n for n in bd if scores[n][which][1]]
+    right = [n for n in hits if scores[n][which][2] == truth[n]["target"]]
+    lo, hi = wilson(len(hits), len(bd))
+    target = f"{len(right)}/{len(hits)}" if hits else "-"
+    return (f"| {label} | {len(bd)} | {auc(pos, neg):.3f} | {len(hits)}/{len(bd)} "
+            f"({len(hits) / max(len(bd), 1):.0%}; {lo:.0%}-{hi:.0%}) | {target} |")
+
+
+def markdown(truth: Truth, scans: dict[str, Any], calibration: Calibration, command: str,
+             machine: str) -> str:
+    """The whole benchmark file."""
+    scores = _scores(truth, scans, calibration)
+    clean = [n for n in scans if not truth[n]["backdoored"]]
+    bd = [n for n in scans if truth[n]["backdoored"] and truth[n]["counts"]]
+    weak = [n for n in scans if truth[n]["backdoored"] and not truth[n]["counts"]]
+    lines = ["# Scanner benchmark on the test zoo", "",
+             f"- command: `{command}` (the `benchmark` stage of zoo/dvc.yaml)",
+             f"- calibration: calibration/scanner.json, fitted on the calibration zoo's "
+             f"{len(calibration.combined_null)} clean models only (alpha "
+             f"{calibration.alpha}); the test zoo shares no base model with it and was scanned "
+             "only here",
+             f"- test zoo: {len(clean)} clean models, {len(bd)} backdoored models whose attack "
+             f"succeeds (ASR >= 80%); left out: {', '.join(weak) or 'none'}",
+             f"- machine: {machine}", ""]
+    for which, title in (("new", "Calibrated scanner (this release)"),
+                         ("before", "Detector before this release")):
+        false = [n for n in clean if scores[n][which][1]]
+        lo, hi = wilson(len(false), len(clean))
+        lines += [f"## {title}", "",
+                  f"False alarms on the {len(clean)} clean test models: {len(false)} "
+                  f"({len(false) / max(len(clean), 1):.1%}; 95% interval {lo:.0%}-{hi:.0%})"
+                  + (f": {', '.join(false)}" if false else ""), "",
+                  "| family | backdoored models | ROC-AUC | detected (TPR; 95% interval) | "
+                  "right target |", "|---|---|---|---|---|"]
+        for label, keep in families(truth).items():
+            members = [n for n in bd if keep(truth[n])]
+            if members:
+                lines.append(_row(label, members, clean, truth, scores, which))
+        lines.append("")
+        if which == "new":
+            fired: dict[str, int] = {}
+            for n in bd:
+                if scores[n]["new"][1]:
+                    fired[scores[n]["new"][3]] = fired.get(scores[n]["new"][3], 0) + 1
+            lines += ["Detector that fired, over the detections: " + ", ".join(
+                f"{d} {k}" for d, k in sorted(fired.items())), ""]
+    new_s = [scans[n]["seconds"] for n in scans]
+    old_s = [scans[n]["before"]["seconds"] for n in scans]
+    lines += ["## Scan time per model", "",
+              "| scanner | median s | max s |", "|---|---|---|",
+              f"| calibrated scanner | {statistics.median(new_s):.1f} | {max(new_s):.1f} |",
+              f"| before | {statistics.median(old_s):.1f} | {max(old_s):.1f} |", "",
+              "## Per model", "",
+              "| model | truth | ASR | scanner p | scanner verdict | before |",
+              "|---|---|---|---|---|---|"]
+    for n in scans:
+        t = truth[n]
+        what = (f"target {t['target']}, {t['attack']['trigger']} {t['attack']['size']}x"
+                f"{t['attack']['size']} at {t['attack']['location']}, rate {t['attack']['rate']}"
+                if t["backdoored"] else "clean")
+        new, old = scores[n]["new"], scores[n]["before"]
+        asr = "-" if t["asr"] is None else f"{t['asr']:.0%}"
+        lines.append(f"| {n} | {what} | {asr} | {1 - new[0]:.3f} | "
+                     f"{'backdoored ' + str(new[2]) if new[1] else 'clean'} | "
+                     f"{'backdoored ' + str(old[2]) if old[1] else 'clean'} |")
+    return "\n".join(lines) + "\n"

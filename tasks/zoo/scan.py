@@ -1,0 +1,155 @@
+"""Scanning the zoo: calibrate the scanner on the calibration zoo, measure it on the test zoo.
+
+    python -m tasks.zoo.scan calibrate    # calibration zoo -> calibration/scanner.json
+    python -m tasks.zoo.scan benchmark    # test zoo -> benchmarks/results/zoo_detection.md
+
+Both scan with params.yaml's `scan.*` settings on the zoo's reference images (the scanner never
+sees the images the truth records were measured on). `calibrate` fits the clean-model null
+(mesa_lib.calibration) on the calibration zoo's clean models only and records, for information,
+how the calibration zoo's backdoored models score. `benchmark` never fits anything: it scans the
+test zoo with the calibration file, and with the detector of the previous release ("before":
+fixed MAD thresholds, MESA only, random places), and writes the table (tasks.zoo.report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import time
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mesa_lib import calibration as cal
+from mesa_lib.detect import DetectConfig, detect
+from mesa_lib.detectors import run_detectors
+from mesa_lib.mesa import MesaConfig
+from mesa_lib.modelio import load_model, model_fingerprint
+from mesa_lib.seed import resolve_device
+from tasks.common.configs import scan_settings
+from tasks.common.io import read_json, write_json
+from tasks.common.params import Params, load_params
+from tasks.scan.core import load_calibration
+from tasks.zoo.build import load_data, model_path, truth_path
+from tasks.zoo.params import ZooParams, load_zoo_params
+
+SCANS = Path("zoo/scans")
+CALIBRATION = Path("calibration/scanner.json")
+RESULTS = Path("benchmarks/results/zoo_detection.md")
+# The detector before this release: MESA on 3x3 random-place triggers, flagged when a class's
+# ASR was a MAD outlier (index > 2.0) reaching min_asr 0.5 (params.yaml at commit 997402b).
+BEFORE = DetectConfig(mesa=MesaConfig(betas=(0.8,), epochs=1, batch_size=32, lr=0.002),
+                      eval_images=200, anomaly_threshold=2.0, min_asr=0.5)
+BEFORE_IMAGES = 600
+
+
+def _scan_model(stem: Path, images: torch.Tensor, labels: torch.Tensor, params: Params,
+                device: torch.device, before: bool) -> dict[str, Any]:
+    """One zoo model through the scanner's detectors (and the old detector when asked)."""
+    model, manifest = load_model(stem, map_location=device)
+    settings = scan_settings(params)
+    start = time.perf_counter()
+    scores = run_detectors(model, images, labels, manifest.num_classes, settings, device)
+    out: dict[str, Any] = {
+        "name": stem.name, "sha256": model_fingerprint(stem),
+        "seconds": time.perf_counter() - start,
+        "detectors": {d: {"statistic": s.statistic, "target": s.target, "seconds": s.seconds,
+                          "per_class": {str(c): v for c, v in s.per_class.items()}}
+                      for d, s in scores.items()}}
+    if before:
+        pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(2))
+        sub = pick[:BEFORE_IMAGES].sort().values
+        start = time.perf_counter()
+        v = detect(model, images[sub], (images.shape[1], 3, 3),
+                   replace(BEFORE, seed=params.base.seed), device,
+                   labels[sub])
+        margin = max(s["margin"] for s in v.scores.values())
+        out["before"] = {"status": v.status, "target": v.target, "margin": margin,
+                         "seconds": time.perf_counter() - start}
+    return out
+
+
+def scan_zoo(names: list[str], params: Params, zoo: ZooParams, before: bool = False,
+             log: bool = True) -> dict[str, dict[str, Any]]:
+    """Scan zoo models by name on the zoo's reference images; one record each."""
+    device = resolve_device(params.base.device)
+    data = load_data(zoo)
+    out = {}
+    for name in names:
+        stem = model_path(zoo.entry(name)[1].zoo, name)
+        out[name] = _scan_model(stem, data.reference.images, data.reference.labels, params,
+                                device, before)
+        if log:
+            stats = {d: round(s["statistic"], 2) for d, s in out[name]["detectors"].items()}
+            print(f"{time.strftime('%H:%M:%S')} {name}: {stats} "
+                  f"({out[name]['seconds']:.1f} s)", flush=True)
+    return out
+
+
+def _git_commit() -> str:
+    done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip() or "unknown"
+
+
+def calibrate(params: Params, zoo: ZooParams) -> Path:
+    """Scan the calibration zoo; fit the clean null; write the calibration file."""
+    names = zoo.names("calibration")
+    truth = {n: read_json(truth_path("calibration", n)) for n in names}
+    scans = scan_zoo(names, params, zoo)
+    write_json(SCANS / "calibration_zoo.json", scans)
+    clean = [n for n in names if not truth[n]["backdoored"]]
+    stats = [{d: s["statistic"] for d, s in scans[n]["detectors"].items()} for n in clean]
+    provenance = {"zoo": "calibration", "clean_models": clean, "params_file": "zoo/params.yaml",
+                  "code_version": _git_commit(),
+                  "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                  "architectures": sorted({truth[n]["arch"] for n in clean}),
+                  "dataset": "cifar10"}
+    fitted = cal.fit(stats, params.scan.alpha, scan_settings(params).fingerprint(), provenance)
+    flagged = [n for n in names if truth[n]["backdoored"] and truth[n]["counts"] and
+               fitted.combined({d: s["statistic"] for d, s in scans[n]["detectors"].items()}
+                               )[0] <= fitted.alpha]
+    fitted.provenance["calibration_zoo_backdoors_flagged"] = sorted(flagged)
+    CALIBRATION.parent.mkdir(parents=True, exist_ok=True)
+    write_json(CALIBRATION, fitted.to_dict())
+    return CALIBRATION
+
+
+def benchmark(params: Params, zoo: ZooParams, command: str) -> Path:
+    """Scan the test zoo with the calibration file and with the old detector; write the table."""
+    from tasks.zoo.report import markdown
+
+    calibration = load_calibration(CALIBRATION, scan_settings(params))
+    names = zoo.names("test")
+    truth = {n: read_json(truth_path("test", n)) for n in names}
+    load = os.getloadavg()
+    scans = scan_zoo(names, params, zoo, before=True)
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+               f"torch {torch.__version__} on {torch.get_num_threads()} threads; load average "
+               f"before the scans {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(markdown(truth, scans, calibration, command, machine), encoding="utf-8")
+    write_json(SCANS / "test_zoo.json", scans)
+    return RESULTS
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: calibrate | benchmark."""
+    ap = argparse.ArgumentParser(prog="python -m tasks.zoo.scan")
+    ap.add_argument("command", choices=("calibrate", "benchmark"))
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--zoo", default="zoo/params.yaml")
+    args = ap.parse_args(argv)
+    params, zoo = load_params(args.params), load_zoo_params(args.zoo)
+    if args.command == "calibrate":
+        print(calibrate(params, zoo))
+    else:
+        print(benchmark(params, zoo, "python -m tasks.zoo.scan benchmark"))
+
+
+if __name__ == "__main__":
+    main()

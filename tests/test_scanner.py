@@ -1,0 +1,119 @@
+"""The scanner on tiny models trained here: calibrated on clean ones, it finds a backdoor at a
+fixed corner and one larger than the default trigger, with their targets, and clears a clean
+model it was not calibrated on; the calibration file round-trips and bad ones are refused."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from backdoor_fixture import CPU, build_lab
+
+from mesa_lib import calibration as cal
+from mesa_lib.detectors import ScanSettings, run_detectors
+from mesa_lib.mesa import MesaConfig
+from mesa_lib.triggers import build_trigger
+from tasks.scan.core import load_calibration
+
+SETTINGS = ScanSettings(images=256, mask_epochs=8, mask_batch_size=32,
+                        mesa=MesaConfig(betas=(0.8,), epochs=2, batch_size=32, lr=0.003,
+                                        hidden=64, mine_hidden=64), mesa_eval_images=100)
+ALPHA = 0.2  # five clean calibration models allow p-values down to 1/6
+
+
+def _lab(**kwargs):
+    return build_lab(classes=10, n_train=3000, epochs=10, **kwargs)
+
+
+def _scan(lab) -> dict:
+    return run_detectors(lab.model, lab.defender_x, lab.defender_y, 10, SETTINGS, CPU)
+
+
+@pytest.fixture(scope="module")
+def calibration() -> cal.Calibration:
+    """Fitted on five clean tiny models (seeds 10-14)."""
+    stats = []
+    for seed in range(10, 15):
+        scores = _scan(_lab(backdoor=False, seed=seed))
+        stats.append({d: s.statistic for d, s in scores.items()})
+    return cal.fit(stats, ALPHA, SETTINGS.fingerprint(), {"zoo": "tiny test models"})
+
+
+def test_a_fixed_corner_backdoor_is_found_with_its_target(calibration) -> None:
+    lab = _lab(backdoor=True, seed=21, location="corner", target=4)
+    verdict = cal.decide(_scan(lab), calibration)
+    assert (verdict.status, verdict.target) == ("backdoored", 4), verdict.reason
+    assert verdict.detector == "mask"  # random-place MESA cannot see a corner-only backdoor
+    assert verdict.p_value <= ALPHA and verdict.confidence == 1 - verdict.p_value
+
+
+def test_a_trigger_larger_than_the_default_is_found(calibration) -> None:
+    big = build_trigger("random_color", 5, 3, seed=7)  # 5x5, the default search is 3x3
+    verdict = cal.decide(_scan(_lab(backdoor=True, seed=22, trigger=big, target=7)),
+                         calibration)
+    assert (verdict.status, verdict.target) == ("backdoored", 7), verdict.reason
+
+
+def test_a_clean_model_outside_the_calibration_is_clean(calibration) -> None:
+    verdict = cal.decide(_scan(_lab(backdoor=False, seed=23)), calibration)
+    assert (verdict.status, verdict.target) == ("clean", None), verdict.reason
+    assert verdict.p_value > ALPHA and set(verdict.detectors) == {"mask", "mesa"}
+
+
+def test_conformal_p_values_bound_the_false_alarm_rate() -> None:
+    """Exchangeable clean statistics: P(p <= alpha) <= alpha, for one detector and the pair."""
+    rng = random.Random(0)
+    alarms, trials = 0, 2000
+    for _ in range(trials):
+        null = [{"a": rng.gauss(0, 1), "b": rng.expovariate(1)} for _ in range(19)]
+        fitted = cal.fit(null, 0.05, {}, {})
+        new = {"a": rng.gauss(0, 1), "b": rng.expovariate(1)}
+        alarms += fitted.combined(new)[0] <= 0.05
+    assert alarms / trials <= 0.05 + 3 * (0.05 * 0.95 / trials) ** 0.5
+    assert cal.conformal_p([1.0, 2.0, 3.0], 10.0) == 0.25 and cal.conformal_p([1.0], 0.0) == 1
+
+
+def test_fit_refuses_too_few_clean_models_for_alpha() -> None:
+    with pytest.raises(ValueError, match="cannot give a p-value <= 0.05; need at least 19"):
+        cal.fit([{"mask": 1.0}] * 10, 0.05, {}, {})
+
+
+def test_the_calibration_file_round_trips(calibration, tmp_path: Path) -> None:
+    path = tmp_path / "scanner.json"
+    path.write_text(json.dumps(calibration.to_dict()))
+    back = load_calibration(path, SETTINGS)
+    assert back == calibration
+    stats = {"mask": 3.0, "mesa": 0.0}
+    assert back.combined(stats) == calibration.combined(stats)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda d: d.pop("alpha"), "field 'alpha' must be a number in (0, 1)"),
+    (lambda d: d.update(alpha=1.5), "field 'alpha' must be a number in (0, 1), got 1.5"),
+    (lambda d: d.update(format="other"), "field 'format' must be 'mesa-scan-calibration'"),
+    (lambda d: d.update(version=2), "field 'version' must be 1, got 2"),
+    (lambda d: d["null"].update(mask=[1.0]), "field 'null.mask' must be 5 values"),
+    (lambda d: d["null"].update(mask=["x"] * 5), "field 'null.mask' must be a non-empty list"),
+    (lambda d: d.update(combined_null=[0.5]), "field 'combined_null' must be 5 p-values"),
+    (lambda d: d["settings"].update(images=1024),
+     "field 'settings.images' is 1024 in the calibration but 256 in the scan settings"),
+])
+def test_bad_calibration_files_are_refused_naming_file_and_field(
+        calibration, tmp_path: Path, change, message) -> None:
+    raw = json.loads(json.dumps(calibration.to_dict()))
+    change(raw)
+    path = tmp_path / "scanner.json"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(cal.CalibrationError) as info:
+        load_calibration(path, SETTINGS)
+    assert str(path) in str(info.value) and message in str(info.value)
+
+
+def test_a_missing_or_unreadable_calibration_is_named(tmp_path: Path) -> None:
+    with pytest.raises(cal.CalibrationError, match="scanner.json: calibration file is missing"):
+        load_calibration(tmp_path / "scanner.json", SETTINGS)
+    (tmp_path / "bad.json").write_text("{oops")
+    with pytest.raises(cal.CalibrationError, match="bad.json: not a readable JSON"):
+        load_calibration(tmp_path / "bad.json", SETTINGS)
