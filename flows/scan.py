@@ -2,12 +2,17 @@
 
     python -m flows.scan once  [--params params.yaml]    # discover and scan new models now
     python -m flows.scan model PATH | NAME/VERSION        # scan one model file pair or version
-    python -m flows.scan serve [--params params.yaml]    # the scheduled deployment (flow.serve)
+    python -m flows.scan serve [--params params.yaml]    # both deployments (prefect.serve)
 
-`scan-discover` finds unscanned models, claims each exactly once and hands the claimed ones to
-the `scan-batch` sub-flow, whose task runner (threads, or Dask: `scan.task_runner`) fans out the
-checks, the per-class-chunk fits and the recording of every model. The bookkeeping (servers,
-dedup, claims, ledger) is tasks.scan.service; this module only wires tasks.
+`scan-discover` (deployment `scan-new-models`, on the schedule of `scan.interval_s`) first fails
+the runs of killed scans and audits the registry (quarantine findings, verdicts no scan wrote),
+then finds unscanned models, claims each exactly once and hands the claimed ones to the
+`scan-batch` sub-flow, whose task runner (threads, or Dask: `scan.task_runner`) fans out the
+checks, the per-class-chunk fits and the recording of every model. `scan-event` (deployment
+`scan-on-event`) scans one registry version at once when the registry's webhook reports it
+(tasks.scan.webhook emits the Prefect event its DeploymentEventTrigger waits for); the poll
+stays as the backstop. The bookkeeping (servers, dedup, claims, ledger) is tasks.scan.service;
+this module only wires tasks.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow
+from prefect import serve as serve_deployments
 from prefect.runtime import flow_run
 
 from tasks.common.params import Params, load_params
@@ -85,12 +91,30 @@ def discover_and_scan(params_path: str = "params.yaml") -> dict[str, Any]:
     """Find unscanned models (drop folder, registry), claim them, scan each exactly once."""
     params = load_params(params_path)
     service.preflight()
+    findings = service.sweep(params)
     store, book = service.claim_store(params), service.ledger(params)
-    plan = service.triage(service.discover(params, book), store, book, str(flow_run.id or ""))
+    plan = service.triage(service.discover(params, book), store, book, str(flow_run.id or ""),
+                          params)
     outcomes = scan_claimed(plan.claimed, params, params_path, store)
-    reused = plan.reused + service.reuse_twins(plan.twins, store, book)
+    reused = plan.reused + service.reuse_twins(plan.twins, store, book, params)
     service.raise_failures(outcomes)
-    return {"scanned": outcomes, "claimed_elsewhere": plan.skipped, "reused": reused}
+    return {"scanned": outcomes, "claimed_elsewhere": plan.skipped, "reused": reused,
+            "findings": findings}
+
+
+@flow(name="scan-event")
+def scan_event(model: str, params_path: str = "params.yaml") -> dict[str, Any]:
+    """Scan the registry version NAME/VERSION an event reported, unless scanned already."""
+    params = load_params(params_path)
+    service.preflight()
+    cand = service.event_candidate(model, params)
+    if cand is None:
+        return {"skipped": model, "why": "it has a verdict already"}
+    store, book = service.claim_store(params), service.ledger(params)
+    plan = service.triage([cand], store, book, str(flow_run.id or ""), params)
+    outcomes = scan_claimed(plan.claimed, params, params_path, store)
+    service.raise_failures(outcomes)
+    return {"scanned": outcomes, "claimed_elsewhere": plan.skipped, "reused": plan.reused}
 
 
 @flow(name="scan-model")
@@ -108,9 +132,17 @@ def scan_model(model: str, params_path: str = "params.yaml") -> dict[str, Any]:
 
 
 def serve(params_path: str) -> None:
-    """Serve `scan-discover` as a deployment on the schedule of `scan.interval_s` / `scan.cron`."""
-    discover_and_scan.serve(name=service.DEPLOYMENT, parameters={"params_path": params_path},
-                            **service.schedule(load_params(params_path)))
+    """Serve `scan-discover` on the schedule of `scan.interval_s` / `scan.cron` and `scan-event`
+    on the registry's `model_version.created` events (tasks.scan.webhook)."""
+    params = load_params(params_path)
+    service.sweep(params)  # runs a kill -9 left RUNNING: failed at the next start
+    poll = discover_and_scan.to_deployment(name=service.DEPLOYMENT,
+                                           parameters={"params_path": params_path},
+                                           **service.schedule(params))
+    event = scan_event.to_deployment(name=service.EVENT_DEPLOYMENT,
+                                     parameters={"params_path": params_path},
+                                     triggers=[service.event_trigger(params_path)])
+    serve_deployments(poll, event, query_seconds=params.platform.runner_poll_s)
 
 
 def main(argv: list[str] | None = None) -> None:

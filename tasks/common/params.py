@@ -186,6 +186,23 @@ class ScanParams(Group):
     settle_s: int = Field(ge=0, description="drop files changed more recently wait a run")
 
 
+class PlatformParams(Group):
+    """The supply-chain platform around the scan service (docs/scanning.md): registry webhook
+    receiver, signing, authenticated servers."""
+
+    webhook_port: int = Field(ge=1, le=65535,
+                              description="port of the registry-webhook receiver (127.0.0.1)")
+    runner_poll_s: Count = Field(description="served deployments ask for triggered runs this "
+                                             "often (s)")
+    signing_key: str = Field(description="EC private key (PEM) that signs cleared and repaired "
+                                         "models; '' = <state_folder>/keys/signing-key.pem, "
+                                         "made on first use; env MESA_SIGNING_KEY overrides")
+    trusted_keys: Annotated[tuple[str, ...], BeforeValidator(as_tuple)] = Field(
+        description="public keys (PEM) besides our own whose signatures arriving models may "
+                    "carry")
+    auth: bool = Field(description="scan_services.sh starts MLflow and Prefect with auth on")
+
+
 class Params(Group):
     """The whole params.yaml."""
 
@@ -199,6 +216,7 @@ class Params(Group):
     repair: RepairParams
     evaluate: EvaluateParams
     scan: ScanParams
+    platform: PlatformParams
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
 

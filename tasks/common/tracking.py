@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -396,6 +397,83 @@ def model_version_tags(name: str, version: str, uri: str | None = None) -> dict[
     return dict(client(uri).get_model_version(name, version).tags)
 
 
+def model_version(name: str, version: str, uri: str | None = None) -> dict[str, Any]:
+    """One version: name, version, source, run_id, tags, aliases, description."""
+    v = client(uri).get_model_version(name, version)
+    return {"name": v.name, "version": str(v.version), "source": v.source,
+            "run_id": v.run_id or "", "tags": dict(v.tags), "aliases": list(v.aliases or []),
+            "description": v.description or ""}
+
+
+def delete_model_version_tags(name: str, version: str, keys: tuple[str, ...],
+                              uri: str | None = None) -> None:
+    """Remove tags of a version (absent ones are ignored)."""
+    c = client(uri)
+    present = set(c.get_model_version(name, version).tags)
+    for key in keys:
+        if key in present:
+            c.delete_model_version_tag(name, version, key)
+
+
+def model_aliases(name: str, uri: str | None = None) -> dict[str, str]:
+    """{alias: version} of a registered model."""
+    return {a: str(v) for a, v in client(uri).get_registered_model(name).aliases.items()}
+
+
+def set_alias(name: str, alias: str, version: str, uri: str | None = None) -> None:
+    """Point `alias` of a registered model at `version` (an alias names one version)."""
+    client(uri).set_registered_model_alias(name, alias, version)
+
+
+def delete_alias(name: str, alias: str, uri: str | None = None) -> None:
+    """Remove an alias from a registered model."""
+    client(uri).delete_registered_model_alias(name, alias)
+
+
+def set_version_description(name: str, version: str, text: str, uri: str | None = None) -> None:
+    """Replace a version's description (the MLflow UI renders it as Markdown)."""
+    client(uri).update_model_version(name, version, description=text)
+
+
+def set_model_tags(name: str, tags: Mapping[str, Any], uri: str | None = None) -> None:
+    """Tags of a registered model (the model list shows them)."""
+    c = client(uri)
+    for key, value in tags.items():
+        c.set_registered_model_tag(name, key, str(value))
+
+
+def run_record(run_id: str, uri: str | None = None) -> dict[str, Any] | None:
+    """A run's status, experiment, tags and metrics, or None if there is no such run."""
+    try:
+        run = client(uri).get_run(run_id)
+    except MlflowException:
+        return None
+    return {"status": run.info.status, "experiment_id": run.info.experiment_id,
+            "artifact_uri": run.info.artifact_uri, "tags": dict(run.data.tags),
+            "metrics": dict(run.data.metrics)}
+
+
+def log_artifact_to(run_id: str, path: Path, folder: str | None = None,
+                    uri: str | None = None) -> None:
+    """Add a file to any run's artifacts (e.g. a signature beside a version's files)."""
+    client(uri).log_artifact(run_id, str(path), folder)
+
+
+def ensure_webhook(name: str, url: str, events: list[str], secret: str,
+                   uri: str | None = None) -> str:
+    """Create the registry webhook `name`, or update it to this url/events/secret; its id."""
+    c = client(uri)
+    try:
+        found = [w for w in _pages(c.list_webhooks) if w.name == name]
+        if found:
+            return c.update_webhook(found[0].webhook_id, url=url, events=events, secret=secret,
+                                    status="ACTIVE").webhook_id
+        return c.create_webhook(name, url, events=events, secret=secret).webhook_id
+    except MlflowException as err:
+        raise TrackingError(f"MLflow store {uri or tracking_uri()}: cannot register webhook "
+                            f"{name!r} -> {url}: {err}") from None
+
+
 
 # --------------------------------------------------------------------------- scan service
 
@@ -407,14 +485,64 @@ class ModelSourceError(ValueError):
     """A registered version's files cannot be fetched although the server answers."""
 
 
+def scan_experiment() -> str:
+    """Name of the scan service's experiment (MESA_SCAN_EXPERIMENT or 'mesa-scan')."""
+    return os.environ.get(SCAN_EXPERIMENT_ENV, SCAN_EXPERIMENT)
+
+
+def _process_start(pid: int) -> str:
+    """Start time of process `pid` in clock ticks since boot ('' if unknown): with the pid it
+    names one process, even after the pid is reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[-1].split()[19]
+
+
+def process_tags() -> dict[str, str]:
+    """Tags naming the process that owns a run, so a later start can tell it was killed."""
+    return {"mesa.host": socket.gethostname(), "mesa.pid": str(os.getpid()),
+            "mesa.pid_start": _process_start(os.getpid())}
+
+
 def start_run(run_name: str, tags: Mapping[str, Any], experiment: str | None = None) -> StageRun:
-    """A top-level run in `experiment` (default: MESA_SCAN_EXPERIMENT or 'mesa-scan')."""
+    """A top-level run in `experiment` (default: MESA_SCAN_EXPERIMENT or 'mesa-scan'), tagged
+    with its owning process (see `fail_orphaned_runs`)."""
     uri = tracking_uri()
     c = client(uri)
-    exp = experiment_id(c, uri, experiment or os.environ.get(SCAN_EXPERIMENT_ENV,
-                                                             SCAN_EXPERIMENT))
-    run = c.create_run(exp, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
+    exp = experiment_id(c, uri, experiment or scan_experiment())
+    tags = {**process_tags(), **{k: str(v) for k, v in tags.items()}}
+    run = c.create_run(exp, run_name=run_name, tags=tags)
     return StageRun(run.info.run_id, "", "scan", uri)
+
+
+def _owner_gone(tags: Mapping[str, str]) -> bool:
+    """True if the run's owning process ran on this host and no longer exists."""
+    if tags.get("mesa.host") != socket.gethostname() or not tags.get("mesa.pid", "").isdigit():
+        return False  # another machine's run: only that machine can tell
+    pid = int(tags["mesa.pid"])
+    start = _process_start(pid)
+    return not start or start != tags.get("mesa.pid_start", start)
+
+
+def fail_orphaned_runs(experiment: str | None = None, uri: str | None = None) -> list[str]:
+    """Mark FAILED every RUNNING run of `experiment` whose process was killed (kill -9 leaves
+    MLflow runs RUNNING forever); returns their ids."""
+    c = client(uri)
+    found = c.get_experiment_by_name(experiment or scan_experiment())
+    if found is None:
+        return []
+    failed = []
+    for run in _pages(c.search_runs, experiment_ids=[found.experiment_id],
+                      filter_string="attributes.status = 'RUNNING'"):
+        if _owner_gone(run.data.tags):
+            c.set_tag(run.info.run_id, "mesa.failure", "its process ended without finishing the "
+                      f"run (killed?): pid {run.data.tags['mesa.pid']} on "
+                      f"{run.data.tags['mesa.host']}")
+            c.set_terminated(run.info.run_id, "FAILED")
+            failed.append(run.info.run_id)
+    return failed
 
 
 def end_run(run: StageRun, status: str = "FINISHED") -> None:
@@ -457,7 +585,8 @@ def model_versions(names: tuple[str, ...], uri: str | None = None) -> list[dict[
         raise TrackingError(f"MLflow store {uri or tracking_uri()}: cannot list model versions: "
                             f"{err}") from None
     return [{"name": v.name, "version": str(v.version), "source": v.source,
-             "run_id": v.run_id or "", "tags": dict(v.tags)} for v in found]
+             "run_id": v.run_id or "", "tags": dict(v.tags),
+             "aliases": list(getattr(v, "aliases", []) or [])} for v in found]
 
 
 def download_model_version(source: str, dst: Path, uri: str | None = None) -> Path:

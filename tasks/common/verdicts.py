@@ -1,17 +1,26 @@
 """The one tag format of a scan verdict on a registered model version.
 
 Used by the pipeline's `evaluate` stage and by the scan service alike, so a person auditing the
-registry reads every verdict the same way.
+registry reads every verdict the same way. A backdoored or rejected version is also tagged
+`quarantined=true` (the scan service then moves its aliases: tasks.scan.quarantine). The scan
+service seals its verdicts (`scan_seal`, an HMAC over the version, the verdict and its run with
+a secret of the service's state folder): a verdict tag edited by hand no longer matches its seal.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from tasks.common.escape import escape
 
 TAG_LIMIT = 4000  # registry tag values are limited in length
+QUARANTINED = ("backdoored", "rejected")  # verdicts that quarantine a version
+QUARANTINE_ALIAS = "quarantined"
+SEALED = ("scan_verdict", "scan_target", "scan_run_id", "scan_key")  # what a seal covers
 
 
 def verdict_tags(verdict: dict[str, Any], run_id: str) -> dict[str, str]:
@@ -19,8 +28,8 @@ def verdict_tags(verdict: dict[str, Any], run_id: str) -> dict[str, str]:
     a model version.
 
     `scan_verdict` is clean | backdoored | rejected (or "not scanned" at registration); a
-    backdoored model is also tagged `quarantined`. The reason is escaped (it may quote names
-    from outside).
+    backdoored or rejected model is also tagged `quarantined`. The reason is escaped (it may
+    quote names from outside).
     """
     p_value = verdict.get("p_value")
     tags = {"scan_verdict": verdict["status"],
@@ -31,6 +40,17 @@ def verdict_tags(verdict: dict[str, Any], run_id: str) -> dict[str, str]:
             "scan_reason": escape(verdict.get("reason", ""))[:TAG_LIMIT],
             "scan_run_id": run_id,
             "scan_time": datetime.now(UTC).isoformat(timespec="seconds")}
-    if verdict["status"] == "backdoored":
+    if verdict["status"] in QUARANTINED:
         tags["quarantined"] = "true"
     return tags
+
+
+def seal(secret: str, name: str, version: str, tags: Mapping[str, str]) -> str:
+    """HMAC-SHA256 over the version and its sealed verdict tags (hex)."""
+    text = "\n".join([name, str(version), *(tags.get(k, "") for k in SEALED)])
+    return hmac.new(secret.encode(), text.encode(), hashlib.sha256).hexdigest()
+
+
+def seal_holds(secret: str, name: str, version: str, tags: Mapping[str, str]) -> bool:
+    """True if the version's `scan_seal` matches its verdict tags."""
+    return hmac.compare_digest(tags.get("scan_seal", ""), seal(secret, name, version, tags))

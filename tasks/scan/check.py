@@ -38,8 +38,10 @@ from tasks.common.configs import repair_config, scan_settings
 from tasks.common.escape import escape
 from tasks.common.params import Params
 from tasks.scan.core import ChunkResult, Rejected, inspect, measure_chunk
-from tasks.scan.discover import REFERENCE_SUFFIX, Candidate, model_key
+from tasks.scan.discover import REFERENCE_SUFFIX, SIGNATURE_SUFFIX, Candidate, model_key
+from tasks.scan.hygiene import manifest_problem
 from tasks.scan.reference import load_reference, reference_batch
+from tasks.scan.signing import SignatureError, trusted_keys, verify
 
 MODEL_STEM = "model"  # the copy of a candidate inside its work folder: model.safetensors, ...
 _LOAD_ERRORS = (ModelFileError, DataError, ValueError, TypeError, RuntimeError, KeyError)
@@ -68,6 +70,7 @@ class Checked:
     n_classes: int = 0
     reference: str = ""
     seconds: float = 0.0
+    signature: str = ""  # "verified: key <fingerprint>" when it arrived signed
 
     @property
     def ok(self) -> bool:
@@ -78,7 +81,7 @@ def _copy(cand: Candidate, work: Path) -> dict[str, Path]:
     """Copy the candidate's model files to `work/model.*`; refuse if they changed meanwhile."""
     work.mkdir(parents=True, exist_ok=True)
     copies = {}
-    for suffix in (".safetensors", ".json", REFERENCE_SUFFIX):
+    for suffix in (".safetensors", ".json", REFERENCE_SUFFIX, SIGNATURE_SUFFIX):
         src = cand.file(suffix)
         if src is not None:
             copies[suffix] = Path(shutil.copyfile(src, work / f"{MODEL_STEM}{suffix}"))
@@ -96,9 +99,11 @@ def _unsupported(cand: Candidate) -> str:
 
 
 def _rejected(cand: Candidate, reason: str, work: Path, start: float) -> Checked:
-    user_stem = cand.label.split(":", 1)[-1]  # name the user's files, not our copies
-    reason = reason.replace(str(work / MODEL_STEM), user_stem)
-    logger().warning("REJECTED %s: %s", escape(cand.label), escape(reason))
+    """A rejection whose reason names the user's file (escaped: it may quote their names and
+    manifest strings), never our copy of it."""
+    user_stem = cand.label.split(":", 1)[-1]  # escaped when the label was made
+    reason = escape(reason).replace(escape(work / MODEL_STEM), user_stem)
+    logger().warning("REJECTED %s: %s", cand.label, reason)
     return Checked(cand, reason=reason, seconds=time.perf_counter() - start)
 
 
@@ -121,6 +126,13 @@ def _check(cand: Candidate, params: Params) -> Checked:
     copies = _copy(cand, work)
     stem, own_ref = work / MODEL_STEM, copies.get(REFERENCE_SUFFIX)
     try:
+        signature = _verify_signature(cand, copies, work, params)
+    except SignatureError as err:
+        return _rejected(cand, str(err), work, start)
+    problem = manifest_problem(stem, str(work / MODEL_STEM))
+    if problem:
+        return _rejected(cand, problem, work, start)
+    try:
         ref = load_reference(params, own_ref)
     except DataError as err:
         if own_ref is None:
@@ -134,10 +146,36 @@ def _check(cand: Candidate, params: Params) -> Checked:
         return _rejected(cand, str(err), work, start)
     except _LOAD_ERRORS as err:
         return _rejected(cand, f"{stem}: {err}", work, start)
-    logger().info("checked %s: %s, %d classes", escape(cand.label), manifest.architecture,
+    except RecursionError:  # a nested structure the depth check did not see
+        return _rejected(cand, f"{stem}.json: too deeply nested to parse; refused", work, start)
+    logger().info("checked %s: %s, %d classes", cand.label, manifest.architecture,
                   manifest.num_classes)
     return Checked(cand, str(stem), "", manifest.num_classes, str(own_ref or ""),
-                   time.perf_counter() - start)
+                   time.perf_counter() - start, signature)
+
+
+def _verify_signature(cand: Candidate, copies: dict[str, Path], work: Path,
+                      params: Params) -> str:
+    """Verify the signature a model arrived with ('' if none; SignatureError if it fails).
+
+    The signature covers the files by their own names, so the checked copies are staged under
+    the names they arrived with."""
+    sig = copies.get(SIGNATURE_SUFFIX)
+    if sig is None:
+        return ""
+    staged = work / "arrived"
+    staged.mkdir(exist_ok=True)
+    own = Path(cand.file(".safetensors") or "model.safetensors").name.removesuffix(".safetensors")
+    for suffix in (".safetensors", ".json"):
+        if suffix in copies:
+            shutil.copyfile(copies[suffix], staged / f"{own}{suffix}")
+    shown = Path(cand.file(SIGNATURE_SUFFIX) or sig).name
+    try:
+        key = verify(staged / own, sig, trusted_keys(params))
+    except SignatureError as err:
+        raise SignatureError(str(err).replace(str(sig), shown)) from None
+    logger().info("%s: signature %s verified (key %s)", cand.label, escape(shown), key)
+    return f"verified: signed by key {key}"
 
 
 def _batch(params: Params, checked: Checked) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -158,7 +196,7 @@ def fit_chunk(checked: Checked, classes: tuple[int, ...], params: Params) -> Chu
     images, labels = _batch(params, checked)
     result = measure_chunk(model, images, labels, tuple(classes), checked.n_classes,
                            scan_settings(params), device, params.scan.grid_samples)
-    logger().info("%s: classes %s measured in %.1f s", escape(checked.candidate.label),
+    logger().info("%s: classes %s measured in %.1f s", checked.candidate.label,
                   list(classes), time.perf_counter() - start)
     return result
 
@@ -188,7 +226,7 @@ def repair_model(checked: Checked, target: int, detector: str, params: Params,
     images, labels = _batch(params, checked)
     if labels is None:
         logger().warning("%s: no labels in the reference data, cannot repair",
-                         escape(checked.candidate.label))
+                         checked.candidate.label)
         return None
     model, manifest = load_model(checked.stem, map_location=device)
     source = _trigger_source(model, images, target, detector, checked.n_classes, params, device)

@@ -1,6 +1,8 @@
 """`mesa-scan`: scan model files for backdoors offline, no servers (the scan service's core).
 
-    mesa-scan [--reference PATH] [--format text|json] [--params FILE] [--calibration FILE] PATH...
+    mesa-scan [--reference PATH] [--format text|json|sarif] [--params FILE]
+              [--calibration FILE] PATH...
+    mesa-scan --verify-signature [--public-key PEM]... [--format text|json] PATH...
 
 PATH: a `<stem>.safetensors` + `<stem>.json` pair (either file, or the stem), or a folder of them.
 --reference: the defender's clean images: a CIFAR archive in any format the project reads (the
@@ -8,9 +10,17 @@ defender part of its test split is used) or an .npz (`images` uint8 (N, C, H, W)
 `classes`); default: the project's data source. Verdicts are calibrated (mesa_lib.calibration)
 with --calibration (default: params.yaml `scan.calibration`), which must match the scan settings.
 
+--format sarif writes a SARIF 2.1.0 log (tasks.scan.sarif) for code-scanning UIs.
+
+--verify-signature checks each model's `<stem>.sig` (OpenSSF model-signing, key-based;
+tasks.scan.signing) offline instead of scanning: against --public-key files, default the scan
+service's public key (params `platform.signing_key` / MESA_SIGNING_KEY / the state folder) and
+`platform.trusted_keys`. Exit 0: every signature holds; 2: one does not (altered file, other
+key, missing signature); 3: no public key to check with.
+
 Exit code: the highest of its models': 0 all clean, 1 a backdoor found, 2 a file rejected,
 3 an error (no calibration, unreadable reference, a scan that crashed: its verdict is
-"error"). Names are printed escaped, in text and JSON alike.
+"error"). Names are printed escaped, in text, JSON and SARIF alike.
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ from tasks.common.env import default_data_source  # noqa: E402
 from tasks.common.escape import escape  # noqa: E402
 from tasks.common.params import Params, load_params  # noqa: E402
 from tasks.common.settings import ConfigError  # noqa: E402
+from tasks.scan import sarif, signing  # noqa: E402
 from tasks.scan.core import (  # noqa: E402
     Rejected,
     inspect,
@@ -44,6 +55,7 @@ from tasks.scan.core import (  # noqa: E402
     record,
     verdict_of,
 )
+from tasks.scan.hygiene import manifest_problem  # noqa: E402
 from tasks.scan.reference import Reference, load_reference, reference_batch  # noqa: E402
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -74,11 +86,17 @@ def scan_one(stem: Path, ref: Reference, params: Params, calibration: Any,
              device: torch.device) -> dict[str, Any]:
     """One model's verdict record (rejected with the reason if it cannot be scanned safely)."""
     start = time.perf_counter()
+    problem = manifest_problem(stem, str(stem))
+    if problem:
+        return record(str(stem), None, problem, {"total": time.perf_counter() - start})
     try:
         model, manifest = inspect(stem, len(ref.classes), tuple(ref.images.shape[1:]),
                                   ref.images[:2], device)
     except Rejected as err:
         return record(str(stem), None, str(err), {"total": time.perf_counter() - start})
+    except RecursionError:
+        return record(str(stem), None, f"{stem}.json: too deeply nested to parse; refused",
+                      {"total": time.perf_counter() - start})
     checked = time.perf_counter()
     images, labels = reference_batch(ref, params.scan.images, params.base.seed)
     n = manifest.num_classes
@@ -99,15 +117,67 @@ def text_line(rec: dict[str, Any]) -> str:
             f"({rec['detector']} detector; {rec['seconds'].get('total', 0):.1f} s)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse, scan every model, print, return the exit code."""
+def verify_one(stem: Path, keys: list[Path]) -> dict[str, Any]:
+    """One model's signature check: {model, signature, verdict verified|rejected, ...}."""
+    sig = Path(f"{stem}{signing.SUFFIX}")
+    out = {"model": escape(stem), "signature": escape(sig)}
+    try:
+        key = signing.verify(stem, sig, keys)
+    except signing.SignatureError as err:
+        return out | {"verdict": "rejected", "reason": escape(err)}
+    return out | {"verdict": "verified", "key": key}
+
+
+def _public_keys(args: argparse.Namespace) -> list[Path]:
+    """--public-key files, else the service's public key and params' trusted keys."""
+    if args.public_key:
+        return list(args.public_key)
+    params = load_params(args.params)
+    own = signing.key_paths(params).public
+    return [k for k in (own, *(Path(t) for t in params.platform.trusted_keys)) if k.is_file()]
+
+
+def verify_main(args: argparse.Namespace) -> int:
+    """`--verify-signature`: check every model's signature offline."""
+    try:
+        keys = _public_keys(args)
+    except (ConfigError, OSError) as err:
+        print(f"error: {escape(err)}", file=sys.stderr)
+        return EXIT["error"]
+    missing = [k for k in keys if not k.is_file()]
+    if not keys or missing:
+        print(f"error: no public key to verify with ({escape(missing[0]) if missing else 'none'}"
+              " missing; give --public-key PEM)", file=sys.stderr)
+        return EXIT["error"]
+    records = [verify_one(stem, keys) for stem in model_stems(args.paths)]
+    if args.format == "json":
+        print(json.dumps(records, indent=2))
+    else:
+        for rec in records:
+            tail = f"signed by key {rec['key']}" if rec["verdict"] == "verified" else rec["reason"]
+            print(f"{rec['verdict'].upper():10s}  {rec['model']}: {tail}")
+    return EXIT["rejected"] if any(r["verdict"] != "verified" for r in records) else 0
+
+
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mesa-scan", description=__doc__.split("\n\n")[0])
     ap.add_argument("paths", nargs="+", type=Path, metavar="PATH")
     ap.add_argument("--reference", help="CIFAR archive or .npz of clean images")
-    ap.add_argument("--format", choices=("text", "json"), default="text")
+    ap.add_argument("--format", choices=("text", "json", "sarif"), default="text")
     ap.add_argument("--params", type=Path, default=PROJECT / "params.yaml")
     ap.add_argument("--calibration", type=Path, help="default: params scan.calibration")
-    args = ap.parse_args(argv)
+    ap.add_argument("--verify-signature", action="store_true",
+                    help="check each model's <stem>.sig offline instead of scanning")
+    ap.add_argument("--public-key", type=Path, action="append",
+                    help="PEM public key to verify with (repeatable)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, scan every model (or check signatures), print, return the exit code."""
+    args = _parser().parse_args(argv)
+    if args.verify_signature:
+        return verify_main(args)
     try:
         params = load_params(args.params)
         calibration_path = args.calibration or PROJECT / params.scan.calibration
@@ -126,10 +196,21 @@ def main(argv: list[str] | None = None) -> int:
                            | {"verdict": "error"})
     if args.format == "json":
         print(json.dumps(records, indent=2))
+    elif args.format == "sarif":
+        print(json.dumps(sarif.log(records, _version()), indent=2))
     else:
         for rec in records:
             print(text_line(rec))
     return max((EXIT[r["verdict"]] for r in records), default=EXIT["clean"])
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("mesa-pipeline")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def entry() -> None:

@@ -8,7 +8,8 @@ keyed by it.
 
 Drop folder: flat, only read (never written, moved or deleted). Files are grouped by stem:
 `<stem>.safetensors` weights, `<stem>.json` manifest, optional `<stem>.data.npz` reference data
-(uint8 `images` (N, C, H, W), int64 `labels` (N,), str `classes`); any other file is a group of
+(uint8 `images` (N, C, H, W), int64 `labels` (N,), str `classes`), optional `<stem>.sig`
+signature (tasks.scan.signing: verified before anything else); any other file is a group of
 its own, rejected by the scan (pickles are never loaded). Hidden files, sub-folders, symlinks and
 `*.tmp` / `*.part` files are ignored; a group changed less than `scan.settle_s` ago waits for the
 next run (a copy in progress).
@@ -30,10 +31,12 @@ from prefect.cache_policies import NO_CACHE
 
 from mesa_lib.modelio import sha256_file
 from tasks.common import tracking
+from tasks.common.escape import escape
 from tasks.common.params import Params
 from tasks.scan.claims import Ledger
 
 REFERENCE_SUFFIX = ".data.npz"
+SIGNATURE_SUFFIX = ".sig"  # model-signing bundle over <stem>.safetensors + <stem>.json
 _IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp")
 UNSCANNED = ("", "not scanned")
 
@@ -45,11 +48,12 @@ class Candidate:
     Attributes:
         key: sha256 over the digests of its files (claims, done records).
         source: "drop" or "registry".
-        label: human name, e.g. "drop:model_a" or "registry:mesa-backdoored/3".
+        label: human name, e.g. "drop:model_a" or "registry:mesa-backdoored/3", escaped
+            (tasks.common.escape) when made: safe in logs, run names, tags and JSON.
         files: local paths of every file of the model (drop folder or downloaded copy).
         weights_sha256: sha256 of the `.safetensors` file ("" if there is none).
         name, version: the registered model version (registry candidates).
-        stats: (file name, size, mtime_ns) of drop files, for the ledger.
+        stats: (escaped file name, size, mtime_ns) of drop files, for the ledger.
         problem: a reason to reject found before loading (e.g. unfetchable artifacts).
     """
 
@@ -79,14 +83,15 @@ def _role(path: Path) -> str:
     name = Path(path).name
     if name.endswith(REFERENCE_SUFFIX):
         return "reference"
-    return {".safetensors": "weights", ".json": "manifest"}.get(Path(name).suffix, name)
+    return {".safetensors": "weights", ".json": "manifest",
+            SIGNATURE_SUFFIX: "signature"}.get(Path(name).suffix, name)
 
 
 def _stem(name: str) -> str:
     if name.endswith(REFERENCE_SUFFIX):
         return name[: -len(REFERENCE_SUFFIX)]
     suffix = Path(name).suffix
-    return name[: -len(suffix)] if suffix in (".safetensors", ".json") else name
+    return name[: -len(suffix)] if suffix in (".safetensors", ".json", SIGNATURE_SUFFIX) else name
 
 
 def drop_groups(folder: Path) -> dict[str, list[Path]]:
@@ -103,7 +108,7 @@ def drop_groups(folder: Path) -> dict[str, list[Path]]:
 
 
 def _stats(files: list[Path]) -> tuple[tuple[str, int, int], ...]:
-    return tuple((p.name, (s := p.stat()).st_size, s.st_mtime_ns) for p in files)
+    return tuple((escape(p.name), (s := p.stat()).st_size, s.st_mtime_ns) for p in files)
 
 
 def drop_candidates(params: Params, ledger: Ledger, settle_s: float | None = None
@@ -120,7 +125,7 @@ def drop_candidates(params: Params, ledger: Ledger, settle_s: float | None = Non
         if all(tuple(s) in seen for s in stats) and len({seen[s] for s in stats}) == 1:
             continue  # exactly these files were processed before
         key, weights = model_key(files)
-        out.append(Candidate(key, "drop", f"drop:{stem}", tuple(str(p) for p in files),
+        out.append(Candidate(key, "drop", f"drop:{escape(stem)}", tuple(str(p) for p in files),
                              weights, stats=stats))
     return out
 
@@ -134,7 +139,7 @@ def unscanned_versions(params: Params) -> list[dict]:
 @task(retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE)
 def fetch_version(version: dict, work: Path) -> Candidate:
     """Download one registry version's files and describe it as a Candidate (I/O: retried)."""
-    label = f"registry:{version['name']}/{version['version']}"
+    label = f"registry:{escape(version['name'])}/{version['version']}"
     dst = Path(work) / "registry" / version["name"] / version["version"]
     try:
         folder = tracking.download_model_version(version["source"], dst)

@@ -11,6 +11,12 @@ drop-folder model that loads is registered as a new version of `scan.drop_model_
 run as its source and its verdict tags; a rejected file is not copied into the registry (its run
 holds the reason, file names and sha256). Repair registers the repaired model as a new version
 of the same registered model, with `parent_model_version` pointing at the original.
+
+Around each verdict the platform adds (docs/scanning.md): a version the scan clears and every
+repaired model is signed (tasks.scan.signing; `<stem>.sig` beside the files, tag `signature`);
+a backdoored or rejected version is quarantined (tasks.scan.quarantine: every alias removed,
+`@quarantined`); every verdict is sealed; the version's description becomes its audit record
+(tasks.scan.audit) and the registered model's tags carry the latest verdict.
 """
 
 from __future__ import annotations
@@ -26,16 +32,18 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from mesa_lib.calibration import Calibration
-from mesa_lib.modelio import model_fingerprint
+from mesa_lib.modelio import model_fingerprint, sha256_file
 from tasks.common import tracking
 from tasks.common.configs import scan_settings
 from tasks.common.escape import escape
 from tasks.common.io import save_grid, write_csv, write_json
 from tasks.common.params import Params
 from tasks.common.verdicts import TAG_LIMIT, verdict_tags
+from tasks.scan import audit, quarantine, signing
 from tasks.scan.check import Checked, logger, repair_model, work_dir
 from tasks.scan.core import ChunkResult, load_calibration
 from tasks.scan.core import verdict_of as verdict_of_chunks
+from tasks.scan.discover import SIGNATURE_SUFFIX, Candidate
 
 
 @lru_cache(maxsize=4)
@@ -95,40 +103,125 @@ def _run(label: str, checked: Checked, verdict: dict[str, Any], chunks: list[Chu
          params: Params, folder: Path, seconds: dict[str, float]) -> tracking.StageRun:
     """Open a scan run and log params, metrics and evidence (the caller ends it)."""
     cand = checked.candidate
-    run = tracking.start_run(escape(label), {
-        "mesa.role": "scan", "scan.source": cand.source, "scan.label": escape(cand.label),
+    run = tracking.start_run(label, {  # labels are escaped when made
+        "mesa.role": "scan", "scan.source": cand.source, "scan.label": cand.label,
         "scan.key": cand.key, "model_sha256": cand.weights_sha256,
-        "scan_verdict": verdict["status"], "scan_reason": escape(verdict["reason"])[:TAG_LIMIT],
+        "scan_verdict": verdict["status"], "scan_reason": verdict["reason"][:TAG_LIMIT],
         "scan.files": json.dumps([escape(Path(f).name) for f in cand.files])[:TAG_LIMIT]})
-    tracking.log_params(run, {**params.section("scan"), "model.label": escape(cand.label),
+    tracking.log_params(run, {**params.section("scan"), "model.label": cand.label,
                               "model.classes": checked.n_classes})
     tracking.log_metrics(run, _metrics(verdict, seconds))
-    extra = {"label": escape(cand.label), "key": cand.key,
+    extra = {"label": cand.label, "key": cand.key,
              "model_sha256": cand.weights_sha256, "seconds": seconds}
     tracking.log_artifacts(run, _evidence(folder, verdict, chunks, extra), "evidence")
     return run
+
+
+def _commit() -> str:
+    commit, dirty = tracking.git_state()
+    return commit[:12] + ("-dirty" if dirty else "")
+
+
+def _lineage(checked: Checked, tags: dict[str, str], signature: str) -> dict[str, str]:
+    """What the audit record says about where the model came from."""
+    data_hash = tags.get("data_hash", "")
+    manifest = Path(f"{checked.stem}.json") if checked.stem else None
+    if not data_hash and manifest is not None and manifest.is_file():
+        try:
+            data_hash = str(json.loads(manifest.read_text()).get("data_hash", ""))
+        except (OSError, ValueError, RecursionError):
+            data_hash = ""
+    ref = Path(checked.reference) if checked.reference else None
+    return {"parent": tags.get("parent_model_version", "none"), "data_hash": data_hash,
+            "reference": sha256_file(ref)[:16] if ref and ref.is_file() else "",
+            "commit": _commit(), "signature": signature}
+
+
+def _sign(stem: Path, params: Params) -> tuple[Path | None, str]:
+    """Sign a cleared or repaired model: (signature file, status for the tag and record)."""
+    try:
+        keys = signing.ensure_key(params)
+        sig = signing.sign(stem, Path(f"{stem}{SIGNATURE_SUFFIX}"), keys.private)
+    except Exception as err:  # noqa: BLE001 - the verdict stands; the record says why
+        logger().error("signing %s failed: %s", escape(stem.name), escape(err))
+        return None, f"signing failed: {escape(err)[:200]}"
+    return sig, f"signed by key {signing.fingerprint(keys.public)} (scan service)"
+
+
+def _signature_status(checked: Checked, verdict: dict[str, Any]) -> str:
+    arrived = f"arrived signed ({checked.signature}); " if checked.signature else ""
+    if verdict["status"] == "clean":
+        return arrived
+    return f"{arrived}not signed: verdict {verdict['status']}"
+
+
+def _store_signature(sig: Path, version: dict[str, Any], scan_run: str) -> str:
+    """Put a registry version's new signature beside its files when they are a run's artifacts
+    (a download of the version then carries it), and in the scan run; returns where."""
+    tracking.log_artifact_to(scan_run, sig, "signature")
+    where = f"runs:/{scan_run}/signature/{sig.name}"
+    owner = tracking.run_record(version["run_id"]) if version.get("run_id") else None
+    if owner and version["source"].startswith(owner["artifact_uri"]):
+        folder = version["source"][len(owner["artifact_uri"]):].strip("/") or None
+        tracking.log_artifact_to(version["run_id"], sig, folder)
+        where = f"{version['source']}/{sig.name}"
+    return where
+
+
+def settle_version(name: str, version: str, checked: Checked, verdict: dict[str, Any],
+                   run_id: str, signature: str, params: Params) -> None:
+    """Seal, quarantine or clear, and write the audit record of a version just given a verdict."""
+    tags = tracking.model_version_tags(name, version)
+    removed = quarantine.apply(name, version, tags, params)
+    if removed:
+        logger().warning("QUARANTINED %s/%s: aliases %s removed", escape(name), version,
+                         ", ".join("@" + escape(a) for a in removed))
+    audit.write(name, version, verdict, run_id, _lineage(checked, tags, signature))
+
+
+def _publish_registry(checked: Checked, verdict: dict[str, Any], run: tracking.StageRun,
+                      tags: dict[str, str], params: Params) -> str:
+    cand = checked.candidate
+    status = _signature_status(checked, verdict)
+    if verdict["status"] == "clean" and checked.ok:
+        weights = cand.file(".safetensors")
+        sig, signed = _sign(Path(str(weights)).with_suffix(""), params)
+        status += signed
+        if sig is not None:
+            where = _store_signature(sig, tracking.model_version(cand.name, cand.version),
+                                     run.run_id)
+            tags = {**tags, "signature_file": where}
+    tracking.tag_model_version(cand.name, cand.version, {**tags, "signature": status[:500]})
+    settle_version(cand.name, cand.version, checked, verdict, run.run_id, status, params)
+    return f"{cand.name}/{cand.version}"
 
 
 def _publish(checked: Checked, verdict: dict[str, Any], run: tracking.StageRun,
              params: Params) -> str:
     """Tag the registry version, or register a drop-folder model; returns 'name/version'."""
     cand = checked.candidate
-    tags = verdict_tags(verdict, run.run_id)
+    tags = {**verdict_tags(verdict, run.run_id), "scan_key": cand.key}
     if cand.source == "registry":
-        tracking.tag_model_version(cand.name, cand.version, tags)
-        return f"{cand.name}/{cand.version}"
+        return _publish_registry(checked, verdict, run, tags, params)
     if not checked.ok:
         return ""  # a rejected file stays out of the registry; its run holds the reason
     stem = Path(checked.stem)
-    files = (stem.with_suffix(".safetensors"), stem.with_suffix(".json"))
+    files = [stem.with_suffix(".safetensors"), stem.with_suffix(".json")]
+    status = _signature_status(checked, verdict)
+    Path(f"{stem}{SIGNATURE_SUFFIX}").unlink(missing_ok=True)  # the arrived one, verified
+    if verdict["status"] == "clean":
+        sig, signed = _sign(stem, params)
+        status += signed
+        files += [sig] if sig is not None else []
     name = params.scan.drop_model_name
     lineage = {"source": "drop-folder", "drop_files": json.dumps(
-        [Path(f).name for f in cand.files]), "model_sha256": cand.weights_sha256,
-        "scan_key": cand.key, "parent_model_version": "none"}
+        [escape(Path(f).name) for f in cand.files]), "model_sha256": cand.weights_sha256,
+        "parent_model_version": "none", "signature": status[:500]}
     version = tracking.register_model(
-        run, files, name, {**lineage, **tags},
-        f"Dropped into {params.scan.drop_folder}/ as {cand.label.removeprefix('drop:')}; "
-        f"scan verdict: {verdict['status']}", alias=None)
+        run, tuple(files), name, {**lineage, **tags},
+        f"Dropped into {escape(params.scan.drop_folder)}/ as {cand.label.removeprefix('drop:')};"
+        f" scan verdict: {verdict['status']}", alias=None)
+    settle_version(name, version, checked, verdict, run.run_id, status, params)
     return f"{name}/{version}"
 
 
@@ -162,8 +255,8 @@ def _record(checked: Checked, chunks: list[ChunkResult], params: Params) -> dict
     text = verdict["status"] + (f", target {verdict['target']}" if verdict["target"] is not None
                                 else "") + (f": {verdict['reason']}" if verdict["reason"] else "")
     (log.warning if verdict["status"] != "clean" else log.info)(
-        "VERDICT %s -> %s (confidence %.2f; MLflow run %s; %s)", escape(cand.label),
-        escape(text), verdict["confidence"], run.run_id, version or "not registered")
+        "VERDICT %s -> %s (confidence %.2f; MLflow run %s; %s)", cand.label,
+        text, verdict["confidence"], run.run_id, version or "not registered")
     return {"key": cand.key, "label": cand.label, "status": verdict["status"],
             "target": verdict["target"], "confidence": verdict["confidence"],
             "p_value": verdict["p_value"], "detector": verdict["detector"],
@@ -172,14 +265,25 @@ def _record(checked: Checked, chunks: list[ChunkResult], params: Params) -> dict
 
 
 @task(retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE)
-def reuse_verdict(version: dict[str, str], done: dict[str, Any]) -> str:
-    """A registry version holding already-scanned files gets the earlier verdict's tags."""
+def reuse_verdict(cand: Candidate, done: dict[str, Any], params: Params) -> str:
+    """A registry version holding already-scanned files gets the earlier verdict's tags (and,
+    cleared, its own signature; quarantined, its aliases moved)."""
     verdict = {"status": done["status"], "target": done["target"],
                "confidence": done["confidence"], "p_value": done.get("p_value"),
                "detector": done.get("detector"), "reason": done.get("reason", "")}
-    tags = {**verdict_tags(verdict, done["run_id"]), "scan_reused_from": done["label"]}
-    tracking.tag_model_version(version["name"], version["version"], tags)
-    return f"{version['name']}/{version['version']}"
+    tags = {**verdict_tags(verdict, done["run_id"]), "scan_reused_from": done["label"],
+            "scan_key": cand.key}
+    status = _signature_status(Checked(cand), verdict)
+    weights = cand.file(".safetensors")
+    if verdict["status"] == "clean" and weights is not None:
+        sig, status = _sign(Path(weights).with_suffix(""), params)
+        if sig is not None:
+            tags["signature_file"] = _store_signature(
+                sig, tracking.model_version(cand.name, cand.version), done["run_id"])
+    tracking.tag_model_version(cand.name, cand.version, {**tags, "signature": status[:500]})
+    checked = Checked(cand, str(Path(weights).with_suffix("")) if weights else "")
+    settle_version(cand.name, cand.version, checked, verdict, done["run_id"], status, params)
+    return f"{cand.name}/{cand.version}"
 
 
 @task(cache_policy=NO_CACHE)
@@ -198,14 +302,18 @@ def repair_and_register(checked: Checked, chunks: list[ChunkResult], outcome: di
     run = _run(f"repair {checked.candidate.label}", repaired, verdict, rescan, params, folder,
                {"fit_sum": sum(rescan[0].seconds.values())})
     name = parent.split("/")[0]
+    sig, status = _sign(stem, params)  # every repaired model is signed, whatever its re-scan
+    files = (stem.with_suffix(".safetensors"), stem.with_suffix(".json"))
     tags = {**verdict_tags(verdict, run.run_id), "parent_model_version": parent,
-            "repair": f"{outcome['detector']} triggers", "model_sha256": model_fingerprint(stem)}
+            "repair": f"{outcome['detector']} triggers", "model_sha256": model_fingerprint(stem),
+            "scan_key": checked.candidate.key, "signature": status}
     version = tracking.register_model(
-        run, (stem.with_suffix(".safetensors"), stem.with_suffix(".json")), name, tags,
+        run, files + ((sig,) if sig is not None else ()), name, tags,
         f"Repair of {parent} against its {outcome['detector']} triggers; re-scan verdict: "
         f"{verdict['status']}", alias=None)
     tracking.tag_model_version(name, parent.split("/")[1], {"repaired_version":
                                                             f"{name}/{version}"})
+    settle_version(name, version, repaired, verdict, run.run_id, status, params)
     tracking.end_run(run)
     logger().info("REPAIRED %s -> %s/%s, re-scan: %s", parent, name, version, verdict["status"])
     return {"repaired_version": f"{name}/{version}", "repaired_verdict": verdict["status"]}

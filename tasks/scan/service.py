@@ -24,11 +24,14 @@ from typing import Any
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks.common import tracking
+from tasks.common.escape import escape
 from tasks.common.params import ConfigError, Params, load_params
 from tasks.common.tracking import TrackingError
+from tasks.scan import quarantine
 from tasks.scan.check import logger
 from tasks.scan.claims import ClaimStore, Ledger
 from tasks.scan.discover import (
+    UNSCANNED,
     Candidate,
     drop_candidates,
     fetch_version,
@@ -38,6 +41,7 @@ from tasks.scan.discover import (
 from tasks.scan.record import reuse_verdict
 
 DEPLOYMENT = "scan-new-models"
+EVENT_DEPLOYMENT = "scan-on-event"
 
 
 class ServerError(RuntimeError):
@@ -75,6 +79,14 @@ def preflight() -> None:
     uri = tracking.tracking_uri()
     tracking.check_reachable(uri)  # every time: the client below is cached per process
     tracking.client(uri)
+
+
+def sweep(params: Params) -> list[dict[str, Any]]:
+    """At each start: fail the scan runs of killed processes, then audit the registry
+    (tasks.scan.quarantine.audit): aliases on quarantined versions, verdicts no scan wrote."""
+    for run_id in tracking.fail_orphaned_runs():
+        logger().warning("marked scan run %s FAILED: its process was killed", run_id)
+    return quarantine.audit(params)
 
 
 def check_prefect(timeout: float = 3.0) -> None:
@@ -123,16 +135,17 @@ def ledger_entry(cand: Candidate, outcome: dict[str, Any]) -> dict[str, Any]:
             "run_id": outcome.get("run_id", ""), "time": time.time()}
 
 
-def reuse(cand: Candidate, done: dict[str, Any], book: Ledger) -> str:
+def reuse(cand: Candidate, done: dict[str, Any], book: Ledger, params: Params) -> str:
     """Give a candidate whose files were scanned already that scan's verdict."""
     if cand.source == "registry":
-        reuse_verdict({"name": cand.name, "version": cand.version}, done)
+        reuse_verdict(cand, done, params)
     elif cand.stats:
         book.append(ledger_entry(cand, done))
     return cand.label
 
 
-def triage(found: list[Candidate], store: ClaimStore, book: Ledger, owner: str) -> Triage:
+def triage(found: list[Candidate], store: ClaimStore, book: Ledger, owner: str,
+           params: Params) -> Triage:
     """Claim each new model once; reuse verdicts of files scanned before; skip the rest."""
     plan, seen = Triage(), set()
     for cand in found:
@@ -142,7 +155,7 @@ def triage(found: list[Candidate], store: ClaimStore, book: Ledger, owner: str) 
         seen.add(cand.key)
         done = store.done(cand.key)
         if done is not None:
-            plan.reused.append(reuse(cand, done, book))
+            plan.reused.append(reuse(cand, done, book, params))
         elif store.acquire(cand.key, owner=owner):
             plan.claimed.append(cand)
         else:
@@ -152,9 +165,10 @@ def triage(found: list[Candidate], store: ClaimStore, book: Ledger, owner: str) 
     return plan
 
 
-def reuse_twins(twins: list[Candidate], store: ClaimStore, book: Ledger) -> list[str]:
+def reuse_twins(twins: list[Candidate], store: ClaimStore, book: Ledger,
+                params: Params) -> list[str]:
     """Twins of models scanned in this run get their verdict."""
-    return [reuse(t, d, book) for t in twins if (d := store.done(t.key)) is not None]
+    return [reuse(t, d, book, params) for t in twins if (d := store.done(t.key)) is not None]
 
 
 # --------------------------------------------------------------------------- outcomes
@@ -162,10 +176,9 @@ def reuse_twins(twins: list[Candidate], store: ClaimStore, book: Ledger) -> list
 
 def failure(cand: Candidate, err: Exception) -> dict[str, Any]:
     """The outcome of a model whose scan could not finish (it stays unscanned)."""
-    logger().error("FAILED %s: %s: %s (stays unscanned; the next run retries)",
-                   cand.label, type(err).__name__, err)
-    return {"key": cand.key, "label": cand.label, "status": "failed",
-            "reason": f"{type(err).__name__}: {err}"}
+    reason = escape(f"{type(err).__name__}: {err}")  # may quote names from outside
+    logger().error("FAILED %s: %s (stays unscanned; the next run retries)", cand.label, reason)
+    return {"key": cand.key, "label": cand.label, "status": "failed", "reason": reason}
 
 
 def settle(claimed: list[Candidate], outcomes: list[dict[str, Any]], store: ClaimStore,
@@ -197,6 +210,18 @@ def raise_failures(outcomes: list[dict[str, Any]]) -> None:
                            + "; ".join(f"{o['label']}: {o['reason']}" for o in failed))
 
 
+def event_candidate(model: str, params: Params) -> Candidate | None:
+    """The registry version NAME/VERSION an event names, if it still needs a scan (the poll
+    or an earlier event may have scanned it already)."""
+    name, _, version = model.rpartition("/")
+    match = [v for v in tracking.model_versions((name,)) if v["version"] == version]
+    if not name or not match:
+        raise FileNotFoundError(f"{escape(model)}: no such registered model version")
+    if match[0]["tags"].get("scan_verdict", "") not in UNSCANNED:
+        return None
+    return fetch_version(match[0], Path(params.scan.state_folder) / "work")
+
+
 def candidate(model: str, params: Params) -> Candidate:
     """A file pair (path with or without suffix) or a registry version NAME/VERSION."""
     path = Path(model)
@@ -205,12 +230,25 @@ def candidate(model: str, params: Params) -> Candidate:
                                                                   ".data.npz")) if p.is_file()]
     if files:
         key, sha = model_key(files)
-        return Candidate(key, "drop", f"file:{stem.name}", tuple(str(p) for p in files), sha)
+        return Candidate(key, "drop", f"file:{escape(stem.name)}", tuple(str(p) for p in files),
+                         sha)
     name, _, version = model.removeprefix("registry:").rpartition("/")
     match = [v for v in tracking.model_versions((name,)) if v["version"] == version]
     if not name or not match:
-        raise FileNotFoundError(f"{model}: neither a model file pair nor a registered version")
+        raise FileNotFoundError(f"{escape(model)}: neither a model file pair nor a registered "
+                                "version")
     return fetch_version(match[0], Path(params.scan.state_folder) / "work")
+
+
+def event_trigger(params_path: str) -> Any:
+    """Run `scan-event` for the version each `mlflow.model_version.created` event names."""
+    from prefect.events import DeploymentEventTrigger
+
+    from tasks.scan.webhook import EVENT, NAME_LABEL, VERSION_LABEL
+
+    model = f"{{{{ event.resource['{NAME_LABEL}'] }}}}/{{{{ event.resource['{VERSION_LABEL}'] }}}}"
+    return DeploymentEventTrigger(name="registry model_version.created", expect={EVENT},
+                                  parameters={"model": model, "params_path": params_path})
 
 
 def schedule(params: Params) -> dict[str, Any]:

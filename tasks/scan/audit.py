@@ -1,0 +1,59 @@
+"""The audit record a person reads: each scanned version's description in the MLflow UI.
+
+The description (Markdown, rendered on the version's page) says in a few lines what was found
+and on what evidence: verdict, target, p-value and confidence, the detector that fired, a link
+to the scan run holding the trigger grid and per-class scores, the parent version, the data
+hashes, the code commit of the scanner and the signature's status. The registered model's tags
+carry the latest verdict (tasks.scan.quarantine.summarise).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tasks.common import tracking
+from tasks.common.escape import escape
+
+_HEAD = {"clean": "CLEAN", "backdoored": "BACKDOORED: quarantined",
+         "rejected": "REJECTED: quarantined"}
+
+
+def _md(text: object) -> str:
+    """A value from outside made inert in Markdown (escaped, no markup characters)."""
+    return escape(text).translate({ord(c): f"\\{c}" for c in "[]()*_`<>#|!"})
+
+
+def record(verdict: dict[str, Any], run_id: str, lineage: dict[str, str]) -> str:
+    """The Markdown audit record of one version.
+
+    Args:
+        verdict: status, target, p_value, confidence, detector, reason.
+        run_id: the scan run (its experiment is looked up for the link).
+        lineage: parent, data_hash, reference, commit, signature (any may be missing).
+    """
+    run = tracking.run_record(run_id) or {"experiment_id": "0"}
+    link = f"#/experiments/{run['experiment_id']}/runs/{run_id}"
+    target = "none" if verdict.get("target") is None else f"class {verdict['target']}"
+    p_value = verdict.get("p_value")
+    stats = ("not measured" if p_value is None else
+             f"p = {p_value:.4f} (confidence {verdict['confidence']:.3f})")
+    lines = [f"**Scan verdict: {_HEAD.get(verdict['status'], _md(verdict['status']))}**", "",
+             f"- target: {target}; {stats}; detector: {_md(verdict.get('detector') or 'none')}",
+             f"- evidence: [scan run {run_id[:12]}]({link}) (trigger grid "
+             "`evidence/triggers.png`, per-class scores `evidence/scores.csv`)"]
+    if verdict.get("reason"):
+        lines.append(f"- reason: {_md(verdict['reason'])[:600]}")
+    lines += [f"- parent version: {_md(lineage.get('parent', 'none'))}",
+              f"- data: training data hash {_md(lineage.get('data_hash') or 'unknown')}; "
+              f"reference data sha256 {_md(lineage.get('reference') or 'the service default')}",
+              f"- scanner code commit: {_md(lineage.get('commit', 'unknown'))}",
+              f"- signature: {_md(lineage.get('signature', 'none'))}"]
+    return "\n".join(lines)
+
+
+def write(name: str, version: str, verdict: dict[str, Any], run_id: str,
+          lineage: dict[str, str]) -> str:
+    """Set the version's description to its audit record; returns the text."""
+    text = record(verdict, run_id, lineage)
+    tracking.set_version_description(name, version, text)
+    return text

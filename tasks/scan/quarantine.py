@@ -1,0 +1,175 @@
+"""A quarantine that blocks: aliases, findings and verdicts nobody scanned.
+
+A backdoored or rejected version loses every alias (`@current`, `@champion`, ...: whatever a
+consumer loads by) and gets the alias `quarantined` plus the tag `quarantined=true`. MLflow lets
+an alias name one version only, so with several quarantined versions of one registered model
+`@quarantined` points at the newest and the tag marks each. A clean verdict from a new scan
+lifts the quarantine (tag removed, `@quarantined` removed if it pointed there); nothing else does.
+
+`audit` runs at the start of every discovery run over the watched registered models and reports
+(flow log, flow result, `<state>/findings.jsonl`) and undoes:
+- an alias pointing at a quarantined version (moved there by hand): the alias is removed;
+- a verdict no scan wrote: its `scan_run_id` run does not exist or recorded another verdict, or
+  the service's seal (tasks.common.verdicts.seal) does not match (a tag edited by hand). The
+  version is quarantined and its verdict reset to `not scanned`, so the same run scans it again
+  (or re-applies the verdict recorded for its exact files in the state folder).
+Verdicts of the pipeline's `evaluate` stage carry no seal; they hold when their run is that
+stage's and its metrics `scan.<model>.backdoored` / `p_value` match the tags.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from tasks.common import tracking
+from tasks.common.escape import escape
+from tasks.common.params import Params
+from tasks.common.verdicts import QUARANTINE_ALIAS, QUARANTINED, seal, seal_holds
+from tasks.scan.auth import seal_secret
+from tasks.scan.check import logger
+
+VERDICTS = ("clean", "backdoored", "rejected")
+
+
+def is_quarantined(tags: dict[str, str]) -> bool:
+    """A version is quarantined if tagged so or if its verdict says so."""
+    return tags.get("quarantined") == "true" or tags.get("scan_verdict") in QUARANTINED
+
+
+def quarantine(name: str, version: str) -> list[str]:
+    """Take every alias off the version, tag it, give it `@quarantined`; the aliases removed."""
+    aliases = tracking.model_aliases(name)
+    removed = [a for a, v in aliases.items() if v == version and a != QUARANTINE_ALIAS]
+    for alias in removed:
+        tracking.delete_alias(name, alias)
+    tracking.tag_model_version(name, version, {"quarantined": "true"})
+    if aliases.get(QUARANTINE_ALIAS) != version:
+        newest = aliases.get(QUARANTINE_ALIAS)
+        if newest is None or int(version) >= int(newest):  # @quarantined: the newest of them
+            tracking.set_alias(name, QUARANTINE_ALIAS, version)
+    return removed
+
+
+def lift(name: str, version: str) -> None:
+    """A new scan cleared the version: remove its quarantine tag and alias."""
+    tracking.delete_model_version_tags(name, version, ("quarantined",))
+    if tracking.model_aliases(name).get(QUARANTINE_ALIAS) == version:
+        tracking.delete_alias(name, QUARANTINE_ALIAS)
+
+
+def apply(name: str, version: str, tags: dict[str, str], params: Params) -> list[str]:
+    """Seal a verdict just written by a scan, quarantine or clear the version; aliases removed."""
+    secret = seal_secret(params)
+    tracking.tag_model_version(name, version, {"scan_seal": seal(secret, name, version, tags)})
+    removed = quarantine(name, version) if tags["scan_verdict"] in QUARANTINED else []
+    if tags["scan_verdict"] == "clean":
+        lift(name, version)
+    summarise(name)
+    return removed
+
+
+def _evaluate_backs(run: dict[str, Any], tags: dict[str, str]) -> bool:
+    """The pipeline's evaluate stage recorded this verdict (it scans several models a run)."""
+    if run["tags"].get("mesa.stage") != "evaluate" or tags.get("scan_verdict") == "rejected":
+        return False
+    flag = float(tags["scan_verdict"] == "backdoored")
+    p_value = tags.get("scan_p_value", "")
+    for key, value in run["metrics"].items():
+        if key.startswith("scan.") and key.endswith(".backdoored") and value == flag:
+            recorded = run["metrics"].get(key.removesuffix("backdoored") + "p_value")
+            if recorded is not None and p_value and abs(recorded - float(p_value)) < 1e-3:
+                return True
+    return False
+
+
+def unbacked(name: str, version: str, tags: dict[str, str], secret: str) -> str:
+    """Why the version's verdict was not written by a scan ('' if it was)."""
+    run_id = tags.get("scan_run_id", "")
+    run = tracking.run_record(run_id) if run_id else None
+    if run is None:
+        return f"its scan_run_id {escape(run_id)!r} names no run"
+    recorded = run["tags"].get("scan_verdict")
+    if recorded is not None:
+        if recorded != tags["scan_verdict"]:
+            return (f"scan_verdict={escape(tags['scan_verdict'])} but its scan run "
+                    f"{run_id} recorded {escape(recorded)}")
+        if not seal_holds(secret, name, version, tags):
+            return "its verdict tags do not match the scan service's seal (edited by hand)"
+        return ""
+    if _evaluate_backs(run, tags):
+        return ""
+    return f"run {run_id} recorded no verdict {escape(tags['scan_verdict'])} for it"
+
+
+def _finding(kind: str, name: str, version: str, text: str) -> dict[str, Any]:
+    logger().warning("FINDING %s %s/%s: %s", kind, escape(name), version, text)
+    return {"kind": kind, "model": escape(name), "version": version, "text": text,
+            "time": time.time()}
+
+
+def _reset(name: str, version: str, why: str) -> None:
+    """Quarantine an unbacked verdict and mark the version for a new scan."""
+    quarantine(name, version)
+    tracking.tag_model_version(name, version, {
+        "scan_verdict": "not scanned", "scan_tampered": why[:500],
+        "scan_seal": ""})
+
+
+def audit(params: Params) -> list[dict[str, Any]]:
+    """Check every watched version's verdict and every alias; fix and report what is wrong."""
+    secret = seal_secret(params)
+    versions = tracking.model_versions(params.scan.registry_models)
+    findings = []
+    for v in versions:
+        tags, name, version = v["tags"], v["name"], v["version"]
+        if tags.get("scan_verdict") not in VERDICTS:
+            continue
+        why = unbacked(name, version, tags, secret)
+        if why:
+            _reset(name, version, why)
+            findings.append(_finding("unbacked-verdict", name, version, f"{why}; quarantined "
+                                     "and scanned again"))
+    for name in sorted({v["name"] for v in versions}):
+        findings += _alias_findings(name, {v["version"]: v["tags"] for v in versions
+                                           if v["name"] == name})
+    _record(params, findings)
+    return findings
+
+
+def _alias_findings(name: str, tags_of: dict[str, dict[str, str]]) -> list[dict[str, Any]]:
+    """Aliases that point at a quarantined version are findings; they are removed."""
+    found = []
+    for alias, version in tracking.model_aliases(name).items():
+        tags = tracking.model_version_tags(name, version) if version in tags_of else {}
+        if alias != QUARANTINE_ALIAS and is_quarantined(tags):
+            tracking.delete_alias(name, alias)
+            found.append(_finding("alias-on-quarantined", name, version,
+                                  f"alias @{escape(alias)} pointed at this quarantined version;"
+                                  " removed"))
+    return found
+
+
+def _record(params: Params, findings: list[dict[str, Any]]) -> None:
+    if not findings:
+        return
+    path = Path(params.scan.state_folder) / "findings.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as fh:
+        for f in findings:
+            fh.write(json.dumps(f, sort_keys=True) + "\n")
+
+
+def summarise(name: str) -> None:
+    """The registered model's tags carry its latest verdict (the model list shows them)."""
+    versions = [v for v in tracking.model_versions((name,))
+                if v["tags"].get("scan_verdict") in VERDICTS]
+    if not versions:
+        return
+    latest = max(versions, key=lambda v: int(v["version"]))
+    held = sorted(int(v["version"]) for v in versions if is_quarantined(v["tags"]))
+    tracking.set_model_tags(name, {
+        "scan_latest_verdict": f"v{latest['version']}: {latest['tags']['scan_verdict']}",
+        "quarantined_versions": ", ".join(f"v{k}" for k in held) or "none"})

@@ -1,0 +1,158 @@
+"""The registry webhook receiver: MLflow posts `model_version.created`, we emit a Prefect event.
+
+MLflow (3.3+, SQL backends) signs each webhook post with HMAC-SHA256: header
+`X-MLflow-Signature: v1,<base64 HMAC(secret, "<delivery id>.<timestamp>.<body>")>` beside
+`X-MLflow-Delivery-Id` and `X-MLflow-Timestamp`. The receiver (Starlette, 127.0.0.1) refuses a
+post whose signature does not hold or whose timestamp is more than 5 minutes off (a replay), and
+for each new version emits the Prefect event `mlflow.model_version.created` whose resource
+names the version; the scan deployment's DeploymentEventTrigger (flows/scan.py) runs
+`scan-event` for it at once. Prefect's own inbound webhooks are a Prefect Cloud feature, hence
+this small receiver.
+
+    python -m tasks.scan.webhook serve    [--params params.yaml]   # the receiver
+    python -m tasks.scan.webhook register [--params params.yaml]   # MLflow -> the receiver
+
+Both read the secret (MESA_WEBHOOK_SECRET or the state folder's credentials, tasks.scan.auth);
+`serve` needs PREFECT_API_URL (and PREFECT_API_AUTH_STRING with auth on), `register` needs
+MLFLOW_TRACKING_URI (and the MLflow credentials). The MLflow server must allow a plain-HTTP
+local receiver: MLFLOW_WEBHOOK_ALLOWED_SCHEMES=http,https MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS=true
+(scripts/scan_services.sh sets both for the server it starts, on 127.0.0.1 only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from tasks.common.escape import escape
+
+EVENT = "mlflow.model_version.created"
+NAME_LABEL = "mlflow.model.name"
+VERSION_LABEL = "mlflow.model.version"
+WEBHOOK_NAME = "mesa-scan-on-create"
+MAX_BODY = 64 << 10  # a version-created payload is well under 1 KiB plus its tags
+MAX_SKEW_S = 300
+log = logging.getLogger("mesa.webhook")
+
+
+def signature(secret: str, delivery_id: str, timestamp: str, body: bytes) -> str:
+    """MLflow's signature header value for a post."""
+    content = f"{delivery_id}.{timestamp}.".encode() + body
+    digest = hmac.new(secret.encode(), content, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode()
+
+
+def check(secret: str, headers: dict[str, str], body: bytes, now: float | None = None) -> str:
+    """Why a post is refused ('' if its signature holds and it is fresh)."""
+    delivery = headers.get("x-mlflow-delivery-id", "")
+    stamp = headers.get("x-mlflow-timestamp", "")
+    given = headers.get("x-mlflow-signature", "")
+    if not (delivery and stamp and given):
+        return "missing X-MLflow-Signature / -Delivery-Id / -Timestamp header"
+    if not stamp.isdigit() or abs((now or time.time()) - int(stamp)) > MAX_SKEW_S:
+        return f"timestamp {escape(stamp)[:20]!r} is not within {MAX_SKEW_S} s of now"
+    if not hmac.compare_digest(given, signature(secret, delivery, stamp, body)):
+        return "signature does not match"
+    return ""
+
+
+def version_of(payload: Any) -> tuple[str, str] | None:
+    """(name, version) of a model_version.created payload, None for other events."""
+    if not isinstance(payload, dict) or (payload.get("entity"), payload.get("action")) != (
+            "model_version", "created"):
+        return None
+    data = payload.get("data")
+    name, version = (data.get("name"), data.get("version")) if isinstance(data, dict) else (
+        None, None)
+    if not isinstance(name, str) or not str(version).isdigit() or not name.isprintable():
+        raise ValueError(f"payload names no usable version: name {escape(name)!r}, "
+                         f"version {escape(version)!r}")
+    return name, str(version)
+
+
+def emit(name: str, version: str) -> str:
+    """Emit the Prefect event for a new version; its id."""
+    from prefect.events import emit_event
+
+    event = emit_event(EVENT, resource={
+        "prefect.resource.id": f"mlflow.model-version.{name}.{version}",
+        NAME_LABEL: name, VERSION_LABEL: version}, payload={"name": name, "version": version})
+    return str(event.id) if event is not None else ""
+
+
+def make_app(secret: str, emitter: Callable[[str, str], str] = emit) -> Any:
+    """The receiver: POST /webhook (signed), GET /health."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def receive(request: Request) -> JSONResponse:
+        body = await request.body()
+        if len(body) > MAX_BODY:
+            return JSONResponse({"error": f"body over {MAX_BODY} bytes"}, status_code=413)
+        why = check(secret, {k.lower(): v for k, v in request.headers.items()}, body)
+        if why:
+            log.warning("refused a webhook post: %s", why)
+            return JSONResponse({"error": why}, status_code=401)
+        try:
+            found = version_of(json.loads(body))
+        except (ValueError, RecursionError) as err:
+            log.warning("refused a webhook post: %s", escape(err))
+            return JSONResponse({"error": escape(err)[:300]}, status_code=400)
+        if found is None:
+            return JSONResponse({"ignored": "not a model_version.created event"})
+        event_id = emitter(*found)
+        log.info("model version %s/%s created: event %s emitted", escape(found[0]), found[1],
+                 event_id)
+        return JSONResponse({"emitted": event_id, "version": f"{found[0]}/{found[1]}"})
+
+    async def health(_: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    return Starlette(routes=[Route("/webhook", receive, methods=["POST"]),
+                             Route("/health", health, methods=["GET"])])
+
+
+def url(params: Any) -> str:
+    """Where MLflow posts: the receiver on 127.0.0.1:`platform.webhook_port`."""
+    return f"http://127.0.0.1:{params.platform.webhook_port}/webhook"
+
+
+def register(params: Any, secret: str) -> str:
+    """Create or update the registry webhook that posts new versions to the receiver."""
+    from tasks.common import tracking
+
+    return tracking.ensure_webhook(WEBHOOK_NAME, url(params), ["model_version.created"], secret)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m tasks.scan.webhook serve | register [--params FILE]`."""
+    from tasks.common.params import load_params
+    from tasks.scan.auth import credentials, state_folder
+
+    ap = argparse.ArgumentParser(prog="python -m tasks.scan.webhook")
+    ap.add_argument("command", choices=("serve", "register"))
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    params = load_params(args.params)
+    secret = credentials(state_folder(params))["webhook_secret"]
+    if args.command == "register":
+        print(f"webhook {WEBHOOK_NAME}: {register(params, secret)} -> {url(params)}")
+        return
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    uvicorn.run(make_app(secret), host="127.0.0.1", port=params.platform.webhook_port,
+                log_level="warning")
+
+
+if __name__ == "__main__":
+    main()
