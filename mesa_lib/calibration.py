@@ -1,17 +1,23 @@
-"""Calibrated verdicts: each detector's statistic against the same statistic on clean models.
+"""Calibrated verdicts: each class compared with the same class in clean models.
 
 A scanner is only usable when its false-alarm rate is known. The detectors (mesa_lib.detectors)
-give uncalibrated statistics; this module turns them into conformal p-values (Vovk et al. 2005;
-Bates et al., "Testing for outliers with conformal p-values", 2023). Given the statistics s_1..s_n
-of n clean calibration models, a new model's p-value is
+score every class of a model by how much easier it is to reach than the model's median class.
+Some classes are easy in every clean model (a naive outlier test then flags clean models), so
+each class's score a_k is standardised against that class in the n clean calibration models:
 
-    p = (1 + #{i : s_i >= s}) / (n + 1),
+    z_k = (a_k - median_i a_ik) / max(1.4826 MAD_i a_ik, floor),   statistic = max_k z_k,
 
-and if the new model is clean (exchangeable with the calibration models), P(p <= alpha) <= alpha:
-flagging at p <= alpha bounds the false-alarm rate by alpha. With several detectors the model's
-statistic is c = min over detectors of their p-values; c is itself calibrated the same way on the
-calibration models' leave-one-out values of c, so the bound holds for the combination too. A
-p <= 0.05 needs n >= 19 clean calibration models.
+and the class with the largest z is the suspected target. The statistic is then turned into a
+conformal p-value (Vovk et al. 2005; Bates et al., "Testing for outliers with conformal
+p-values", 2023) against the statistics of the clean calibration models, each computed leave-one-
+out (its own scores left out of the class references), so that a clean model scanned later is
+exchangeable with them:
+
+    p = (1 + #{i : s_i >= s}) / (n + 1),   P(p <= alpha) <= alpha for a clean model.
+
+With several detectors a model's statistic is the smallest of their p-values, calibrated the same
+way (leave-one-out). Flagging at p <= alpha bounds the false-alarm rate by alpha; p <= 0.05
+needs n >= 19 clean calibration models.
 
 The calibration is a versioned JSON file (`to_dict` / `from_dict`) recording the settings it is
 valid for; a missing, malformed or mismatched file is a `CalibrationError` naming the file and
@@ -21,6 +27,7 @@ the field.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -29,6 +36,8 @@ from mesa_lib.detectors import DetectorScore
 
 FORMAT = "mesa-scan-calibration"
 VERSION = 1
+MAD_CONSISTENCY = 1.4826
+ClassScores = Mapping[int, float]
 
 
 class CalibrationError(ValueError):
@@ -40,20 +49,46 @@ def conformal_p(null: Sequence[float], statistic: float) -> float:
     return (1 + sum(1 for s in null if s >= statistic)) / (len(null) + 1)
 
 
+def reference(clean: Sequence[ClassScores], floor: float) -> tuple[list[float], list[float]]:
+    """Per class: (median, max(1.4826 MAD, floor)) of the clean models' scores."""
+    classes = sorted(clean[0])
+    centre, scale = [], []
+    for c in classes:
+        values = [m[c] for m in clean]
+        med = statistics.median(values)
+        mad = statistics.median(abs(v - med) for v in values) * MAD_CONSISTENCY
+        centre.append(med)
+        scale.append(max(mad, floor))
+    return centre, scale
+
+
+def standardise(scores: ClassScores, centre: Sequence[float], scale: Sequence[float]
+                ) -> tuple[float, int, dict[int, float]]:
+    """(max_k z_k, its class, every z_k) of one model's class scores."""
+    z = {c: (scores[c] - centre[c]) / scale[c] for c in sorted(scores)}
+    top = max(z, key=lambda c: (z[c], -c))
+    return z[top], top, z
+
+
 @dataclass(frozen=True)
 class Calibration:
-    """The clean-model null of each detector and of their combination.
+    """The clean-model references and nulls of each detector, and of their combination.
 
     Attributes:
         alpha: the false-alarm rate a verdict is made at (flag iff p <= alpha).
-        settings: the scan settings the statistics were measured with (ScanSettings.fingerprint).
-        null: detector -> statistics of the clean calibration models, one per model.
+        floor: smallest scale of a class's clean scores (MAD of a few dozen values is noisy).
+        settings: the scan settings the scores were measured with (ScanSettings.fingerprint).
+        centre, scale: detector -> per class, the clean models' median score and its scale.
+        null: detector -> each clean calibration model's leave-one-out statistic.
         combined_null: each clean calibration model's leave-one-out min-p over the detectors.
         provenance: the zoo, its models, the code version and the date it came from.
     """
 
     alpha: float
+    floor: float
     settings: dict[str, Any]
+    centre: dict[str, tuple[float, ...]]
+    scale: dict[str, tuple[float, ...]]
     null: dict[str, tuple[float, ...]]
     combined_null: tuple[float, ...]
     provenance: dict[str, Any] = field(default_factory=dict)
@@ -63,22 +98,37 @@ class Calibration:
         """The calibrated detectors."""
         return tuple(self.null)
 
+    @property
+    def classes(self) -> int:
+        """Number of classes of the models it was fitted on."""
+        return len(next(iter(self.centre.values())))
+
+    def statistic(self, detector: str, scores: ClassScores) -> tuple[float, int, dict[int, float]]:
+        """(statistic, suspected class, every class's z) of one detector's class scores."""
+        if len(scores) != self.classes:
+            raise CalibrationError(f"calibration: field 'centre.{detector}' has {self.classes} "
+                                   f"classes, the model {len(scores)}")
+        return standardise(scores, self.centre[detector], self.scale[detector])
+
     def detector_p(self, detector: str, statistic: float) -> float:
         """Conformal p-value of one detector's statistic."""
         return conformal_p(self.null[detector], statistic)
 
-    def combined(self, statistics: Mapping[str, float]) -> tuple[float, str]:
+    def combined(self, statistics_: Mapping[str, float]) -> tuple[float, str]:
         """(p-value of the min-p combination, the detector with the smallest p)."""
-        ps = {d: self.detector_p(d, statistics[d]) for d in self.detectors}
-        fired = min(ps, key=lambda d: (ps[d], -statistics[d]))
+        ps = {d: self.detector_p(d, statistics_[d]) for d in self.detectors}
+        fired = min(ps, key=lambda d: (ps[d], -statistics_[d]))
         c = ps[fired]
         p = (1 + sum(1 for v in self.combined_null if v <= c)) / (len(self.combined_null) + 1)
         return p, fired
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON file's content."""
-        return {"format": FORMAT, "version": VERSION, "alpha": self.alpha,
-                "settings": self.settings, "null": {d: list(v) for d, v in self.null.items()},
+        return {"format": FORMAT, "version": VERSION, "alpha": self.alpha, "floor": self.floor,
+                "settings": self.settings,
+                "centre": {d: list(v) for d, v in self.centre.items()},
+                "scale": {d: list(v) for d, v in self.scale.items()},
+                "null": {d: list(v) for d, v in self.null.items()},
                 "combined_null": list(self.combined_null), "provenance": self.provenance}
 
     @classmethod
@@ -95,28 +145,28 @@ class Calibration:
             raise bad("format", repr(FORMAT), raw.get("format"))
         if raw.get("version") != VERSION:
             raise bad("version", str(VERSION), raw.get("version"))
-        alpha = raw.get("alpha")
-        if not _number(alpha) or not 0 < alpha < 1:
-            raise bad("alpha", "a number in (0, 1)", alpha)
+        for key, low, high in (("alpha", 0, 1), ("floor", 0, math.inf)):
+            if not _number(raw.get(key)) or not low < raw[key] < high:
+                raise bad(key, f"a number in ({low}, {high})", raw.get(key))
         if not isinstance(raw.get("settings"), dict):
             raise bad("settings", "an object", raw.get("settings"))
-        null = raw.get("null")
-        if not isinstance(null, dict) or not null:
-            raise bad("null", "an object of detector -> list of numbers", null)
-        n = None
-        for det, values in null.items():
-            if not isinstance(values, list) or not values or not all(map(_number, values)):
-                raise bad(f"null.{det}", "a non-empty list of numbers", values)
-            if n is not None and len(values) != n:
-                raise bad(f"null.{det}", f"{n} values (one per calibration model)", len(values))
-            n = len(values)
+        null = _lists(raw, "null", bad, None)
+        n = len(next(iter(null.values())))
+        centre = _lists(raw, "centre", bad, set(null))
+        scale = _lists(raw, "scale", bad, set(null))
+        k = len(next(iter(centre.values())))
+        for name, table, length in (("null", null, n), ("centre", centre, k), ("scale", scale, k)):
+            for det, values in table.items():
+                if len(values) != length:
+                    raise bad(f"{name}.{det}", f"{length} values", len(values))
+        if any(v <= 0 for values in scale.values() for v in values):
+            raise bad("scale", "positive numbers", scale)
         combined = raw.get("combined_null")
         if not isinstance(combined, list) or len(combined) != n or \
                 not all(_number(v) and 0 < v <= 1 for v in combined):
             raise bad("combined_null", f"{n} p-values in (0, 1]", combined)
-        nulls = {d: tuple(map(float, v)) for d, v in null.items()}
-        return cls(float(alpha), raw["settings"], nulls, tuple(map(float, combined)),
-                   raw.get("provenance") or {})
+        return cls(float(raw["alpha"]), float(raw["floor"]), raw["settings"], centre, scale,
+                   null, tuple(map(float, combined)), raw.get("provenance") or {})
 
     def check_settings(self, settings: Mapping[str, Any], source: str = "calibration") -> None:
         """Refuse scan settings other than those the null was measured with, naming the field."""
@@ -132,24 +182,46 @@ def _number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def fit(clean: Sequence[Mapping[str, float]], alpha: float, settings: dict[str, Any],
-        provenance: dict[str, Any] | None = None) -> Calibration:
-    """Calibrate on the detector statistics of clean models (one mapping per model).
+def _lists(raw: dict, key: str, bad: Any, detectors: set[str] | None
+           ) -> dict[str, tuple[float, ...]]:
+    """`raw[key]`: detector -> non-empty list of numbers (for exactly `detectors`)."""
+    table = raw.get(key)
+    if not isinstance(table, dict) or not table or \
+            (detectors is not None and set(table) != detectors):
+        want = "an object of detector -> list of numbers" + (
+            f" for {sorted(detectors)}" if detectors else "")
+        raise bad(key, want, table)
+    for det, values in table.items():
+        if not isinstance(values, list) or not values or not all(map(_number, values)):
+            raise bad(f"{key}.{det}", "a non-empty list of numbers", values)
+    return {d: tuple(map(float, v)) for d, v in table.items()}
+
+
+def fit(clean: Sequence[Mapping[str, ClassScores]], alpha: float, floor: float,
+        settings: dict[str, Any], provenance: dict[str, Any] | None = None) -> Calibration:
+    """Calibrate on the class scores of clean models (one mapping detector -> scores per model).
 
     Raises:
         ValueError: fewer clean models than alpha allows to ever flag (n + 1 <= 1 / alpha).
     """
     n = len(clean)
-    if n < 1 or (n + 1) * alpha < 1:
+    if n < 2 or (n + 1) * alpha < 1:
         raise ValueError(f"{n} clean calibration models cannot give a p-value <= {alpha}; "
-                         f"need at least {math.ceil(1 / alpha) - 1}")
+                         f"need at least {max(2, math.ceil(1 / alpha) - 1)}")
     detectors = tuple(clean[0])
-    null = {d: tuple(float(m[d]) for m in clean) for d in detectors}
-    combined = []
-    for i in range(n):  # leave model i out of the null it is compared with
-        ps = [conformal_p(null[d][:i] + null[d][i + 1:], null[d][i]) for d in detectors]
-        combined.append(min(ps))
-    return Calibration(alpha, dict(settings), null, tuple(combined), dict(provenance or {}))
+    centre, scale, null = {}, {}, {}
+    for d in detectors:
+        per_model = [m[d] for m in clean]
+        centre[d], scale[d] = (tuple(v) for v in reference(per_model, floor))
+        loo = []
+        for i in range(n):  # model i is scored against the others only
+            c, s = reference(per_model[:i] + per_model[i + 1:], floor)
+            loo.append(standardise(per_model[i], c, s)[0])
+        null[d] = tuple(loo)
+    combined = [min(conformal_p(null[d][:i] + null[d][i + 1:], null[d][i]) for d in detectors)
+                for i in range(n)]
+    return Calibration(alpha, floor, dict(settings), centre, scale, null, tuple(combined),
+                       dict(provenance or {}))
 
 
 @dataclass(frozen=True)
@@ -164,7 +236,7 @@ class Verdict:
         detector: the detector with the smallest p-value (what fired, when flagged).
         reason: one line for people.
         detectors: detector -> {"statistic", "p_value", "target", "seconds"}.
-        per_class: detector -> class -> that detector's evidence.
+        per_class: detector -> class -> that detector's evidence and its "z".
     """
 
     status: Literal["clean", "backdoored"]
@@ -178,22 +250,24 @@ class Verdict:
 
 
 def decide(scores: Mapping[str, DetectorScore], calibration: Calibration) -> Verdict:
-    """Compare a model's detector statistics with the calibration's clean null."""
+    """Compare a model's class scores with the calibration's clean references and null."""
     missing = [d for d in calibration.detectors if d not in scores]
     if missing:
         raise CalibrationError(f"the calibration needs detectors {missing}, not run")
-    stats = {d: scores[d].statistic for d in calibration.detectors}
-    p, fired = calibration.combined(stats)
+    stats = {d: calibration.statistic(d, scores[d].scores) for d in calibration.detectors}
+    p, fired = calibration.combined({d: s[0] for d, s in stats.items()})
     flagged = p <= calibration.alpha
-    top = scores[fired]
-    summary = {d: {"statistic": s.statistic, "p_value": calibration.detector_p(d, s.statistic),
-                   "target": s.target, "seconds": s.seconds}
-               for d, s in scores.items() if d in calibration.null}
+    statistic, target, _ = stats[fired]
+    summary = {d: {"statistic": s[0], "p_value": calibration.detector_p(d, s[0]),
+                   "target": s[1], "seconds": scores[d].seconds} for d, s in stats.items()}
+    per_class = {d: {c: {**scores[d].per_class[c], "z": s[2][c]} for c in s[2]}
+                 for d, s in stats.items()}
+    n = len(calibration.combined_null)
     if flagged:
-        reason = (f"{fired} detector: class {top.target} stands out (statistic "
-                  f"{top.statistic:.2f}; p = {p:.3f} against {len(calibration.combined_null)} "
-                  f"clean models, alpha {calibration.alpha})")
+        reason = (f"{fired} detector: class {target} is {statistic:.1f} clean-model scales "
+                  f"easier to reach than in clean models (p = {p:.3f} against {n} clean "
+                  f"models, alpha {calibration.alpha})")
     else:
         reason = f"no class stands out (p = {p:.3f} > alpha {calibration.alpha})"
-    return Verdict("backdoored" if flagged else "clean", top.target if flagged else None, p,
-                   1 - p, fired, reason, summary, {d: s.per_class for d, s in scores.items()})
+    return Verdict("backdoored" if flagged else "clean", target if flagged else None, p, 1 - p,
+                   fired, reason, summary, per_class)

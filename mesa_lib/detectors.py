@@ -1,18 +1,21 @@
 """Backdoor detectors behind one interface, registered by name; each scores a whole model.
 
 A detector searches, for every class of a model, the easiest trigger that sends other images to
-that class, and reduces the per-class evidence to one model-level `statistic` (larger = less like
-a clean model) and the class that drives it. Whether a statistic is large enough is NOT decided
-here: mesa_lib.calibration compares it with the same statistic on clean models.
+that class, and gives each class a score: how much easier that class is to reach than the
+model's typical class (larger = more suspicious; the model's median class scores 0). Whether a
+score is large is NOT decided here: some classes are naturally easy (on CIFAR-10 a clean
+ResNet-8's "deer" needs a much smaller mask than its other classes), so mesa_lib.calibration
+compares each class with the same class in clean models.
 
 - `mask` (Neural Cleanse's search, Wang et al., S&P 2019): a full-image mask + pattern per
   class, x' = (1 - m) x + m p, minimising cross-entropy to the class + lambda |m|_1; all classes
   in one batched computation. It is free of the trigger's place and size: a backdoor planted at a
-  fixed corner, a 2x2 or a 5x5 patch all show as a class whose successful mask is much smaller
-  than the others'. Statistic: the largest MAD anomaly of -log |m|_1 over the classes.
+  fixed corner, a 2x2 or a 5x5 patch, or blended over the whole image, all show as a class whose
+  smallest successful mask is much smaller than usual. Class score: median log |m|_1 over the
+  classes minus the class's log |m|_1.
 - `mesa` (MESA, Qiao et al., NeurIPS 2019, Sec. 4-5): one MESA sub-model per class, 3x3 triggers
   stamped at random places; each class scored by the ASR of its own samples on held-out images
-  (mesa_lib.detect.score_classes). Statistic: the largest MAD anomaly of the ASRs.
+  (mesa_lib.detect.score_classes). Class score: its ASR minus the median class's.
 
 A detector is a `measure` of some classes (the scan service fans chunks of a model's classes out
 over workers) and a `reduce` over all of them; a new one is one function with
@@ -21,7 +24,6 @@ over workers) and a `reduce` over all of them; a new one is one function with
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,25 +34,22 @@ from torch import Tensor, nn
 from mesa_lib.baselines import CleanseConfig, neural_cleanse
 from mesa_lib.detect import DetectConfig, score_classes
 from mesa_lib.mesa import MesaConfig
-from mesa_lib.metrics import MAD_CONSISTENCY
 
 
 @dataclass(frozen=True)
 class DetectorScore:
-    """What one detector says about one model.
+    """What one detector says about one model, before calibration.
 
     Attributes:
         detector: its registered name.
-        statistic: model-level score, larger = less like a clean model (uncalibrated).
-        target: the class that drives the statistic.
-        per_class: class -> the detector's evidence ("anomaly" and its raw measurements).
+        scores: class -> score, larger = easier to reach than the model's median class.
+        per_class: class -> the detector's raw evidence (e.g. mask L1, ASR).
         seconds: wall time of the search.
         samples: class -> a few recovered triggers (k, C, h, w) in [0, 1], for the evidence grid.
     """
 
     detector: str
-    statistic: float
-    target: int
+    scores: dict[int, float]
     per_class: dict[int, dict[str, float]]
     seconds: float
     samples: dict[int, Tensor] = field(default_factory=dict, compare=False, repr=False)
@@ -107,18 +106,17 @@ class Detector:
     Attributes:
         measure: (model, images uint8 (N, C, H, W), labels (N,) or None, classes, number of the
             model's classes, settings, device) -> (evidence of those classes, trigger samples).
-        reduce: evidence of every class -> (statistic, the class driving it, per-class anomaly).
+        reduce: evidence of every class -> class scores (the median class scores 0).
     """
 
     measure: Callable[..., tuple[Evidence, dict[int, Tensor]]]
-    reduce: Callable[[Evidence], tuple[float, int, dict[int, float]]]
+    reduce: Callable[[Evidence], dict[int, float]]
 
 
 DETECTORS: dict[str, Detector] = {}
 
 
-def register_detector(name: str, reduce: Callable[[Evidence], tuple[float, int,
-                                                               dict[int, float]]]):
+def register_detector(name: str, reduce: Callable[[Evidence], dict[int, float]]):
     """Decorator registering a `measure` function with its `reduce` as detector `name`."""
 
     def add(measure: Callable[..., tuple[Evidence, dict[int, Tensor]]]):
@@ -128,36 +126,21 @@ def register_detector(name: str, reduce: Callable[[Evidence], tuple[float, int,
     return add
 
 
-def mad_anomaly(values: Tensor) -> Tensor:
-    """(x - median) / (1.4826 MAD) with the true median (mean of the two middles): (K,) -> (K,).
-
-    A scale of zero (half the classes equal) falls back to the mean absolute deviation.
-    """
-    v = values.double()
-    med = v.quantile(0.5)
-    dev = (v - med).abs()
-    scale = dev.quantile(0.5) * MAD_CONSISTENCY
-    if scale <= 0:
-        scale = dev.mean() * math.sqrt(math.pi / 2)
-    return ((v - med) / scale.clamp_min(1e-12)).float()
-
-
-def _outlier(evidence: Evidence, key: str, transform: Callable[[Tensor], Tensor]
-             ) -> tuple[float, int, dict[int, float]]:
-    """The class whose transformed `key` is the largest MAD outlier among all classes."""
+def centred(evidence: Evidence, key: str, transform: Callable[[Tensor], Tensor]
+            ) -> dict[int, float]:
+    """Each class's transformed `key` minus the median over the model's classes."""
     classes = sorted(evidence)
-    anomaly = mad_anomaly(transform(torch.tensor([evidence[c][key] for c in classes])))
-    best = int(anomaly.argmax())
-    return float(anomaly[best]), classes[best], {c: float(anomaly[i])
-                                                 for i, c in enumerate(classes)}
+    values = transform(torch.tensor([evidence[c][key] for c in classes], dtype=torch.float64))
+    values = values - values.quantile(0.5)
+    return {c: float(values[i]) for i, c in enumerate(classes)}
 
 
-def _reduce_mask(evidence: Evidence) -> tuple[float, int, dict[int, float]]:
-    return _outlier(evidence, "mask_l1", lambda l1: -l1.clamp_min(1e-3).log())
+def _reduce_mask(evidence: Evidence) -> dict[int, float]:
+    return centred(evidence, "mask_l1", lambda l1: -l1.clamp_min(1e-3).log())
 
 
-def _reduce_mesa(evidence: Evidence) -> tuple[float, int, dict[int, float]]:
-    return _outlier(evidence, "asr", lambda asr: asr)
+def _reduce_mesa(evidence: Evidence) -> dict[int, float]:
+    return centred(evidence, "asr", lambda asr: asr)
 
 
 @register_detector("mask", _reduce_mask)
@@ -212,10 +195,10 @@ def measure(name: str, model: nn.Module, images: Tensor, labels: Tensor | None,
 
 def reduce(name: str, evidence: Evidence, samples: dict[int, Tensor] | None = None,
            seconds: float = 0.0) -> DetectorScore:
-    """One detector's score from the evidence of every class of the model."""
-    statistic, target, anomaly = DETECTORS[name].reduce(evidence)
-    per_class = {c: {"anomaly": anomaly[c], **evidence[c]} for c in sorted(evidence)}
-    return DetectorScore(name, statistic, target, per_class, seconds, samples or {})
+    """One detector's class scores from the evidence of every class of the model."""
+    scores = DETECTORS[name].reduce(evidence)
+    per_class = {c: {"score": scores[c], **evidence[c]} for c in sorted(evidence)}
+    return DetectorScore(name, scores, per_class, seconds, samples or {})
 
 
 def run_detectors(model: nn.Module, images: Tensor, labels: Tensor | None, n_classes: int,

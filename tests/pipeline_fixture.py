@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import random
 import tarfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -40,21 +41,29 @@ TINY_OVERRIDES: dict[str, Any] = {
     "scan.epochs": 1, "scan.images": 40, "scan.eval_images": 20, "scan.hidden": 16,
     "scan.mask_epochs": 1, "scan.mask_batch_size": 16, "scan.calibration": "calibration.json",
 }
-# Tests of plumbing (flows, tags, claims) calibrate on a stated null of five clean "models" at
-# alpha 0.2, not on real clean models: the statistics are tested in tests/test_scanner.py, and
+# Tests of plumbing (flows, tags, claims) calibrate on a stated null: five clean "models" whose
+# class scores are drawn uniformly in +-0.3 (the spread of the clean fixture's mask scores), at
+# alpha 0.2, not on real clean models. The statistics are tested in tests/test_scanner.py, and
 # the real calibration is calibration/scanner.json, fitted on the zoo.
-PLUMBING_NULL = [{"mask": m, "mesa": a} for m, a in
-                 ((0.6, 0.0), (1.0, 0.4), (1.4, 0.8), (1.8, 1.2), (2.2, 1.6))]
+PLUMBING_ALPHA, PLUMBING_FLOOR = 0.2, 0.1
 
 
-def write_plumbing_calibration(params_path: Path, target: Path) -> Path:
-    """A calibration for exactly the scan settings of `params_path`, on PLUMBING_NULL."""
+def plumbing_null(classes: int, models: int = 5) -> list[dict[str, dict[int, float]]]:
+    """Seeded class scores of `models` stated clean models, for both detectors."""
+    rng = random.Random(0)
+    return [{d: {k: rng.uniform(-0.3, 0.3) for k in range(classes)} for d in ("mask", "mesa")}
+            for _ in range(models)]
+
+
+def write_plumbing_calibration(params_path: Path, target: Path, classes: int = 10) -> Path:
+    """A calibration for exactly the scan settings of `params_path`, on `plumbing_null`."""
     from mesa_lib.calibration import fit
     from tasks.common.configs import scan_settings
     from tasks.common.params import load_params
 
     settings = scan_settings(load_params(params_path)).fingerprint()
-    fitted = fit(PLUMBING_NULL, 0.2, settings, {"zoo": "plumbing test (stated null)"})
+    fitted = fit(plumbing_null(classes), PLUMBING_ALPHA, PLUMBING_FLOOR, settings,
+                 {"zoo": "plumbing test (stated null)"})
     target.write_text(json.dumps(fitted.to_dict()))
     return target
 

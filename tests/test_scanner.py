@@ -34,11 +34,11 @@ def _scan(lab) -> dict:
 @pytest.fixture(scope="module")
 def calibration() -> cal.Calibration:
     """Fitted on five clean tiny models (seeds 10-14)."""
-    stats = []
+    scores = []
     for seed in range(10, 15):
-        scores = _scan(_lab(backdoor=False, seed=seed))
-        stats.append({d: s.statistic for d, s in scores.items()})
-    return cal.fit(stats, ALPHA, SETTINGS.fingerprint(), {"zoo": "tiny test models"})
+        scanned = _scan(_lab(backdoor=False, seed=seed))
+        scores.append({d: s.scores for d, s in scanned.items()})
+    return cal.fit(scores, ALPHA, 0.1, SETTINGS.fingerprint(), {"zoo": "tiny test models"})
 
 
 def test_a_fixed_corner_backdoor_is_found_with_its_target(calibration) -> None:
@@ -65,19 +65,24 @@ def test_a_clean_model_outside_the_calibration_is_clean(calibration) -> None:
 def test_conformal_p_values_bound_the_false_alarm_rate() -> None:
     """Exchangeable clean statistics: P(p <= alpha) <= alpha, for one detector and the pair."""
     rng = random.Random(0)
-    alarms, trials = 0, 2000
+
+    def clean_model() -> dict[str, dict[int, float]]:  # class 2 is easy in every model
+        return {"a": {k: rng.gauss(2.0 * (k == 2), 1) for k in range(5)},
+                "b": {k: rng.expovariate(1) for k in range(5)}}
+
+    alarms, trials = 0, 1000
     for _ in range(trials):
-        null = [{"a": rng.gauss(0, 1), "b": rng.expovariate(1)} for _ in range(19)]
-        fitted = cal.fit(null, 0.05, {}, {})
-        new = {"a": rng.gauss(0, 1), "b": rng.expovariate(1)}
-        alarms += fitted.combined(new)[0] <= 0.05
+        fitted = cal.fit([clean_model() for _ in range(19)], 0.05, 0.1, {}, {})
+        new = clean_model()
+        stats = {d: fitted.statistic(d, new[d])[0] for d in ("a", "b")}
+        alarms += fitted.combined(stats)[0] <= 0.05
     assert alarms / trials <= 0.05 + 3 * (0.05 * 0.95 / trials) ** 0.5
     assert cal.conformal_p([1.0, 2.0, 3.0], 10.0) == 0.25 and cal.conformal_p([1.0], 0.0) == 1
 
 
 def test_fit_refuses_too_few_clean_models_for_alpha() -> None:
     with pytest.raises(ValueError, match="cannot give a p-value <= 0.05; need at least 19"):
-        cal.fit([{"mask": 1.0}] * 10, 0.05, {}, {})
+        cal.fit([{"mask": {0: 1.0, 1: 0.0}}] * 10, 0.05, 0.1, {}, {})
 
 
 def test_the_calibration_file_round_trips(calibration, tmp_path: Path) -> None:
@@ -89,12 +94,25 @@ def test_the_calibration_file_round_trips(calibration, tmp_path: Path) -> None:
     assert back.combined(stats) == calibration.combined(stats)
 
 
+def test_an_easy_class_of_clean_models_is_not_a_backdoor(calibration) -> None:
+    """Each class is compared with the same class of the clean models, not with the others."""
+    easy = {d: dict.fromkeys(range(10), 0.0) for d in calibration.detectors}
+    centre = calibration.centre["mask"]
+    k = max(range(10), key=lambda c: centre[c])  # the class that is easiest in clean models
+    easy["mask"] = {c: centre[c] for c in range(10)}  # exactly a typical clean model
+    z, _, _ = calibration.statistic("mask", easy["mask"])
+    assert z == pytest.approx(0.0) and centre[k] >= max(centre)
+
+
 @pytest.mark.parametrize(("change", "message"), [
     (lambda d: d.pop("alpha"), "field 'alpha' must be a number in (0, 1)"),
     (lambda d: d.update(alpha=1.5), "field 'alpha' must be a number in (0, 1), got 1.5"),
     (lambda d: d.update(format="other"), "field 'format' must be 'mesa-scan-calibration'"),
     (lambda d: d.update(version=2), "field 'version' must be 1, got 2"),
     (lambda d: d["null"].update(mask=[1.0]), "field 'null.mask' must be 5 values"),
+    (lambda d: d["centre"].update(mask=[0.0]), "field 'centre.mask' must be 10 values"),
+    (lambda d: d["scale"].pop("mesa"), "field 'scale' must be an object of detector"),
+    (lambda d: d.update(floor=0), "field 'floor' must be a number in (0, inf)"),
     (lambda d: d["null"].update(mask=["x"] * 5), "field 'null.mask' must be a non-empty list"),
     (lambda d: d.update(combined_null=[0.5]), "field 'combined_null' must be 5 p-values"),
     (lambda d: d["settings"].update(images=1024),

@@ -154,6 +154,7 @@ class ScanParams(Group):
     enabled: bool = Field(description="scan every model of the pipeline in `evaluate`")
     calibration: str = Field(description="the calibration file verdicts are made with")
     alpha: Probability = Field(description="false-alarm rate a new calibration is fitted for")
+    floor: Positive = Field(description="smallest scale of a class's clean scores (calibration)")
     detectors: Annotated[tuple[Literal["mask", "mesa"], ...], BeforeValidator(as_tuple),
                          Field(min_length=1)] = Field(description="detectors run on each model")
     images: int = Field(ge=16, description="reference images each detector uses")

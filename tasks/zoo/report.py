@@ -67,12 +67,12 @@ def families(truth: Truth) -> dict[str, Callable[[dict[str, Any]], bool]]:
 def _scores(truth: Truth, scans: dict[str, Any], calibration: Calibration
             ) -> dict[str, dict[str, Any]]:
     """Per model: new (score, flagged, target) and before (score, flagged, target)."""
+    from tasks.zoo.scan import p_value
+
     out = {}
     for name, rec in scans.items():
-        stats = {d: s["statistic"] for d, s in rec["detectors"].items()}
-        p, fired = calibration.combined(stats)
-        out[name] = {"new": (1 - p, p <= calibration.alpha, rec["detectors"][fired]["target"],
-                             fired),
+        p, fired, target = p_value(calibration, rec)
+        out[name] = {"new": (1 - p, p <= calibration.alpha, target, fired),
                      "before": (rec["before"]["margin"], rec["before"]["status"] == "backdoored",
                                 rec["before"]["target"], "mesa")}
     return out

@@ -58,7 +58,8 @@ def _scan_model(stem: Path, images: torch.Tensor, labels: torch.Tensor, params: 
     out: dict[str, Any] = {
         "name": stem.name, "sha256": model_fingerprint(stem),
         "seconds": time.perf_counter() - start,
-        "detectors": {d: {"statistic": s.statistic, "target": s.target, "seconds": s.seconds,
+        "detectors": {d: {"scores": {str(c): v for c, v in s.scores.items()},
+                          "seconds": s.seconds,
                           "per_class": {str(c): v for c, v in s.per_class.items()}}
                       for d, s in scores.items()}}
     if before:
@@ -85,10 +86,23 @@ def scan_zoo(names: list[str], params: Params, zoo: ZooParams, before: bool = Fa
         out[name] = _scan_model(stem, data.reference.images, data.reference.labels, params,
                                 device, before)
         if log:
-            stats = {d: round(s["statistic"], 2) for d, s in out[name]["detectors"].items()}
-            print(f"{time.strftime('%H:%M:%S')} {name}: {stats} "
-                  f"({out[name]['seconds']:.1f} s)", flush=True)
+            print(f"{time.strftime('%H:%M:%S')} {name} ({out[name]['seconds']:.1f} s)",
+                  flush=True)
     return out
+
+
+def class_scores(record: dict[str, Any]) -> dict[str, dict[int, float]]:
+    """detector -> class -> score of a scan record (JSON keys back to ints)."""
+    return {d: {int(c): v for c, v in s["scores"].items()}
+            for d, s in record["detectors"].items()}
+
+
+def p_value(calibration: cal.Calibration, record: dict[str, Any]) -> tuple[float, str, int]:
+    """(combined p-value, the detector with the smallest p, its suspected class) of a record."""
+    stats = {d: calibration.statistic(d, s) for d, s in class_scores(record).items()
+             if d in calibration.detectors}
+    p, fired = calibration.combined({d: s[0] for d, s in stats.items()})
+    return p, fired, stats[fired][1]
 
 
 def _git_commit() -> str:
@@ -103,16 +117,16 @@ def calibrate(params: Params, zoo: ZooParams) -> Path:
     scans = scan_zoo(names, params, zoo)
     write_json(SCANS / "calibration_zoo.json", scans)
     clean = [n for n in names if not truth[n]["backdoored"]]
-    stats = [{d: s["statistic"] for d, s in scans[n]["detectors"].items()} for n in clean]
+    stats = [class_scores(scans[n]) for n in clean]
     provenance = {"zoo": "calibration", "clean_models": clean, "params_file": "zoo/params.yaml",
                   "code_version": _git_commit(),
                   "created": datetime.now(UTC).isoformat(timespec="seconds"),
                   "architectures": sorted({truth[n]["arch"] for n in clean}),
                   "dataset": "cifar10"}
-    fitted = cal.fit(stats, params.scan.alpha, scan_settings(params).fingerprint(), provenance)
-    flagged = [n for n in names if truth[n]["backdoored"] and truth[n]["counts"] and
-               fitted.combined({d: s["statistic"] for d, s in scans[n]["detectors"].items()}
-                               )[0] <= fitted.alpha]
+    fitted = cal.fit(stats, params.scan.alpha, params.scan.floor,
+                     scan_settings(params).fingerprint(), provenance)
+    flagged = [n for n in names if truth[n]["backdoored"] and truth[n]["counts"]
+               and p_value(fitted, scans[n])[0] <= fitted.alpha]
     fitted.provenance["calibration_zoo_backdoors_flagged"] = sorted(flagged)
     CALIBRATION.parent.mkdir(parents=True, exist_ok=True)
     write_json(CALIBRATION, fitted.to_dict())
