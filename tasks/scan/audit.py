@@ -45,7 +45,7 @@ def record(verdict: dict[str, Any], run_id: str, lineage: dict[str, str]) -> str
         lines.append(f"- reason: {_md(verdict['reason'])[:600]}")
     lines += [f"- parent version: {_md(lineage.get('parent', 'none'))}",
               f"- data: training data hash {_md(lineage.get('data_hash') or 'unknown')}; "
-              f"reference data sha256 {_md(lineage.get('reference') or 'the service default')}",
+              f"reference data sha256 {_md(lineage.get('reference') or 'unknown')}",
               f"- scanner code commit: {_md(lineage.get('commit', 'unknown'))}",
               f"- signature: {_md(lineage.get('signature', 'none'))}"]
     return "\n".join(lines)

@@ -9,6 +9,8 @@ Each value comes from the environment if set, else from `<state_folder>/auth/cre
 | MLflow user, password | MLFLOW_TRACKING_USERNAME, _PASSWORD | MLflow clients; the server's admin |
 | Prefect auth string | PREFECT_API_AUTH_STRING | Prefect clients; the server |
 | webhook secret | MESA_WEBHOOK_SECRET | MLflow signs webhook posts; the receiver checks |
+| CSRF key | MLFLOW_FLASK_SERVER_SECRET_KEY | MLflow's basic-auth app (its forms) |
+| webhook store key | MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY | MLflow encrypts webhook secrets |
 | seal secret | MESA_SEAL_SECRET | seals the scan service's verdict tags (tasks.common.verdicts) |
 
     python -m tasks.scan.auth env [--params params.yaml] [--server]
@@ -20,6 +22,7 @@ servers' own variables and writes `<state>/auth/basic_auth.ini` for MLflow's bas
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import secrets
@@ -31,7 +34,8 @@ from tasks.common.params import Params, load_params
 FILE = "credentials.json"
 ENV = {"mlflow_user": "MLFLOW_TRACKING_USERNAME", "mlflow_password": "MLFLOW_TRACKING_PASSWORD",
        "prefect_auth": "PREFECT_API_AUTH_STRING", "webhook_secret": "MESA_WEBHOOK_SECRET",
-       "seal_secret": "MESA_SEAL_SECRET"}
+       "seal_secret": "MESA_SEAL_SECRET", "flask_secret": "MLFLOW_FLASK_SERVER_SECRET_KEY",
+       "webhook_key": "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY"}
 
 
 def state_folder(params: Params) -> Path:
@@ -42,7 +46,9 @@ def state_folder(params: Params) -> Path:
 def _generate() -> dict[str, str]:
     return {"mlflow_user": "mesa-admin", "mlflow_password": secrets.token_urlsafe(24),
             "prefect_auth": f"mesa:{secrets.token_urlsafe(24)}",
-            "webhook_secret": secrets.token_urlsafe(32), "seal_secret": secrets.token_urlsafe(32)}
+            "webhook_secret": secrets.token_urlsafe(32), "seal_secret": secrets.token_urlsafe(32),
+            "flask_secret": secrets.token_urlsafe(32),
+            "webhook_key": base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()}
 
 
 def _stored(state: Path) -> dict[str, str]:
@@ -83,7 +89,10 @@ def mlflow_ini(state: Path, creds: dict[str, str]) -> Path:
     path.write_text("[mlflow]\ndefault_permission = READ\n"
                     f"database_uri = sqlite:///{Path(state).resolve() / 'auth' / 'users.db'}\n"
                     f"admin_username = {creds['mlflow_user']}\n"
-                    "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+                    "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                    # each request would otherwise hash the password again (PBKDF2, about
+                    # 0.1-0.3 s of CPU here): a scan's recording makes dozens of requests
+                    "auth_cache_ttl_seconds = 300\n")
     os.chmod(path, 0o600)
     return path
 

@@ -62,11 +62,11 @@ def lift(name: str, version: str) -> None:
 
 def apply(name: str, version: str, tags: dict[str, str], params: Params) -> list[str]:
     """Seal a verdict just written by a scan, quarantine or clear the version; aliases removed."""
-    secret = seal_secret(params)
-    tracking.tag_model_version(name, version, {"scan_seal": seal(secret, name, version, tags)})
     removed = quarantine(name, version) if tags["scan_verdict"] in QUARANTINED else []
     if tags["scan_verdict"] == "clean":
         lift(name, version)
+    secret = seal_secret(params)
+    tracking.tag_model_version(name, version, {"scan_seal": seal(secret, name, version, tags)})
     summarise(name)
     return removed
 
@@ -110,12 +110,14 @@ def _finding(kind: str, name: str, version: str, text: str) -> dict[str, Any]:
             "time": time.time()}
 
 
-def _reset(name: str, version: str, why: str) -> None:
-    """Quarantine an unbacked verdict and mark the version for a new scan."""
-    quarantine(name, version)
+def _reset(name: str, version: str, why: str) -> str:
+    """Quarantine an unbacked verdict and mark the version for a new scan; what was done."""
+    removed = quarantine(name, version)
     tracking.tag_model_version(name, version, {
         "scan_verdict": "not scanned", "scan_tampered": why[:500],
         "scan_seal": ""})
+    aliases = ", ".join("@" + escape(a) for a in removed)
+    return f"quarantined{f' (aliases {aliases} removed)' if removed else ''} and scanned again"
 
 
 def audit(params: Params) -> list[dict[str, Any]]:
@@ -129,9 +131,8 @@ def audit(params: Params) -> list[dict[str, Any]]:
             continue
         why = unbacked(name, version, tags, secret)
         if why:
-            _reset(name, version, why)
-            findings.append(_finding("unbacked-verdict", name, version, f"{why}; quarantined "
-                                     "and scanned again"))
+            done = _reset(name, version, why)
+            findings.append(_finding("unbacked-verdict", name, version, f"{why}; {done}"))
     for name in sorted({v["name"] for v in versions}):
         findings += _alias_findings(name, {v["version"]: v["tags"] for v in versions
                                            if v["name"] == name})

@@ -122,7 +122,8 @@ def _commit() -> str:
     return commit[:12] + ("-dirty" if dirty else "")
 
 
-def _lineage(checked: Checked, tags: dict[str, str], signature: str) -> dict[str, str]:
+def _lineage(checked: Checked, tags: dict[str, str], signature: str,
+             params: Params) -> dict[str, str]:
     """What the audit record says about where the model came from."""
     data_hash = tags.get("data_hash", "")
     manifest = Path(f"{checked.stem}.json") if checked.stem else None
@@ -133,7 +134,8 @@ def _lineage(checked: Checked, tags: dict[str, str], signature: str) -> dict[str
             data_hash = ""
     ref = Path(checked.reference) if checked.reference else None
     return {"parent": tags.get("parent_model_version", "none"), "data_hash": data_hash,
-            "reference": sha256_file(ref)[:16] if ref and ref.is_file() else "",
+            "reference": (sha256_file(ref)[:16] if ref and ref.is_file()
+                          else f"of scan.reference {escape(params.scan.reference)}"),
             "commit": _commit(), "signature": signature}
 
 
@@ -176,7 +178,7 @@ def settle_version(name: str, version: str, checked: Checked, verdict: dict[str,
     if removed:
         logger().warning("QUARANTINED %s/%s: aliases %s removed", escape(name), version,
                          ", ".join("@" + escape(a) for a in removed))
-    audit.write(name, version, verdict, run_id, _lineage(checked, tags, signature))
+    audit.write(name, version, verdict, run_id, _lineage(checked, tags, signature, params))
 
 
 def _publish_registry(checked: Checked, verdict: dict[str, Any], run: tracking.StageRun,

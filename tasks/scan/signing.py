@@ -59,7 +59,7 @@ def ensure_key(params: Params) -> Keys:
 
     keys = key_paths(params)
     if not keys.private.is_file():
-        keys.private.parent.mkdir(parents=True, exist_ok=True)
+        keys.private.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         key = ec.generate_private_key(ec.SECP256R1())
         pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())

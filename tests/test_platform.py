@@ -1,0 +1,316 @@
+"""The supply-chain platform without servers (issue 13): the webhook receiver's signature check,
+signing and `mesa-scan --verify-signature`, SARIF, the quarantine and registry audit, hostile
+names and nesting bombs through the service, killed runs, credentials. Real servers:
+tests/test_platform_servers.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from pipeline_fixture import ROOT
+from platform_fixture import FAST, copy_model, make_project
+
+from tasks.common import tracking
+from tasks.common.params import load_params
+from tasks.common.verdicts import verdict_tags
+from tasks.scan import audit, auth, quarantine, sarif, signing, webhook
+from tasks.scan.cli import main as mesa_scan
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A scan project with a temporary SQLite MLflow store; returns its params path."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for var in auth.ENV.values():
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.delenv(signing.KEY_ENV, raising=False)
+    return make_project(tmp_path, FAST)
+
+
+# --------------------------------------------------------------------------- webhook receiver
+
+
+def _signed(secret: str, body: bytes, stamp: str | None = None) -> dict[str, str]:
+    from mlflow.webhooks.delivery import _generate_hmac_signature
+
+    stamp = stamp or str(int(time.time()))
+    return {"X-MLflow-Delivery-Id": "d-1", "X-MLflow-Timestamp": stamp,
+            "X-MLflow-Signature": _generate_hmac_signature(secret, "d-1", stamp, body.decode())}
+
+
+def test_receiver_emits_an_event_only_for_posts_mlflow_signed() -> None:
+    from starlette.testclient import TestClient
+
+    emitted = []
+    app = TestClient(webhook.make_app("s3cret", lambda n, v: emitted.append((n, v)) or "e-1"))
+    body = json.dumps({"entity": "model_version", "action": "created",
+                       "data": {"name": "m", "version": "3"}}).encode()
+    assert app.post("/webhook", content=body).status_code == 401  # unsigned
+    assert app.post("/webhook", content=body, headers=_signed("other", body)).status_code == 401
+    stale = _signed("s3cret", body, str(int(time.time()) - 3600))
+    assert "timestamp" in app.post("/webhook", content=body, headers=stale).json()["error"]
+    forged = body.replace(b'"3"', b'"4"')  # signed body, altered in transit
+    assert app.post("/webhook", content=forged, headers=_signed("s3cret", body)).status_code == 401
+    assert emitted == []
+    ok = app.post("/webhook", content=body, headers=_signed("s3cret", body))
+    assert ok.status_code == 200 and ok.json()["version"] == "m/3" and emitted == [("m", "3")]
+    other = json.dumps({"entity": "model_version_tag", "action": "set", "data": {}}).encode()
+    assert "ignored" in app.post("/webhook", content=other, headers=_signed("s3cret", other)
+                                 ).json()
+    evil = json.dumps({"entity": "model_version", "action": "created",
+                       "data": {"name": "m\n\x1b[2J", "version": "1"}}).encode()
+    bad = app.post("/webhook", content=evil, headers=_signed("s3cret", evil))
+    assert bad.status_code == 400 and "\\n" in bad.json()["error"] and len(emitted) == 1
+    assert app.get("/health").json() == {"status": "ok"}
+
+
+def test_the_event_trigger_runs_the_scan_of_the_version_the_event_names(project: Path) -> None:
+    from tasks.scan.service import event_trigger
+
+    trigger = event_trigger(str(project))
+    assert trigger.expect == {webhook.EVENT}
+    model = trigger.parameters["model"]
+    assert webhook.NAME_LABEL in model and webhook.VERSION_LABEL in model
+    assert trigger.parameters["params_path"] == str(project)
+
+
+# --------------------------------------------------------------------------- signing
+
+
+def test_a_signed_model_verifies_and_one_altered_byte_is_rejected(project: Path,
+                                                                  capsys) -> None:
+    params = load_params(project)
+    keys = signing.ensure_key(params)
+    assert stat.S_IMODE(keys.private.stat().st_mode) == 0o600
+    assert keys.private.is_relative_to(project.parent / "state")  # never in the repository
+    stem = copy_model("clean", project.parent / "ship" / "m")
+    sig = signing.sign(stem, Path(f"{stem}.sig"), keys.private)
+    assert signing.verify(stem, sig, [keys.public]) == signing.fingerprint(keys.public)
+    assert mesa_scan(["--verify-signature", "--params", str(project), str(stem)]) == 0
+    assert "VERIFIED" in capsys.readouterr().out
+    weights = Path(f"{stem}.safetensors")
+    blob = bytearray(weights.read_bytes())
+    blob[-5] ^= 1
+    weights.write_bytes(bytes(blob))
+    with pytest.raises(signing.SignatureError, match=r"m\.sig: signature check failed: "
+                       r"m\.safetensors differ"):
+        signing.verify(stem, sig, [keys.public])
+    assert mesa_scan(["--verify-signature", "--public-key", str(keys.public), "--format",
+                      "json", str(stem)]) == 2
+    (rec,) = json.loads(capsys.readouterr().out)
+    assert rec["verdict"] == "rejected" and "altered after signing" in rec["reason"]
+    other = project.parent / "other"
+    os.environ[signing.KEY_ENV] = str(other / "k.pem")
+    try:
+        foreign = signing.ensure_key(params)
+    finally:
+        del os.environ[signing.KEY_ENV]
+    fresh = copy_model("clean", project.parent / "ship2" / "m")
+    signing.sign(fresh, Path(f"{fresh}.sig"), foreign.private)
+    with pytest.raises(signing.SignatureError, match="not signed by any trusted key"):
+        signing.verify(fresh, Path(f"{fresh}.sig"), [keys.public])
+    assert mesa_scan(["--verify-signature", "--params", str(project),
+                      str(project.parent / "ship2" / "none")]) == 2  # no signature at all
+
+
+# --------------------------------------------------------------------------- SARIF, nesting
+
+
+def test_sarif_log_and_a_nesting_bomb_named_in_its_reason(project: Path, capsys) -> None:
+    folder = project.parent / "files"
+    folder.mkdir()
+    (folder / "evil.safetensors").write_bytes(pickle.dumps({"not": "weights"}))
+    shutil.copyfile(ROOT / "tests" / "fixtures" / "scan_models" / "clean.json",
+                    folder / "evil.json")
+    bomb = copy_model("clean", folder / "bomb")
+    Path(f"{bomb}.json").write_text("[" * 200_000 + "]" * 200_000)
+    code = mesa_scan([str(folder / "evil"), str(bomb), "--params", str(project), "--reference",
+                      str(project.parent / "reference.npz"), "--format", "sarif"])
+    log = json.loads(capsys.readouterr().out)
+    assert code == 2 and log["version"] == "2.1.0" and "sarif" in log["$schema"]
+    (run,) = log["runs"]
+    assert run["tool"]["driver"]["name"] == "mesa-scan"
+    assert {r["id"] for r in run["tool"]["driver"]["rules"]} >= {"MESA001", "MESA002"}
+    evil, nested = run["results"]
+    assert evil["ruleId"] == "MESA002" and evil["level"] == "error" and evil["kind"] == "fail"
+    assert evil["locations"][0]["physicalLocation"]["artifactLocation"]["uri"].endswith(
+        "evil.safetensors")
+    assert "bomb.json" in nested["message"]["text"] and "nests" in nested["message"]["text"]
+    assert "recursion" not in json.dumps(log)
+    clean = sarif.result({"model": "a/b", "verdict": "clean", "p_value": 0.5, "target": None,
+                          "confidence": 0.5, "detector": "mask"})
+    assert clean["kind"] == "pass" and clean["level"] == "none"
+
+
+# --------------------------------------------------------------------------- quarantine, audit
+
+
+def _version(tmp: Path, name: str, variant: str, alias: str | None = None) -> str:
+    stem = copy_model("clean", tmp / "up" / variant / "m", variant)
+    run = tracking.start_run("upload", {}, experiment="uploads")
+    return tracking.register_model(run, (Path(f"{stem}.safetensors"), Path(f"{stem}.json")),
+                                   name, {"scan_verdict": "not scanned"}, "someone's", alias)
+
+
+def _scan_verdict(name: str, version: str, status: str, params) -> str:
+    """What the service does after a scan: a scan run, the tags, quarantine, seal."""
+    run = tracking.start_run(f"scan {name}/{version}", {"mesa.role": "scan",
+                                                        "scan_verdict": status})
+    verdict = {"status": status, "target": 0 if status == "backdoored" else None,
+               "confidence": 0.9, "p_value": 0.1, "detector": "mesa", "reason": "test"}
+    tags = {**verdict_tags(verdict, run.run_id), "scan_key": "ab" * 32}
+    tracking.tag_model_version(name, version, tags)
+    quarantine.apply(name, version, tracking.model_version_tags(name, version), params)
+    tracking.end_run(run)
+    return run.run_id
+
+
+def test_quarantine_takes_every_alias_and_the_audit_undoes_hand_edits(project: Path) -> None:
+    params, tmp = load_params(project), project.parent
+    v1 = _version(tmp, "model", "a", alias="current")
+    tracking.set_alias("model", "champion", v1)
+    v2 = _version(tmp, "model", "b")
+    _scan_verdict("model", v1, "backdoored", params)
+    assert tracking.model_aliases("model") == {"quarantined": v1}  # @current, @champion gone
+    assert tracking.model_version_tags("model", v1)["quarantined"] == "true"
+    _scan_verdict("model", v2, "clean", params)
+    assert quarantine.audit(params) == []  # scanned verdicts hold
+    assert tracking.client().get_registered_model("model").tags["scan_latest_verdict"] == \
+        f"v{v2}: clean"
+    # an alias moved onto the quarantined version by hand: a finding, removed
+    tracking.set_alias("model", "prod", v1)
+    (found,) = quarantine.audit(params)
+    assert found["kind"] == "alias-on-quarantined" and "@prod" in found["text"]
+    assert tracking.model_aliases("model") == {"quarantined": v1}
+    # a verdict edited by hand: detected, quarantined again, marked for a new scan
+    tracking.tag_model_version("model", v1, {"scan_verdict": "clean"})
+    tracking.set_alias("model", "current", v1)
+    (found,) = quarantine.audit(params)
+    assert found["kind"] == "unbacked-verdict" and "recorded backdoored" in found["text"]
+    assert "@current" in found["text"]
+    tags = tracking.model_version_tags("model", v1)
+    assert tags["scan_verdict"] == "not scanned" and tags["quarantined"] == "true"
+    assert tracking.model_aliases("model") == {"quarantined": v1}
+    # a verdict whose run agrees but whose other tags were edited breaks the seal
+    tracking.tag_model_version("model", v2, {"scan_target": "3"})
+    (found,) = quarantine.audit(params)
+    assert "seal" in found["text"]
+    lines = (tmp / "state" / "findings.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+    # a new scan clearing the version lifts the quarantine
+    assert tracking.model_aliases("model") == {"quarantined": v2}  # the newest quarantined
+    _scan_verdict("model", v1, "clean", params)
+    assert "quarantined" not in tracking.model_version_tags("model", v1)
+    _scan_verdict("model", v2, "clean", params)
+    assert tracking.model_aliases("model") == {}
+
+
+def test_the_pipeline_evaluate_verdicts_hold_without_a_seal(project: Path) -> None:
+    params = load_params(project)
+    v = _version(project.parent, "mesa-backdoored", "e", alias="current")
+    run = tracking.start_run("evaluate", {"mesa.stage": "evaluate"}, experiment="mesa")
+    tracking.log_metrics(run, {"scan": {"backdoored": {"backdoored": 1, "p_value": 0.01}}})
+    verdict = {"status": "backdoored", "target": 0, "confidence": 0.99, "p_value": 0.01,
+               "detector": "mesa", "reason": ""}
+    tracking.tag_model_version("mesa-backdoored", v, verdict_tags(verdict, run.run_id))
+    (found,) = quarantine.audit(params)  # backed, but the pipeline left it @current
+    assert found["kind"] == "alias-on-quarantined"
+    assert tracking.model_version_tags("mesa-backdoored", v)["scan_verdict"] == "backdoored"
+
+
+def test_audit_record_reads_as_a_record_and_quotes_names_inertly(project: Path) -> None:
+    run = tracking.start_run("scan x", {})
+    text = audit.record({"status": "rejected", "target": None, "p_value": None,
+                         "confidence": 1.0, "detector": None,
+                         "reason": "m\n[x](javascript:alert(1)): bad"}, run.run_id,
+                        {"parent": "none", "data_hash": "abc", "commit": "1234",
+                         "signature": "none"})
+    assert text.startswith("**Scan verdict: REJECTED: quarantined**")
+    assert f"runs/{run.run_id})" in text and "evidence/triggers.png" in text
+    assert "\n[x](" not in text and "\\[x\\]" in text and "parent version: none" in text
+
+
+# --------------------------------------------------------------------------- hygiene
+
+
+def test_hostile_names_are_escaped_and_a_nesting_bomb_is_named(project: Path,
+                                                               caplog) -> None:
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows import scan as scan_flows
+
+    drop = project.parent / "drop"
+    odd = "odd\nname\x1b[2J"
+    (drop / f"{odd}.safetensors").write_bytes(pickle.dumps({"x": 1}))
+    copy_model("clean", drop / "bomb")
+    (drop / "bomb.json").write_text('{"a": ' * 100_000 + "1" + "}" * 100_000)
+    with prefect_test_harness(server_startup_timeout=120):
+        result = scan_flows.discover_and_scan(params_path=str(project))
+    by = {o["label"]: o for o in result["scanned"]}
+    assert set(by) == {"drop:odd\\nname\\x1b[2J", "drop:bomb"}
+    assert "bomb.json: manifest nests JSON deeper than 64" in by["drop:bomb"]["reason"]
+    runs = tracking.client().search_runs([tracking.client().get_experiment_by_name(
+        "mesa-scan").experiment_id])
+    for run in runs:
+        texts = [run.info.run_name, *run.data.tags.values(), *run.data.params.values()]
+        assert not any(c in t for t in texts for c in "\n\x1b"), run.info.run_name
+    state = project.parent / "state"
+    records = [json.loads(line) for line in (state / "ledger.jsonl").read_text().splitlines()]
+    records += [json.loads(p.read_text()) for p in state.glob("done/*.json")]
+    assert len(records) == 4 and not any("\n" in s or "\x1b" in s for s in _strings(records))
+    assert "\x1b" not in caplog.text
+
+
+def _strings(value) -> list[str]:
+    """Every string (keys too) inside decoded JSON."""
+    if isinstance(value, dict):
+        return [*value, *(s for v in value.values() for s in _strings(v))]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return [value] if isinstance(value, str) else []
+
+
+_KILLED = """
+import os, signal
+from tasks.common import tracking
+run = tracking.start_run("scan doomed", {"mesa.role": "scan"})
+print(run.run_id, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_runs_of_a_killed_process_are_marked_failed_at_the_next_start(project: Path) -> None:
+    done = subprocess.run([sys.executable, "-c", _KILLED], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == -9, done.stderr
+    killed = done.stdout.split()[0]
+    alive = tracking.start_run("scan alive", {"mesa.role": "scan"})
+    assert tracking.run_record(killed)["status"] == "RUNNING"  # what kill -9 leaves
+    assert tracking.fail_orphaned_runs() == [killed]
+    rec = tracking.run_record(killed)
+    assert rec["status"] == "FAILED" and "killed" in rec["tags"]["mesa.failure"]
+    assert tracking.run_record(alive.run_id)["status"] == "RUNNING"  # its process lives
+
+
+def test_credentials_are_made_once_and_the_environment_wins(tmp_path: Path,
+                                                            monkeypatch) -> None:
+    for var in auth.ENV.values():
+        monkeypatch.delenv(var, raising=False)
+    first = auth.credentials(tmp_path)
+    path = tmp_path / "auth" / "credentials.json"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and auth.credentials(tmp_path) == first
+    assert first["prefect_auth"].startswith("mesa:") and len(first["mlflow_password"]) >= 24
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "from-env")
+    assert auth.credentials(tmp_path)["mlflow_password"] == "from-env"
+    ini = auth.mlflow_ini(tmp_path, first).read_text()
+    assert "auth_cache_ttl_seconds" in ini and "users.db" in ini and "password" not in ini
