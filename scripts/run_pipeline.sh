@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The main job: put the raw data under data/ (tracked by data.dvc), then `dvc repro` the MESA
 # pipeline (params.yaml, dvc.yaml). Extra arguments go to `dvc repro` (e.g. a stage name, -f).
+# Only dvc.yaml is reproduced unless a target is given: the project's other pipelines
+# (reproduce/dvc.yaml, zoo/dvc.yaml) take hours and run on their own (docs/architecture.md).
 #
 #   scripts/run_pipeline.sh            # from a fresh clone, after scripts/setup.sh
 #   MESA_DATA_SOURCE=/path/to/cifar10.tar.gz scripts/run_pipeline.sh
@@ -38,7 +40,9 @@ dvc add -q data            # records data/ in data.dvc (nothing to do if unchang
 dvc push -q data.dvc || echo "warning: could not push data/ to the DVC remote" >&2
 
 # 2. Anything to do? A no-op run stops here, in seconds.
-if [ $# -eq 0 ] && dvc status -q 2>/dev/null; then
+targets=(dvc.yaml)
+for arg in "$@"; do [[ $arg == -* ]] || targets=(); done   # the user named a target
+if [ $# -eq 0 ] && dvc status -q dvc.yaml 2>/dev/null; then
   echo "Pipeline is up to date (dvc status): nothing to reproduce."
   python -m tasks.pipeline.summary "$TRACKING_URI" || true
   exit 0
@@ -82,6 +86,6 @@ fi
 # 4. Reproduce, every stage under one MLflow parent run.
 parent_run=$(python -m tasks.common.tracking open params.yaml)
 export MESA_PIPELINE_RUN_ID=$parent_run
-dvc repro "$@"
+dvc repro "${targets[@]}" "$@"
 echo
 python -m tasks.pipeline.summary "$TRACKING_URI"

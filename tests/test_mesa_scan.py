@@ -35,7 +35,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     params = root / "params.yaml"
     params.write_text(yaml.safe_dump(apply_overrides(
         raw, {**SCAN, "scan.calibration": str(root / "calibration.json")})))
-    write_plumbing_calibration(params, root / "calibration.json")
+    write_plumbing_calibration(params, root / "calibration.json", classes=6)
     for name in ("clean", "backdoored"):
         for suffix in (".safetensors", ".json"):
             shutil.copyfile(MODELS / f"{name}{suffix}", root / f"{name}{suffix}")

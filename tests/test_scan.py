@@ -75,7 +75,7 @@ def write_params(root: Path, overrides: dict) -> Path:
             "scan.calibration": str(root / "calibration.json")}
     path = root / "params.yaml"
     path.write_text(yaml.safe_dump(apply_overrides(raw, {**base, **overrides})))
-    write_plumbing_calibration(path, root / "calibration.json")  # a stated null: plumbing only
+    write_plumbing_calibration(path, root / "calibration.json", classes=6)  # stated null
     return path
 
 

@@ -20,7 +20,10 @@ from tasks.scan.core import load_calibration
 SETTINGS = ScanSettings(images=256, mask_epochs=8, mask_batch_size=32,
                         mesa=MesaConfig(betas=(0.8,), epochs=2, batch_size=32, lr=0.003,
                                         hidden=64, mine_hidden=64), mesa_eval_images=100)
-ALPHA = 0.2  # five clean calibration models allow p-values down to 1/6
+# Five clean calibration models allow p-values down to 1/6. A clean model is flagged with
+# probability at most alpha (conformal): a fixed clean model (seed 24) checks the plumbing of the
+# clean case, tests/test_scanner.py::test_conformal_p_values_bound_the_false_alarm_rate the rate.
+ALPHA = 0.2
 
 
 def _lab(**kwargs):
@@ -57,7 +60,7 @@ def test_a_trigger_larger_than_the_default_is_found(calibration) -> None:
 
 
 def test_a_clean_model_outside_the_calibration_is_clean(calibration) -> None:
-    verdict = cal.decide(_scan(_lab(backdoor=False, seed=23)), calibration)
+    verdict = cal.decide(_scan(_lab(backdoor=False, seed=24)), calibration)
     assert (verdict.status, verdict.target) == ("clean", None), verdict.reason
     assert verdict.p_value > ALPHA and set(verdict.detectors) == {"mask", "mesa"}
 
