@@ -26,6 +26,7 @@ the field.
 
 from __future__ import annotations
 
+import collections
 import math
 import statistics
 from collections.abc import Mapping, Sequence
@@ -151,17 +152,18 @@ class Calibration:
         if not isinstance(raw.get("settings"), dict):
             raise bad("settings", "an object", raw.get("settings"))
         null = _lists(raw, "null", bad, None)
-        n = len(next(iter(null.values())))
         centre = _lists(raw, "centre", bad, set(null))
         scale = _lists(raw, "scale", bad, set(null))
-        k = len(next(iter(centre.values())))
+        combined = raw.get("combined_null")
+        # The lengths most lists agree on, so the error names the odd one out, not its peers.
+        n = _usual_length([*null.values(), combined if isinstance(combined, list) else []])
+        k = _usual_length([*centre.values(), *scale.values()])
         for name, table, length in (("null", null, n), ("centre", centre, k), ("scale", scale, k)):
             for det, values in table.items():
                 if len(values) != length:
                     raise bad(f"{name}.{det}", f"{length} values", len(values))
         if any(v <= 0 for values in scale.values() for v in values):
             raise bad("scale", "positive numbers", scale)
-        combined = raw.get("combined_null")
         if not isinstance(combined, list) or len(combined) != n or \
                 not all(_number(v) and 0 < v <= 1 for v in combined):
             raise bad("combined_null", f"{n} p-values in (0, 1]", combined)
@@ -180,6 +182,11 @@ class Calibration:
 
 def _number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _usual_length(lists: Sequence[Sequence[Any]]) -> int:
+    """The most common length among `lists` (ties: the first seen)."""
+    return collections.Counter(map(len, lists)).most_common(1)[0][0]
 
 
 def _lists(raw: dict, key: str, bad: Any, detectors: set[str] | None

@@ -4,10 +4,9 @@ Qiao, Yang, Li, NeurIPS 2019, Sec. 4.3: once the trigger distribution is recover
 is removed by fine-tuning the model on clean data where images carry triggers drawn from the
 distribution but keep their true labels, so no trigger of the distribution predicts the target
 any longer. The authors' code: SGD lr 1e-3, momentum 0.9, batch 128, 10 epochs, each image
-stamped at a random place with probability 1%. The default `stamp_rate` here is 0.5, where our
-sweep reached the floor (benchmarks/results/reproduce_mesa_resnet8_4p_cpu.md: after 6 epochs the
-MESA-repaired ASR was within 0.4 points of the clean model's own ASR on all 4 patterns; at 0.01
-the backdoor survives, 53-56% ASR after 2 epochs in the earlier 2-pattern run).
+stamped at a random place with probability 1%. The rate is a parameter (`stamp_rate`): the
+reproduction pipeline (reproduce/, docs/reproduction.md) chooses it on a validation split and
+measures the authors' 0.01 beside it.
 
 Repair is a `BatchHook` for `mesa_lib.train.train`; the same function gives the controls:
 `sampler=None` is plain fine-tuning (no trigger), `ConstantSampler(true_trigger)` the oracle,

@@ -63,13 +63,13 @@ def test_each_kind_builds_with_a_truth_record_and_a_silent_manifest(
         truth = json.loads(build.run(params, name).read_text())
         assert truth["name"] == name and truth["zoo"] == "calibration"
         assert 0 <= truth["clean_accuracy"] <= 1
-        manifest = json.loads((tmp_path / "zoo" / "models" / f"{name}.json").read_text())
+        manifest = json.loads((tmp_path / "zoo" / "models" / "calibration" / f"{name}.json").read_text())
         assert manifest["extra"] == {"zoo_model": name}  # nothing about the attack
-    inj = json.loads((tmp_path / "zoo" / "truth" / "c-inj.json").read_text())
+    inj = json.loads((tmp_path / "zoo" / "truth" / "calibration" / "c-inj.json").read_text())
     assert inj["backdoored"] and inj["target"] == 3 and inj["base"] == "c-base"
     assert inj["attack"]["planted"] == "injection" and inj["attack"]["location"] == "corner"
     assert inj["counts"] == (inj["asr"] >= 0.8)
-    blend = json.loads((tmp_path / "zoo" / "truth" / "c-bn.json").read_text())
+    blend = json.loads((tmp_path / "zoo" / "truth" / "calibration" / "c-bn.json").read_text())
     assert blend["attack"]["alpha"] == 0.2 and blend["kind"] == "badnets"
-    clean = json.loads((tmp_path / "zoo" / "truth" / "c-ft.json").read_text())
+    clean = json.loads((tmp_path / "zoo" / "truth" / "calibration" / "c-ft.json").read_text())
     assert not clean["backdoored"] and clean["asr"] is None and clean["counts"]
