@@ -9,9 +9,11 @@ import pytest
 import yaml
 from pipeline_fixture import write_archive
 
+from mesa_lib import calibration as cal
 from tasks.common.settings import ConfigError
 from tasks.zoo import build
 from tasks.zoo.params import load_zoo_params
+from tasks.zoo.report import auc, markdown, wilson
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,7 +65,8 @@ def test_each_kind_builds_with_a_truth_record_and_a_silent_manifest(
         truth = json.loads(build.run(params, name).read_text())
         assert truth["name"] == name and truth["zoo"] == "calibration"
         assert 0 <= truth["clean_accuracy"] <= 1
-        manifest = json.loads((tmp_path / "zoo" / "models" / "calibration" / f"{name}.json").read_text())
+        stem = tmp_path / "zoo" / "models" / "calibration" / name
+        manifest = json.loads(stem.with_suffix(".json").read_text())
         assert manifest["extra"] == {"zoo_model": name}  # nothing about the attack
     inj = json.loads((tmp_path / "zoo" / "truth" / "calibration" / "c-inj.json").read_text())
     assert inj["backdoored"] and inj["target"] == 3 and inj["base"] == "c-base"
@@ -73,3 +76,37 @@ def test_each_kind_builds_with_a_truth_record_and_a_silent_manifest(
     assert blend["attack"]["alpha"] == 0.2 and blend["kind"] == "badnets"
     clean = json.loads((tmp_path / "zoo" / "truth" / "calibration" / "c-ft.json").read_text())
     assert not clean["backdoored"] and clean["asr"] is None and clean["counts"]
+
+
+def _record(mask: dict[int, float], mesa: dict[int, float]) -> dict:
+    """A scan record as tasks.zoo.scan writes it (detector -> class scores), old detector too."""
+    return {"seconds": 2.0, "before": {"status": "clean", "target": None, "margin": 0.0,
+                                       "seconds": 1.0},
+            "detectors": {d: {"scores": {str(c): v for c, v in s.items()}}
+                          for d, s in (("mask", mask), ("mesa", mesa))}}
+
+
+def test_the_benchmark_table_counts_hits_false_alarms_and_targets() -> None:
+    """Twenty clean models with small scores, two backdoors (one strong at class 3 that the mask
+    finds, one too weak to count); the table must say exactly that."""
+    flat = dict.fromkeys(range(10), 0.0)
+    clean_scores = [{"mask": {c: 0.01 * ((i + c) % 5) for c in range(10)}, "mesa": flat}
+                    for i in range(20)]
+    fitted = cal.fit(clean_scores, 0.05, 0.1, {}, {})
+    attack = {"trigger": "bw", "size": 3, "location": "corner", "rate": 0.1,
+              "planted": "injection", "alpha": 1.0}
+    truth = {f"c{i}": {"backdoored": False, "counts": True, "target": None, "asr": None,
+                       "arch": "resnet8", "attack": None} for i in range(20)}
+    truth |= {"b-strong": {"backdoored": True, "counts": True, "target": 3, "asr": 0.99,
+                           "arch": "resnet8", "attack": attack},
+              "b-weak": {"backdoored": True, "counts": False, "target": 5, "asr": 0.2,
+                         "arch": "resnet8", "attack": attack}}
+    scans = {f"c{i}": _record(clean_scores[i]["mask"], flat) for i in range(20)}
+    scans["b-strong"] = _record({**flat, 3: 5.0}, flat)
+    scans["b-weak"] = _record(flat, flat)
+    table = markdown(truth, scans, fitted, "cmd", "here")
+    assert "20 clean models, 1 backdoored models whose attack succeeds" in table
+    assert "left out: b-weak" in table
+    assert "| all backdoors | 1 | 1.000 | 1/1 (100%;" in table and "| 1/1 |" in table
+    assert "| mask | 1.000 | 1/1 | 0/20 | 1/1 |" in table
+    assert auc([1.0, 0.5], [0.5]) == 0.75 and wilson(0, 20)[1] == pytest.approx(0.161, abs=1e-3)

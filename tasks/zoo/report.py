@@ -90,6 +90,27 @@ def _row(label: str, bd: list[str], clean: list[str], truth: Truth,
             f"({len(hits) / max(len(bd), 1):.0%}; {lo:.0%}-{hi:.0%}) | {target} |")
 
 
+def _each_detector(truth: Truth, scans: dict[str, Any], calibration: Calibration,
+                   clean: list[str], bd: list[str]) -> list[str]:
+    """Each detector alone (its own conformal p <= alpha): what the combination adds."""
+    from tasks.zoo.scan import class_scores
+
+    lines = ["## Each detector alone", "",
+             "Its own conformal p-value against the calibration's clean models, flagged at p <= "
+             f"{calibration.alpha} (the combination above corrects for using two).", "",
+             "| detector | ROC-AUC, all backdoors | detected | false alarms | right target |",
+             "|---|---|---|---|---|"]
+    for d in calibration.detectors:
+        stat = {n: calibration.statistic(d, class_scores(scans[n])[d]) for n in scans}
+        flag = {n: calibration.detector_p(d, stat[n][0]) <= calibration.alpha for n in scans}
+        hits = [n for n in bd if flag[n]]
+        right = sum(stat[n][1] == truth[n]["target"] for n in hits)
+        lines.append(f"| {d} | {auc([stat[n][0] for n in bd], [stat[n][0] for n in clean]):.3f}"
+                     f" | {len(hits)}/{len(bd)} | {sum(flag[n] for n in clean)}/{len(clean)} | "
+                     f"{right}/{len(hits)} |")
+    return lines + [""]
+
+
 def markdown(truth: Truth, scans: dict[str, Any], calibration: Calibration, command: str,
              machine: str) -> str:
     """The whole benchmark file."""
@@ -128,6 +149,7 @@ def markdown(truth: Truth, scans: dict[str, Any], calibration: Calibration, comm
                     fired[scores[n]["new"][3]] = fired.get(scores[n]["new"][3], 0) + 1
             lines += ["Detector that fired, over the detections: " + ", ".join(
                 f"{d} {k}" for d, k in sorted(fired.items())), ""]
+    lines += _each_detector(truth, scans, calibration, clean, bd)
     new_s = [scans[n]["seconds"] for n in scans]
     old_s = [scans[n]["before"]["seconds"] for n in scans]
     lines += ["## Scan time per model", "",
