@@ -23,6 +23,9 @@ export PATH="$root/.venv/bin:$PATH"
 export MLFLOW_DISABLE_TELEMETRY=true PREFECT_SERVER_ANALYTICS_ENABLED=false
 export GX_ANALYTICS_ENABLED=false DVC_NO_ANALYTICS=true
 export PREFECT_HOME="${PREFECT_HOME:-$root/.prefect}"
+# A temporary Prefect API (flows.fetch, MESA_PREFECT=ephemeral) gets 20 s to start by default: not
+# enough on 2 busy cores (seen: "Timed out while attempting to connect to ephemeral ... server").
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="${PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS:-120}"
 
 python -m tasks.common.params check params.yaml >/dev/null   # a bad key stops here, named
 TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$root/mlflow.db}
