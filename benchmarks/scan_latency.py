@@ -315,14 +315,20 @@ def altered_copy(client: MlflowClient, name: str, version: str, dst: Path) -> Pa
 # --------------------------------------------------------------------------- the two paths
 
 
+def start(svc: Services, args: argparse.Namespace) -> tuple[MlflowClient, str]:
+    """Start the services; (client, auth) once the deployments are served and idle."""
+    print(control(svc, "start", args.start_timeout), end="", flush=True)
+    client, auth = connect(svc)
+    waited = wait_idle(svc, auth, args.start_timeout, ahead_s=5)
+    print(f"deployments served and idle after {waited:.0f} s more", flush=True)
+    return client, auth
+
+
 def event_path(args: argparse.Namespace, root: Path, rows: list[Row]) -> None:
     """Backdoored, clean and the altered signed clean one, each scanned on its event."""
     svc = services(project(root, "event", args.webhook_port, EVENT_INTERVAL_S), args)
     try:
-        print(control(svc, "start", args.start_timeout), end="", flush=True)
-        client, auth = connect(svc)
-        waited = wait_idle(svc, auth, args.start_timeout, ahead_s=5)
-        print(f"deployments served and idle after {waited:.0f} s more", flush=True)
+        client, auth = start(svc, args)
         for source, label in (("backdoored", "backdoored -> quarantined"),
                               ("clean", "clean -> signed")):
             stem = copy_model(source, root / "upload" / f"{source}-event", "event")
@@ -341,10 +347,7 @@ def poll_path(args: argparse.Namespace, root: Path, rows: list[Row]) -> None:
     """`--poll-runs` backdoored copies, found by the discovery run (receiver stopped)."""
     svc = services(project(root, "poll", args.webhook_port, POLL_INTERVAL_S), args)
     try:
-        print(control(svc, "start", args.start_timeout), end="", flush=True)
-        client, auth = connect(svc)
-        waited = wait_idle(svc, auth, args.start_timeout, ahead_s=5)
-        print(f"deployments served and idle after {waited:.0f} s more", flush=True)
+        client, auth = start(svc, args)
         stop_receiver(svc)
         for k in range(1, args.poll_runs + 1):
             stem = copy_model("backdoored", root / "upload" / f"backdoored-poll{k}", f"poll{k}")

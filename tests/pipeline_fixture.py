@@ -105,3 +105,17 @@ def make_project(tmp: Path, overrides: Mapping[str, Any] | None = None,
     write_plumbing_calibration(tmp / "params.yaml", tmp / "calibration.json")
     write_archive(tmp / "data" / "tiny.tar.gz", counts=counts)
     return tmp
+
+
+def write_scan_params(root: Path, overrides: dict[str, Any]) -> Path:
+    """The project's params with the scan's folders under `root`, `overrides` applied, and a
+    plumbing calibration for exactly those scan settings (6 classes); the params path."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    base = {"base.device": "cpu", "scan.reference": str(root / "reference.npz"),
+            "scan.drop_folder": str(root / "drop"), "scan.state_folder": str(root / "state"),
+            "scan.settle_s": 0, "scan.grid_samples": 4,
+            "scan.calibration": str(root / "calibration.json")}
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(apply_overrides(raw, {**base, **overrides})))
+    write_plumbing_calibration(path, root / "calibration.json", classes=6)
+    return path

@@ -18,9 +18,7 @@ from typing import Any
 import numpy as np
 import yaml
 from backdoor_fixture import synthetic_data
-from pipeline_fixture import ROOT, write_plumbing_calibration
-
-from tasks.common.params import apply_overrides
+from pipeline_fixture import ROOT, write_scan_params
 
 MODELS = Path(__file__).parent / "fixtures" / "scan_models"
 SCRIPT = ROOT / "scripts" / "scan_services.sh"
@@ -45,15 +43,7 @@ def make_project(root: Path, overrides: dict[str, Any]) -> Path:
     np.savez(root / "reference.npz", images=images.numpy(), labels=labels.numpy(),
              classes=np.array([f"class{k}" for k in range(6)]))
     (root / "drop").mkdir(exist_ok=True)
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    base = {"base.device": "cpu", "scan.reference": str(root / "reference.npz"),
-            "scan.drop_folder": str(root / "drop"), "scan.state_folder": str(root / "state"),
-            "scan.settle_s": 0, "scan.grid_samples": 4,
-            "scan.calibration": str(root / "calibration.json")}
-    path = root / "params.yaml"
-    path.write_text(yaml.safe_dump(apply_overrides(raw, {**base, **overrides})))
-    write_plumbing_calibration(path, root / "calibration.json", classes=6)
-    return path
+    return write_scan_params(root, overrides)
 
 
 def copy_model(source: str, dst: Path, variant: str = "") -> Path:

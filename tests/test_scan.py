@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 from backdoor_fixture import TARGET, synthetic_data
-from pipeline_fixture import ROOT, write_plumbing_calibration
+from pipeline_fixture import write_scan_params
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 from safetensors.torch import load_file, save_file
@@ -67,16 +67,8 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def write_params(root: Path, overrides: dict) -> Path:
-    """Test params, and a plumbing calibration for exactly their scan settings."""
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    base = {"base.device": "cpu", "scan.reference": str(root / "reference.npz"),
-            "scan.drop_folder": str(root / "drop"), "scan.state_folder": str(root / "state"),
-            "scan.settle_s": 0, "scan.grid_samples": 4,
-            "scan.calibration": str(root / "calibration.json")}
-    path = root / "params.yaml"
-    path.write_text(yaml.safe_dump(apply_overrides(raw, {**base, **overrides})))
-    write_plumbing_calibration(path, root / "calibration.json", classes=6)  # stated null
-    return path
+    """Test params, and a plumbing calibration for exactly their scan settings (stated null)."""
+    return write_scan_params(root, overrides)
 
 
 def drop(root: Path, name: str, source: str = "clean", variant: str = "") -> None:
