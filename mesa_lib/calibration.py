@@ -202,7 +202,8 @@ class Calibration:
                 raise CalibrationError(
                     f"{source}: field 'settings.{key}' is {self.settings.get(key)!r} in the "
                     f"calibration but {settings.get(key)!r} in the scan settings; recalibrate "
-                    "(dvc repro zoo/dvc.yaml:calibrate) or scan with the calibrated settings")
+                    "(dvc repro zoo/dvc.yaml:calibrate, then release zoo/calibration.json as "
+                    "calibration/scanner.json) or scan with the calibrated settings")
 
 
 def _number(v: Any) -> bool:

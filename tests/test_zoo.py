@@ -50,6 +50,14 @@ def test_the_project_zoo_is_valid_and_its_zoos_share_no_base() -> None:
     assert {2, 3, 4, 5, 32} <= sizes  # 2x2 to 5x5 patches and whole-image blends
 
 
+def test_the_released_calibration_is_the_zoos() -> None:
+    """calibration/scanner.json (what the scanner loads) is a copy of the calibrate stage's
+    output: a new calibration is released on purpose, never silently."""
+    released = ROOT / "calibration" / "scanner.json"
+    assert released.read_bytes() == (ROOT / "zoo" / "calibration.json").read_bytes(), \
+        "cp zoo/calibration.json calibration/scanner.json to release the new calibration"
+
+
 def test_a_base_from_the_other_zoo_is_refused(tmp_path: Path) -> None:
     path = tiny_zoo(tmp_path, clean_finetunes={
         "t-ft": {"zoo": "test", "base": "c-base", "seed": 1}})

@@ -120,7 +120,8 @@ def markdown(truth: Truth, scans: dict[str, Any], calibration: Calibration, comm
     weak = [n for n in scans if truth[n]["backdoored"] and not truth[n]["counts"]]
     lines = ["# Scanner benchmark on the test zoo", "",
              f"- command: `{command}` (the `benchmark` stage of zoo/dvc.yaml)",
-             f"- calibration: calibration/scanner.json, fitted on the calibration zoo's "
+             "- calibration: zoo/calibration.json (released as calibration/scanner.json), "
+             "fitted on the calibration zoo's "
              f"{len(calibration.combined_null)} clean models only (alpha "
              f"{calibration.alpha}); the test zoo shares no base model with it and was scanned "
              "only here",
