@@ -7,11 +7,12 @@ score is large is NOT decided here: some classes are naturally easy (on CIFAR-10
 ResNet-8's "deer" needs a much smaller mask than its other classes), so mesa_lib.calibration
 compares each class with the same class in clean models.
 
-- `mask` (Neural Cleanse's search, Wang et al., S&P 2019): a full-image mask + pattern per
-  class, x' = (1 - m) x + m p, minimising cross-entropy to the class + lambda |m|_1; all classes
-  in one batched computation. It is free of the trigger's place and size: a backdoor planted at a
-  fixed corner, a 2x2 or a 5x5 patch, or blended over the whole image, all show as a class whose
-  smallest successful mask is much smaller than usual. Class score: median log |m|_1 over the
+- `mask` (Neural Cleanse's objective, Wang et al., S&P 2019; mesa_lib.masksearch): a full-image
+  mask + pattern per class, x' = (1 - m) x + m p, minimising cross-entropy to the class +
+  lambda |m|_1, lambda adjusted after every step; all classes in one batched computation. It is
+  free of the trigger's place and size: a backdoor planted at a fixed corner, a 2x2 or a 5x5
+  patch, or blended over the whole image, all show as a class whose smallest successful mask is
+  much smaller than usual. Class score: median log |m|_1 over the
   classes minus the class's log |m|_1.
 - `mesa` (MESA, Qiao et al., NeurIPS 2019, Sec. 4-5): one MESA sub-model per class, 3x3 triggers
   stamped at random places; each class scored by the ASR of its own samples on held-out images
@@ -31,8 +32,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from mesa_lib.baselines import CleanseConfig, neural_cleanse
 from mesa_lib.detect import DetectConfig, score_classes
+from mesa_lib.masksearch import MaskSearchConfig, mask_search
 from mesa_lib.mesa import MesaConfig
 
 
@@ -62,7 +63,7 @@ class ScanSettings:
     Attributes:
         detectors: names of the detectors to run, in order.
         images: reference images used by each detector (a seeded subset of what is given).
-        mask_epochs, mask_batch_size, mask_lr, mask_asr: the mask search (Neural Cleanse).
+        mask_steps, mask_batch_size, mask_lr, mask_asr: the mask search (MaskSearchConfig).
         mesa: the MESA detector's fit (one beta; sub-models = classes).
         mesa_eval_images: of `images`, held out to measure each class's ASR.
         trigger_size: side of the MESA detector's square triggers.
@@ -71,8 +72,8 @@ class ScanSettings:
 
     detectors: tuple[str, ...] = ("mask", "mesa")
     images: int = 512
-    mask_epochs: int = 12
-    mask_batch_size: int = 32
+    mask_steps: int = 200
+    mask_batch_size: int = 8
     mask_lr: float = 0.1
     mask_asr: float = 0.9
     mesa: MesaConfig = field(default_factory=lambda: MesaConfig(betas=(0.8,), epochs=1,
@@ -81,11 +82,16 @@ class ScanSettings:
     trigger_size: int = 3
     seed: int = 0
 
+    def mask_config(self) -> MaskSearchConfig:
+        """The mask search's settings."""
+        return MaskSearchConfig(steps=self.mask_steps, batch_size=self.mask_batch_size,
+                                lr=self.mask_lr, asr_threshold=self.mask_asr, seed=self.seed)
+
     def fingerprint(self) -> dict[str, object]:
         """The settings as plain JSON-able values (compared with a calibration's)."""
         m = self.mesa
         return {"detectors": list(self.detectors), "images": self.images,
-                "mask_epochs": self.mask_epochs, "mask_batch_size": self.mask_batch_size,
+                "mask_steps": self.mask_steps, "mask_batch_size": self.mask_batch_size,
                 "mask_lr": self.mask_lr, "mask_asr": self.mask_asr,
                 "mesa": {"betas": list(m.betas), "epochs": m.epochs, "batch_size": m.batch_size,
                          "lr": m.lr, "alpha": m.alpha, "hidden": m.hidden,
@@ -147,11 +153,8 @@ def _reduce_mesa(evidence: Evidence) -> dict[int, float]:
 def measure_mask(model: nn.Module, images: Tensor, labels: Tensor | None,
                  classes: tuple[int, ...], n_classes: int, settings: ScanSettings,
                  device: torch.device) -> tuple[Evidence, dict[int, Tensor]]:
-    """Neural Cleanse's mask search for `classes`: each one's smallest successful |m|_1."""
-    config = CleanseConfig(epochs=settings.mask_epochs, batch_size=settings.mask_batch_size,
-                           lr=settings.mask_lr, asr_threshold=settings.mask_asr, patience=0,
-                           seed=settings.seed)
-    res = neural_cleanse(model, images, n_classes, config, device, classes=classes)
+    """The mask search for `classes`: each one's smallest successful |m|_1 and its ASR."""
+    res = mask_search(model, images, classes, settings.mask_config(), device)
     evidence = {c: {"mask_l1": float(res.l1[i]), "mask_asr": float(res.asr[i])}
                 for i, c in enumerate(res.classes)}
     return evidence, {c: (res.masks[i] * res.patterns[i])[None]

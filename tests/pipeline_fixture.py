@@ -39,7 +39,7 @@ TINY_OVERRIDES: dict[str, Any] = {
     "repair.epochs": 1, "repair.batch_size": 16,
     "evaluate.variants": 2,
     "scan.epochs": 1, "scan.images": 40, "scan.eval_images": 20, "scan.hidden": 16,
-    "scan.mask_epochs": 1, "scan.mask_batch_size": 16, "scan.calibration": "calibration.json",
+    "scan.mask_steps": 8, "scan.mask_batch_size": 8, "scan.calibration": "calibration.json",
 }
 # Tests of plumbing (flows, tags, claims) calibrate on a stated null: five clean "models" whose
 # class scores are drawn uniformly in +-0.3 (the spread of the clean fixture's mask scores), at

@@ -39,12 +39,12 @@ from tasks.scan.reference import chunks
 MODELS = Path(__file__).parent / "fixtures" / "scan_models"
 CPU = torch.device("cpu")
 # Detection settings that find the tiny backdoor (seconds per model on 2 cores).
-TUNED = {"scan.images": 1024, "scan.eval_images": 512, "scan.mask_epochs": 8,
-         "scan.mask_batch_size": 64, "scan.epochs": 5, "scan.lr": 0.003, "scan.batch_size": 64,
+TUNED = {"scan.images": 1024, "scan.eval_images": 512, "scan.mask_steps": 200,
+         "scan.mask_batch_size": 16, "scan.epochs": 5, "scan.lr": 0.003, "scan.batch_size": 64,
          "scan.hidden": 128, "repair.epochs": 1, "repair.batch_size": 64}
 # Where the verdict does not matter: the cheapest scan.
-FAST = {"scan.images": 64, "scan.eval_images": 32, "scan.mask_epochs": 1,
-        "scan.mask_batch_size": 32, "scan.epochs": 1, "scan.batch_size": 16, "scan.hidden": 16}
+FAST = {"scan.images": 64, "scan.eval_images": 32, "scan.mask_steps": 4,
+        "scan.mask_batch_size": 8, "scan.epochs": 1, "scan.batch_size": 16, "scan.hidden": 16}
 @pytest.fixture(scope="module", autouse=True)
 def harness():
     """One temporary Prefect API for the flow tests of this module."""

@@ -64,7 +64,7 @@ def scan_settings(params: Params) -> ScanSettings:
     s = params.scan
     mesa = MesaConfig(betas=(s.beta,), epochs=s.epochs, batch_size=s.batch_size, lr=s.lr,
                       hidden=s.hidden, mine_hidden=s.hidden, seed=params.base.seed)
-    return ScanSettings(detectors=s.detectors, images=s.images, mask_epochs=s.mask_epochs,
+    return ScanSettings(detectors=s.detectors, images=s.images, mask_steps=s.mask_steps,
                         mask_batch_size=s.mask_batch_size, mask_lr=s.mask_lr,
                         mask_asr=s.mask_asr, mesa=mesa, mesa_eval_images=s.eval_images,
                         trigger_size=s.trigger_size, seed=params.base.seed)

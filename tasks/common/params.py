@@ -158,8 +158,8 @@ class ScanParams(Group):
     detectors: Annotated[tuple[Literal["mask", "mesa"], ...], BeforeValidator(as_tuple),
                          Field(min_length=1)] = Field(description="detectors run on each model")
     images: int = Field(ge=16, description="reference images each detector uses")
-    mask_epochs: Count = Field(description="mask search: passes over the images")
-    mask_batch_size: BatchSize
+    mask_steps: Count = Field(description="mask search: optimisation steps (every class in each)")
+    mask_batch_size: BatchSize = Field(description="mask search: images per step and class")
     mask_lr: Positive
     mask_asr: Probability = Field(description="mask search: a mask succeeds at this ASR")
     epochs: Count = Field(description="MESA detector: passes over the images")

@@ -28,8 +28,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 
-from mesa_lib.baselines import CleanseConfig, neural_cleanse
 from mesa_lib.data import DataError
+from mesa_lib.masksearch import mask_search
 from mesa_lib.mesa import fit_mesa
 from mesa_lib.modelio import ModelFileError, load_model, save_model
 from mesa_lib.repair import repair
@@ -206,10 +206,7 @@ def _trigger_source(model: torch.nn.Module, images: torch.Tensor, target: int, d
     """What to repair against: MESA's distribution of the target, or NC's mask for it."""
     settings = scan_settings(params)
     if detector == "mask":
-        config = CleanseConfig(epochs=settings.mask_epochs, batch_size=settings.mask_batch_size,
-                               lr=settings.mask_lr, asr_threshold=settings.mask_asr,
-                               seed=settings.seed)
-        found = neural_cleanse(model, images, n_classes, config, device, classes=(target,))
+        found = mask_search(model, images, (target,), settings.mask_config(), device)
         return found.trigger(target)
     shape = (images.shape[1], settings.trigger_size, settings.trigger_size)
     return fit_mesa(model, images, target, shape, settings.mesa, device)

@@ -1,0 +1,146 @@
+"""The scanner's mask search: Neural Cleanse's objective, a schedule that converges in seconds.
+
+Neural Cleanse (Wang et al., S&P 2019) looks, for every class k, for the smallest full-image
+mask m_k (1, H, W) and pattern p_k (C, H, W) with
+
+    x' = (1 - m_k) x + m_k p_k  classified as k,   minimising  CE(f(x'), k) + lambda_k |m_k|_1,
+
+and raises lambda_k while the mask succeeds, lowers it while it fails. A backdoored target is
+reached by a mask the size of its trigger (a 3x3 patch: |m|_1 about 9), a clean class needs a
+mask of tens to hundreds of pixels. `mesa_lib.baselines.neural_cleanse` follows the authors in
+adjusting lambda once per epoch; with the scanner's budget (about 16,000 image passes for ten
+classes, 15 s on 2 CPU cores) that is six adjustments, and the masks were still shrinking when it
+stopped: a 5x5 random-place backdoor of the calibration zoo (ASR 100%) left its target's mask at
+174 pixels, about a clean class's. Here lambda is adjusted after every step, and the steps are
+many and small (8 images): the same budget gives 200 adjustments, and that backdoor's target
+mask is 12 pixels against 24-95 for its other classes (experiments of 2026-11-30 on the
+calibration zoo only; docs/scanning.md). The kept mask is the smallest that succeeded on its
+batch, and its attack success is then measured on all the images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mesa_lib.distribution import MaskTrigger
+from mesa_lib.mesa import autocast_for, frozen
+
+
+@dataclass(frozen=True)
+class MaskSearchConfig:
+    """Settings of the search.
+
+    Attributes:
+        steps: optimisation steps, every class in each.
+        batch_size: images per step and class (small: many lambda adjustments per budget).
+        lr: Adam step size on the tanh-parametrised mask and pattern.
+        asr_threshold: a mask succeeds on a batch when this share goes to its class.
+        init_cost: lambda at the start (NC's 1e-3).
+        cost_step: lambda is multiplied by this after a successful step, divided by its 1.5th
+            power after a failed one (NC's rule, per step instead of per epoch).
+        seed: seed of the initial masks and the batches.
+    """
+
+    steps: int = 200
+    batch_size: int = 8
+    lr: float = 0.1
+    asr_threshold: float = 0.9
+    init_cost: float = 1e-3
+    cost_step: float = 1.2
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class MaskSearchResult:
+    """The smallest successful mask of each searched class.
+
+    Attributes:
+        classes: (K,) the class of each row.
+        masks: (K, 1, H, W) in [0, 1]; patterns: (K, C, H, W) in [0, 1].
+        l1: (K,) |m|_1 of each kept mask (the last iterate's when none succeeded).
+        asr: (K,) share of all the images the kept mask sends to its class.
+    """
+
+    classes: tuple[int, ...]
+    masks: Tensor
+    patterns: Tensor
+    l1: Tensor
+    asr: Tensor
+
+    def trigger(self, cls: int) -> MaskTrigger:
+        """The kept mask + pattern of class `cls` as a trigger repair can apply."""
+        i = self.classes.index(cls)
+        return MaskTrigger(self.masks[i], self.patterns[i])
+
+
+def _decode(mask_p: Tensor, pat_p: Tensor) -> tuple[Tensor, Tensor]:
+    """NC's tanh parametrisation: unconstrained -> [0, 1]."""
+    return torch.tanh(mask_p) / 2 + 0.5, torch.tanh(pat_p) / 2 + 0.5
+
+
+def _stamped(x: Tensor, mask: Tensor, pattern: Tensor) -> Tensor:
+    """(K, B, C, H, W): each of the B images x (B, C, H, W) under each of the K masks."""
+    return (1 - mask[:, None]) * x[None] + mask[:, None] * pattern[:, None]
+
+
+def mask_search(model: nn.Module, images: Tensor, classes: tuple[int, ...],
+                config: MaskSearchConfig, device: torch.device) -> MaskSearchResult:
+    """Search the smallest successful mask of every class of `classes`, all in one batch.
+
+    Args:
+        model: frozen classifier, float (B, C, H, W) in [0, 1] -> logits (B, classes).
+        images: the defender's images, uint8 (N, C, H, W).
+        classes: the K classes to search.
+    """
+    gen = torch.Generator().manual_seed(config.seed)
+    n, c, h, w = images.shape
+    k = len(classes)
+    mask_p = (torch.randn(k, 1, h, w, generator=gen) * 0.1).to(device).requires_grad_(True)
+    pat_p = (torch.randn(k, c, h, w, generator=gen) * 0.1).to(device).requires_grad_(True)
+    opt = torch.optim.Adam([mask_p, pat_p], lr=config.lr, betas=(0.5, 0.9))
+    cost = torch.full((k,), config.init_cost, device=device)
+    y = torch.tensor(classes, device=device).repeat_interleave(config.batch_size)
+    best_l1 = torch.full((k,), float("inf"), device=device)
+    best_mask, best_pat = (v.detach().clone() for v in _decode(mask_p, pat_p))
+    images = images.to(device)
+    with frozen(model):
+        for _ in range(config.steps):
+            pick = torch.randint(0, n, (config.batch_size,), generator=gen).to(device)
+            x = images[pick].float().div_(255)
+            mask, pat = _decode(mask_p, pat_p)
+            with autocast_for(device):
+                logits = model(_stamped(x, mask, pat).flatten(0, 1)).float()  # (K*B, classes)
+            ce = F.cross_entropy(logits, y, reduction="none").view(k, -1).mean(1)
+            l1 = mask.flatten(1).sum(1)
+            opt.zero_grad(set_to_none=True)
+            (ce + cost * l1).sum().backward()
+            opt.step()
+            won = (logits.argmax(1) == y).view(k, -1).float().mean(1) >= config.asr_threshold
+            better = won & (l1.detach() < best_l1)
+            best_l1 = torch.where(better, l1.detach(), best_l1)
+            best_mask[better], best_pat[better] = mask.detach()[better], pat.detach()[better]
+            cost = torch.where(won, cost * config.cost_step, cost / config.cost_step**1.5)
+        never = torch.isinf(best_l1)  # nothing succeeded: report where the search ended
+        mask, pat = (v.detach() for v in _decode(mask_p, pat_p))
+        best_mask[never], best_pat[never] = mask[never], pat[never]
+        asr = _success(model, images, best_mask, best_pat, classes, config.batch_size * 16)
+    l1 = best_mask.flatten(1).sum(1)
+    return MaskSearchResult(tuple(classes), best_mask.cpu(), best_pat.cpu(), l1.cpu(), asr.cpu())
+
+
+@torch.no_grad()
+def _success(model: nn.Module, images: Tensor, masks: Tensor, patterns: Tensor,
+             classes: tuple[int, ...], chunk: int) -> Tensor:
+    """(K,) share of `images` (N, C, H, W) uint8 each mask sends to its class."""
+    target = torch.tensor(classes, device=images.device)[:, None]
+    hits = torch.zeros(len(classes), device=images.device)
+    for start in range(0, len(images), chunk):
+        x = images[start:start + chunk].float().div_(255)
+        with autocast_for(images.device):
+            logits = model(_stamped(x, masks, patterns).flatten(0, 1)).float()
+        hits += (logits.argmax(1).view(len(classes), -1) == target).float().sum(1)
+    return hits / len(images)
