@@ -70,7 +70,7 @@ class ScanSettings:
         seed: seed of every draw.
     """
 
-    detectors: tuple[str, ...] = ("mask", "mesa")
+    detectors: tuple[str, ...] = ("mask",)
     images: int = 512
     mask_steps: int = 200
     mask_batch_size: int = 8

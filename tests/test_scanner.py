@@ -17,7 +17,8 @@ from mesa_lib.mesa import MesaConfig
 from mesa_lib.triggers import build_trigger
 from tasks.scan.core import load_calibration
 
-SETTINGS = ScanSettings(images=256, mask_steps=200, mask_batch_size=8,
+SETTINGS = ScanSettings(detectors=("mask", "mesa"), images=256, mask_steps=200,
+                        mask_batch_size=8,
                         mesa=MesaConfig(betas=(0.8,), epochs=2, batch_size=32, lr=0.003,
                                         hidden=64, mine_hidden=64), mesa_eval_images=100)
 # Five clean calibration models allow p-values down to 1/6. A clean model is flagged with
