@@ -48,10 +48,11 @@ TINY_OVERRIDES: dict[str, Any] = {
 PLUMBING_ALPHA, PLUMBING_FLOOR = 0.2, 0.1
 
 
-def plumbing_null(classes: int, models: int = 5) -> list[dict[str, dict[int, float]]]:
-    """Seeded class scores of `models` stated clean models, for both detectors."""
+def plumbing_null(classes: int, detectors: tuple[str, ...] = ("mask",), models: int = 5
+                  ) -> list[dict[str, dict[int, float]]]:
+    """Seeded class scores of `models` stated clean models, for each of `detectors`."""
     rng = random.Random(0)
-    return [{d: {k: rng.uniform(-0.3, 0.3) for k in range(classes)} for d in ("mask", "mesa")}
+    return [{d: {k: rng.uniform(-0.3, 0.3) for k in range(classes)} for d in detectors}
             for _ in range(models)]
 
 
@@ -61,9 +62,9 @@ def write_plumbing_calibration(params_path: Path, target: Path, classes: int = 1
     from tasks.common.configs import scan_settings
     from tasks.common.params import load_params
 
-    settings = scan_settings(load_params(params_path)).fingerprint()
-    fitted = fit(plumbing_null(classes), PLUMBING_ALPHA, PLUMBING_FLOOR, settings,
-                 {"zoo": "plumbing test (stated null)"})
+    settings = scan_settings(load_params(params_path))
+    fitted = fit(plumbing_null(classes, settings.detectors), PLUMBING_ALPHA, PLUMBING_FLOOR,
+                 settings.fingerprint(), {"zoo": "plumbing test (stated null)"})
     target.write_text(json.dumps(fitted.to_dict()))
     return target
 

@@ -61,7 +61,7 @@ def test_a_clean_model_exits_0_with_every_json_field(setup, capsys) -> None:
     assert set(rec) >= {"verdict", "target", "confidence", "p_value", "reason", "scores",
                         "detector", "detectors", "seconds", "model"}
     assert 0 < rec["p_value"] <= 1 and rec["confidence"] == pytest.approx(1 - rec["p_value"])
-    assert set(rec["scores"]) == {"mask", "mesa"} and len(rec["scores"]["mask"]) == 6
+    assert set(rec["scores"]) == {"mask"} and len(rec["scores"]["mask"]) == 6
     assert rec["seconds"]["total"] > 0
 
 

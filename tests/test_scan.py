@@ -11,6 +11,7 @@ import shutil
 import socket
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -170,7 +171,7 @@ def test_a_chunk_measured_twice_gives_the_same_evidence_and_chunks_cover_the_mod
         project: Path) -> None:
     """A retried chunk task is deterministic; chunks merge into one score per detector."""
     params = load_params(project / "params.yaml")
-    settings = scan_settings(params)
+    settings = replace(scan_settings(params), detectors=("mask", "mesa"))
     model, _ = load_model(MODELS / "backdoored")
     x, y = synthetic_data(128, 1)
     first, again = (measure_chunk(model, x, y, (3, 4, 5), 6, settings, CPU, keep=2)
@@ -227,7 +228,8 @@ def test_backdoored_and_clean_drops_get_verdicts_evidence_and_repair(project: Pa
     c = tracking.client()
     run = c.get_run(bad["run_id"])
     assert run.data.tags["scan_verdict"] == "backdoored"
-    assert run.data.metrics["class.mesa.0.asr"] > 0.3 and "seconds.fit_sum" in run.data.metrics
+    assert run.data.metrics[f"class.mask.{TARGET}.mask_asr"] > 0.3
+    assert "seconds.fit_sum" in run.data.metrics
     assert run.data.metrics["p_value"] <= 0.2 and "detector.mask.statistic" in run.data.metrics
     assert tags[bad_v]["scan_detector"] in ("mask", "mesa")
     assert float(tags[bad_v]["scan_p_value"]) <= 0.2
@@ -435,7 +437,6 @@ def test_dask_runner_fans_out_the_classes_of_a_model(project: Path,
     result = scan_flows.discover_and_scan(params_path=str(path))
     (outcome,) = result["scanned"]
     run = tracking.client().get_run(outcome["run_id"])
-    assert {f"class.mesa.{k}.asr" for k in range(6)} <= set(run.data.metrics)
     assert {f"class.mask.{k}.mask_l1" for k in range(6)} <= set(run.data.metrics)
     assert outcome["status"] in ("clean", "backdoored")
 
