@@ -177,10 +177,6 @@ class Calibration:
         if not isinstance(raw.get("settings"), dict):
             raise bad("settings", "an object", raw.get("settings"))
         null = _lists(raw, "null", bad, None)
-        named = raw["settings"].get("detectors")
-        if named is not None and sorted(named) != sorted(null):
-            raise bad("null", f"one list per detector of settings.detectors {named}",
-                      sorted(null))
         centre = _lists(raw, "centre", bad, set(null))
         scale = _lists(raw, "scale", bad, set(null))
         combined = raw.get("combined_null")

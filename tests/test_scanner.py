@@ -119,8 +119,6 @@ def test_an_easy_class_of_clean_models_is_not_a_backdoor(calibration) -> None:
     (lambda d: d.update(floor=0), "field 'floor' must be a number in (0, inf)"),
     (lambda d: d["null"].update(mask=["x"] * 5), "field 'null.mask' must be a non-empty list"),
     (lambda d: d.update(combined_null=[0.5]), "field 'combined_null' must be 5 p-values"),
-    (lambda d: d["null"].pop("mesa"),
-     "field 'null' must be one list per detector of settings.detectors ['mask', 'mesa']"),
     (lambda d: d["settings"].update(images=1024),
      "field 'settings.images' is 1024 in the calibration but 256 in the scan settings"),
 ])
