@@ -2,6 +2,7 @@
 
     python -m tasks.common.shards zoo/dvc.yaml 2 [--match cal-]
     python -m tasks.common.shards reproduce/dvc.yaml 2
+    python -m tasks.common.shards reproduce/dvc.yaml 2 --first tuned@0-9 tuned@1-9 tuned@2-9
 
 `dvc repro` runs one stage at a time, and two `dvc repro` processes would fight over the repo
 lock. This runs the stages DVC reports as changed, level by level of DVC's own graph (a stage
@@ -78,18 +79,28 @@ def run_stage(address: str, cmd: str, wdir: str, logs: Path) -> bool:
     return ok
 
 
+def _rank(address: str, first: list[str]) -> int:
+    """Position of a stage in --first; stages not named keep their order after those named."""
+    name = address.split(":")[-1]
+    return first.index(name) if name in first else len(first)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run every missing stage of the pipeline; exit 1 if any failed."""
     ap = argparse.ArgumentParser(prog="python -m tasks.common.shards")
     ap.add_argument("dvcfile", type=Path)
     ap.add_argument("shards", type=int, nargs="?", default=2)
     ap.add_argument("--match", default="", help="only stages whose name contains this")
+    ap.add_argument("--first", nargs="*", default=[],
+                    help="stage names to run before the rest of their level, in this order "
+                         "(a partial grid then covers seeds evenly rather than seed 0 first)")
     args = ap.parse_args(argv)
     logs = args.dvcfile.parent / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     failed = 0
     for level in levels(args.dvcfile):
         todo = [s for s in level if args.match in s[0].split(":")[-1] and changed(s[0])]
+        todo.sort(key=lambda s: _rank(s[0], args.first))
         if not todo:
             continue
         with ThreadPoolExecutor(args.shards) as pool:
