@@ -18,7 +18,8 @@ from mesa_lib.stats import bootstrap_mean, paired_difference
 from tasks.reproduce import protocol
 from tasks.reproduce.data import load_data
 from tasks.reproduce.params import load_repro_params
-from tasks.reproduce.report import choose, coverage, method_table, paired, sweep_table
+from tasks.reproduce.report import coverage, method_table, paired
+from tasks.reproduce.selection import choose, per_method, sweep_table
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"inject": {"prob": 0.2, "lr": 0.01, "epochs": 1, "batch_size": 32},
@@ -57,7 +58,7 @@ def _rows(images: torch.Tensor) -> set[str]:
 
 def test_evaluation_images_never_reach_fitting_repair_or_selection(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tasks.reproduce import cell, clean, report
+    from tasks.reproduce import cell, clean, report, selection
 
     params_path = tiny_params(tmp_path)
     monkeypatch.chdir(tmp_path)
@@ -86,7 +87,7 @@ def test_evaluation_images_never_reach_fitting_repair_or_selection(
     for seed in params.grid.clean_seeds:
         clean.run_clean(params, seed)
     cell.run_cell(params, "select", 100, 6)
-    report.run_selection(params)
+    selection.run_selection(params)
     current[0] = "tuned"
     cell.run_cell(params, "tuned", 0, 3)
     current[0] = "paper"
@@ -152,6 +153,22 @@ def test_selection_picks_the_lowest_residual_within_the_accuracy_budget() -> Non
     chosen = choose(cells, max_drop=0.02)["chosen"]
     assert chosen == {"rate": 0.5, "epochs": 2}  # 0.5/4 is better but costs 10 points
     assert choose(cells, max_drop=0.2)["chosen"] == {"rate": 0.5, "epochs": 4}
+
+
+def test_per_method_splits_the_selection_mean_by_method() -> None:
+    def row(method, asr):
+        return {"method": method, "rate": 0.5, "epoch": 10, "asr": asr, "clean_acc": 0.8}
+
+    cells = [{"validation": {"clean": {"asr": 0.04}, "backdoored": {"clean_acc": 0.79}},
+              "sweep": [row("MESA ensemble", 0.05), row("uniform patch", 0.70),
+                        {**row("MESA ensemble", 0.9), "epoch": 2}]},
+             {"validation": {"clean": {"asr": 0.02}, "backdoored": {"clean_acc": 0.79}},
+              "sweep": [row("MESA ensemble", 0.05), row("uniform patch", 0.74)]}]
+    split = per_method(cells, 0.5, 10)
+    assert split["MESA ensemble"]["residual"] == pytest.approx(0.02)  # (0.01 + 0.03) / 2
+    assert split["uniform patch"]["residual"] == pytest.approx(0.69)
+    assert split["uniform patch"]["drop"] == pytest.approx(-0.01)
+    assert split["uniform patch"]["n"] == 2
 
 
 def test_uniform_patch_range_and_placement() -> None:

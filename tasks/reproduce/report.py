@@ -1,12 +1,8 @@
-"""The selection on validation and the results table over whatever cells exist.
+"""The results table over whatever report cells exist (the `report` stage).
 
-`choose`: the tuned profile's repair (stamp rate, epochs) = the setting whose mean residual
-validation ASR (ASR minus the clean model's own ASR) over the selection cells and the swept
-methods is lowest among those costing at most `max_accuracy_drop` of validation accuracy; ties go
-to fewer epochs, then the lower rate. The methods are weighed equally, so the choice does not
-favour MESA.
+    python -m tasks.reproduce.report
 
-`markdown`: per profile, each method's mean over the (pattern, seed) cells with a 95% bootstrap
+Per profile, each method's mean over the (pattern, seed) cells with a 95% bootstrap
 interval (mesa_lib.stats), paired differences between MESA and the controls, the per-beta breadth
 and the N = 1 vs N = 3 comparison, and the targets of the issue checked against the intervals.
 """
@@ -19,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from mesa_lib.stats import Interval, bootstrap_mean, paired_difference
-from tasks.common.io import read_json, write_json
+from tasks.common.io import read_json
 from tasks.reproduce.params import ReproParams, load_repro_params
 from tasks.reproduce.paths import REPORT, RESULTS, ROOT, SELECTION, cells_of
+from tasks.reproduce.selection import per_method
 
 POINTS = 100  # percentages in the tables
 
@@ -30,37 +27,6 @@ METHODS = ("no trigger", "true trigger", "uniform patch", "point mixture", "poin
            "point start 1", "point start 2", "point start 3", "point start 4",
            "Neural Cleanse", "MESA beta=0.9", "MESA beta=0.8", "MESA beta=0.5", "MESA ensemble")
 CONTROLS = ("point mixture", "uniform patch", "Neural Cleanse", "no trigger", "true trigger")
-
-
-# --------------------------------------------------------------------------- selection
-
-
-def sweep_table(cells: list[dict[str, Any]]) -> dict[tuple[float, int], dict[str, float]]:
-    """(rate, epoch) -> mean residual ASR and accuracy drop over cells and methods."""
-    acc: dict[tuple[float, int], list[tuple[float, float]]] = defaultdict(list)
-    for cell in cells:
-        floor = cell["validation"]["clean"]["asr"]
-        base_acc = cell["validation"]["backdoored"]["clean_acc"]
-        for row in cell["sweep"]:
-            acc[(row["rate"], row["epoch"])].append((row["asr"] - floor,
-                                                     base_acc - row["clean_acc"]))
-    return {key: {"residual": sum(r for r, _ in v) / len(v), "drop": sum(d for _, d in v) / len(v),
-                  "n": len(v)} for key, v in sorted(acc.items())}
-
-
-def choose(cells: list[dict[str, Any]], max_drop: float) -> dict[str, Any]:
-    """The tuned repair chosen on validation, with the table it was chosen from."""
-    if not cells:
-        raise ValueError("no selection cells: run `python -m tasks.reproduce cell --profile "
-                         "select ...` for the tuning grid first")
-    table = sweep_table(cells)
-    feasible = {k: v for k, v in table.items() if v["drop"] <= max_drop} or table
-    rate, epochs = min(feasible, key=lambda k: (round(feasible[k]["residual"], 6), k[1], k[0]))
-    return {"chosen": {"rate": rate, "epochs": epochs},
-            "all_within_accuracy_budget": len(feasible) < len(table) or
-            all(v["drop"] <= max_drop for v in table.values()),
-            "cells": [f"{c['profile']}-s{c['seed']}-p{c['pattern']}" for c in cells],
-            "table": [{"rate": r, "epochs": e, **v} for (r, e), v in table.items()]}
 
 
 # --------------------------------------------------------------------------- report
@@ -222,36 +188,32 @@ def profile_section(name: str, cells: list[dict[str, Any]]) -> list[str]:
 # --------------------------------------------------------------------------- commands
 
 
-def run_selection(params: ReproParams) -> Path:
-    """Choose the tuned profile's repair on the selection cells' validation figures."""
-    cells = cells_of("select")
-    wanted = {(s, p) for s, p in params.cells("select")}
-    have = {(c["seed"], c["pattern"]) for c in cells}
-    if wanted - have:
-        raise SystemExit(f"error: selection cells missing: {sorted(wanted - have)}")
-    write_json(SELECTION, choose([c for c in cells if (c["seed"], c["pattern"]) in wanted],
-                                 params.selection.max_accuracy_drop))
-    return SELECTION
-
-
 def _selection_lines() -> list[str]:
     if not SELECTION.is_file():
         return ["No selection yet: the tuned profile has no repair setting."]
     sel = read_json(SELECTION)
+    rate, epochs = sel["chosen"]["rate"], sel["chosen"]["epochs"]
     rows = sorted(sel["table"], key=lambda r: (r["residual"], r["epochs"], r["rate"]))[:8]
+    cells = [c for c in cells_of("select") if f"select-s{c['seed']}-p{c['pattern']}"
+             in sel["cells"]]
     return [f"Chosen on validation (selection cells {', '.join(sel['cells'])}): stamp rate "
-            f"**{sel['chosen']['rate']}**, **{sel['chosen']['epochs']}** repair epochs. "
-            "Residual ASR and accuracy drop: means over those cells and the swept methods, "
-            "validation split, in percent (best 8 settings):", "",
+            f"**{rate}**, **{epochs}** repair epochs. "
+            "Residual ASR (ASR minus the clean model's own) and accuracy drop: means over those "
+            "cells and the swept methods, validation split, in percent (best 8 settings):", "",
             "| rate | epochs | residual ASR | accuracy drop |", "|---|---|---|---|",
             *[f"| {r['rate']} | {r['epochs']} | {100 * r['residual']:+.2f} | "
-              f"{100 * r['drop']:+.2f} |" for r in rows]]
+              f"{100 * r['drop']:+.2f} |" for r in rows], "",
+            "Each swept method at the chosen setting (validation split, mean over the "
+            "selection cells, in percent):", "",
+            "| method | cells | residual ASR | accuracy drop |", "|---|---|---|---|",
+            *[f"| {m} | {v['n']} | {100 * v['residual']:+.2f} | {100 * v['drop']:+.2f} |"
+              for m, v in per_method(cells, rate, epochs).items()]]
 
 
 def run_report(params: ReproParams) -> Path:
     """Merge whatever report cells exist into reproduce/results/report.md; log it to MLflow."""
     lines = ["# MESA reproduction: repair on CIFAR-10, CPU scale", "",
-             "Written by `python -m tasks.reproduce report` (the `report` stage of "
+             "Written by `python -m tasks.reproduce.report` (the `report` stage of "
              "reproduce/dvc.yaml) from the cell records in reproduce/results/; protocol and "
              "commands: docs/reproduction.md.", "",
              f"Model: {params.model.arch} x{params.model.width}, {params.model.epochs} clean "
@@ -286,18 +248,16 @@ def _track(params: ReproParams) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m tasks.reproduce.report selection | report`."""
+    """Command line: write reproduce/results/report.md and print its path."""
     import argparse
 
     from tasks.common.env import apply_defaults
 
     apply_defaults()  # before mlflow is imported by the tracking of the report
     ap = argparse.ArgumentParser(prog="python -m tasks.reproduce.report")
-    ap.add_argument("command", choices=("selection", "report"))
     ap.add_argument("--params", default="reproduce/params.yaml")
     args = ap.parse_args(argv)
-    params = load_repro_params(args.params)
-    print(run_selection(params) if args.command == "selection" else run_report(params))
+    print(run_report(load_repro_params(args.params)))
 
 
 if __name__ == "__main__":
