@@ -18,7 +18,7 @@ from mesa_lib.stats import bootstrap_mean, paired_difference
 from tasks.reproduce import protocol
 from tasks.reproduce.data import load_data
 from tasks.reproduce.params import load_repro_params
-from tasks.reproduce.report import coverage, method_table, paired
+from tasks.reproduce.report import coverage, method_table, paired, targets
 from tasks.reproduce.selection import choose, per_method, sweep_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,6 +137,24 @@ def test_report_arithmetic() -> None:
     assert "| +1.50 [+1.00, +2.00] |" in table
     diff = paired(cells, "MESA ensemble", "uniform patch", "asr")
     assert diff.mean == pytest.approx(-0.04) and diff.high < 0
+
+
+def test_targets_are_judged_on_the_ends_of_the_intervals() -> None:
+    def cell(pattern: int, mesa_asr: float, mesa_acc: float) -> dict:
+        c = _cell(pattern, 0, {"clean": 0.04, "backdoored": 0.9, "MESA ensemble": mesa_asr,
+                               "uniform patch": 0.5, "point mixture": mesa_asr})
+        c["evaluation"]["MESA ensemble"]["clean_acc"] = mesa_acc
+        return c
+
+    good = "\n".join(targets([cell(3, 0.04, 0.72), cell(9, 0.043, 0.73)]))
+    assert "residual ASR within 0.5 points" in good and "+0.15 [+0.00, +0.30] -> met" in good
+    assert "below the backdoored model's" in good and "+2.50 [+2.00, +3.00] -> met" in good
+    assert "MESA vs uniform patch" in good and "-> MESA better" in good
+    assert "MESA vs point mixture (paired ASR difference): +0.00" in good
+    assert "no difference shown" in good
+    bad = "\n".join(targets([cell(3, 0.10, 0.69), cell(9, 0.05, 0.68)]))
+    assert "+3.50 [+1.00, +6.00] -> NOT met" in bad  # residual: the upper end counts
+    assert "-1.50 [-2.00, -1.00] -> NOT met" in bad  # accuracy: 1-2 points lost
 
 
 def test_selection_picks_the_lowest_residual_within_the_accuracy_budget() -> None:

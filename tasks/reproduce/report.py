@@ -144,9 +144,11 @@ def targets(cells: list[dict[str, Any]]) -> list[str]:
     lines = [f"- MESA's residual ASR within 0.5 points of the clean model's own ASR (upper end of "
              f"the interval): {_fmt(gap, True)} -> {'met' if gap.high <= 0.005 else 'NOT met'}"]
     if drop is not None:
-        lines.append(f"- clean accuracy within 0.5 points of the backdoored model: "
-                     f"{_fmt(drop, True)} -> "
-                     f"{'met' if drop.low >= -0.005 and drop.high <= 0.005 else 'NOT met'}")
+        # The target is about cost: a repair may end above the backdoored model's accuracy
+        # (fine-tuning on clean images wins back what the injection cost), never 0.5 below it.
+        lines.append(f"- clean accuracy at most 0.5 points below the backdoored model's (lower "
+                     f"end of the paired interval): {_fmt(drop, True)} -> "
+                     f"{'met' if drop.low >= -0.005 else 'NOT met'}")
     for other in ("uniform patch", "point mixture"):
         iv = paired(cells, "MESA ensemble", other, "asr")
         if iv is not None:
