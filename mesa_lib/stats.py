@@ -4,6 +4,11 @@ A reproduction reports each figure as a mean over (pattern, seed) cells with a 9
 bootstrap interval (Efron & Tibshirani 1993, ch. 13): resample the cells with replacement, take
 the mean, repeat, read the 2.5% and 97.5% quantiles. Comparisons between two methods are paired:
 the per-cell differences are resampled, so what the cells share (model, trigger, data) cancels.
+
+Cells that share a seed share a clean model, so they are not independent draws. With `groups`
+(the seed of each cell) the resampling is hierarchical (Davison & Hinkley 1997, sec. 3.8):
+resample the seeds with replacement, then the cells within each drawn seed. With few seeds this
+gives wider intervals than treating every cell as independent, which is the honest direction.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ class Interval:
 
 
 def bootstrap_mean(
-    values: Sequence[float], level: float = 0.95, resamples: int = 10_000, seed: int = 0
+    values: Sequence[float], level: float = 0.95, resamples: int = 10_000, seed: int = 0,
+    groups: Sequence[object] | None = None,
 ) -> Interval:
     """Mean of `values` with a percentile bootstrap interval at `level`.
 
@@ -37,23 +43,52 @@ def bootstrap_mean(
         values: one number per cell (n >= 1; a single value gives a zero-width interval).
         resamples: bootstrap resamples.
         seed: seed of the resampling (the interval is deterministic).
+        groups: optional label per value (e.g. the cell's seed); resample labels, then values
+            within each drawn label (module docstring).
     """
     x = torch.as_tensor(list(values), dtype=torch.float64)
     if x.ndim != 1 or len(x) == 0:
         raise ValueError(f"need a non-empty list of numbers, got {list(values)!r}")
     gen = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, len(x), (resamples, len(x)), generator=gen)
-    means = x[idx].mean(1)
+    if groups is None:
+        idx = torch.randint(0, len(x), (resamples, len(x)), generator=gen)
+        means = x[idx].mean(1)
+    else:
+        means = _hierarchical_means(x, list(groups), resamples, gen)
     tail = (1 - level) / 2
     q = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=torch.float64))
     return Interval(float(x.mean()), float(q[0]), float(q[1]), len(x))
 
 
+def _hierarchical_means(x: torch.Tensor, groups: list[object], resamples: int,
+                        gen: torch.Generator) -> torch.Tensor:
+    """(resamples,) means of two-stage resamples: groups with replacement, then members.
+
+    Each resample draws as many groups as there are, and for each drawn group as many members
+    as it has, so a resample weighs the groups like the data do."""
+    if len(groups) != len(x):
+        raise ValueError(f"need one group per value, got {len(groups)} for {len(x)} values")
+    members = [[i for i, g in enumerate(groups) if g == label] for label in dict.fromkeys(groups)]
+    sizes = torch.tensor([len(m) for m in members])                     # (G,)
+    padded = torch.zeros(len(members), int(sizes.max()), dtype=torch.long)  # (G, S)
+    for g, m in enumerate(members):
+        padded[g, : len(m)] = torch.tensor(m)
+    picked = torch.randint(0, len(members), (resamples, len(members)), generator=gen)  # (R, G)
+    size = sizes[picked].unsqueeze(-1)                                  # (R, G, 1)
+    u = torch.rand(resamples, len(members), padded.shape[1], generator=gen, dtype=torch.float64)
+    pos = (u * size).long()                                             # (R, G, S) within group
+    used = torch.arange(padded.shape[1]) < size                         # slots the group has
+    vals = x[padded[picked.unsqueeze(-1), pos]] * used
+    means = vals.sum((1, 2)) / used.sum((1, 2))
+    return means
+
+
 def paired_difference(
     a: Sequence[float], b: Sequence[float], level: float = 0.95, resamples: int = 10_000,
-    seed: int = 0,
+    seed: int = 0, groups: Sequence[object] | None = None,
 ) -> Interval:
     """Mean of a - b over paired cells, with a bootstrap interval of the paired differences."""
     if len(a) != len(b):
         raise ValueError(f"paired samples must have the same length, got {len(a)} and {len(b)}")
-    return bootstrap_mean([x - y for x, y in zip(a, b, strict=True)], level, resamples, seed)
+    return bootstrap_mean([x - y for x, y in zip(a, b, strict=True)], level, resamples, seed,
+                          groups)

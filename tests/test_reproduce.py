@@ -18,7 +18,7 @@ from mesa_lib.stats import bootstrap_mean, paired_difference
 from tasks.reproduce import protocol
 from tasks.reproduce.data import load_data
 from tasks.reproduce.params import load_repro_params
-from tasks.reproduce.report import coverage, method_table, paired, targets
+from tasks.reproduce.report import coverage, method_table, paired, residual, targets
 from tasks.reproduce.selection import choose, per_method, sweep_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,6 +118,23 @@ def test_bootstrap_interval_on_known_data() -> None:
         paired_difference([1.0], [1.0, 2.0])
 
 
+def test_bootstrap_by_seed_resamples_seeds_then_cells() -> None:
+    # Two seeds whose cells agree within a seed: the seed is the unit of evidence. Resampling
+    # seeds gives means 0, 0.5 or 1 (1/4, 1/2, 1/4), so the interval is [0, 1]; treating the six
+    # cells as independent would claim about [0.17, 0.83].
+    values, seeds = [0.0, 0.0, 0.0, 1.0, 1.0, 1.0], [0, 0, 0, 1, 1, 1]
+    by_seed = bootstrap_mean(values, groups=seeds)
+    flat = bootstrap_mean(values)
+    assert (by_seed.mean, by_seed.low, by_seed.high) == (0.5, 0.0, 1.0)
+    assert 0.1 < flat.low < 0.25 and 0.75 < flat.high < 0.9
+    one_seed = bootstrap_mean([0.0, 1.0] * 50, groups=[7] * 100, seed=1)  # = the flat bootstrap
+    assert 0.38 < one_seed.low < 0.43 and 0.57 < one_seed.high < 0.62
+    uneven = bootstrap_mean([0.2, 0.4, 0.6, 0.8, 1.0], groups=["a", "b", "b", "b", "b"])
+    assert uneven.mean == pytest.approx(0.6) and 0.2 <= uneven.low < uneven.high <= 1.0
+    with pytest.raises(ValueError, match="one group per value"):
+        bootstrap_mean([1.0, 2.0], groups=[0])
+
+
 def _cell(pattern: int, seed: int, asr: dict[str, float]) -> dict:
     evaluation = {m: {"clean_acc": 0.7, "asr": a, "asr_variants": a / 2} for m, a in asr.items()}
     return {"pattern": pattern, "seed": seed, "evaluation": evaluation}
@@ -137,6 +154,11 @@ def test_report_arithmetic() -> None:
     assert "| +1.50 [+1.00, +2.00] |" in table
     diff = paired(cells, "MESA ensemble", "uniform patch", "asr")
     assert diff.mean == pytest.approx(-0.04) and diff.high < 0
+    # Cells of two seeds: the report's intervals resample seeds first.
+    two = [_cell(p, seed, {"clean": 0.04, "MESA ensemble": 0.04 + 0.02 * seed}) for p in (3, 9)
+           for seed in (0, 1)]
+    gap = residual(two, "MESA ensemble")
+    assert (gap.mean, gap.low, gap.high) == pytest.approx((0.01, 0.0, 0.02))
 
 
 def test_targets_are_judged_on_the_ends_of_the_intervals() -> None:

@@ -2,19 +2,22 @@
 
     python -m tasks.reproduce.report
 
-Per profile, each method's mean over the (pattern, seed) cells with a 95% bootstrap
-interval (mesa_lib.stats), paired differences between MESA and the controls, the per-beta breadth
-and the N = 1 vs N = 3 comparison, and the targets of the issue checked against the intervals.
+Per profile, each method's mean over the (pattern, seed) cells with a 95% bootstrap interval
+(mesa_lib.stats; resampled by seed, then by cell, since a seed's cells share its clean model),
+paired differences between MESA and the controls and each single sub-model, the per-beta breadth
+and the N = 1 vs N = 3 comparison, whether Neural Cleanse reached its threshold, and the targets
+of the issue checked against the intervals. Nothing here chooses anything on the evaluation
+figures it reads.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from mesa_lib.stats import Interval, bootstrap_mean, paired_difference
+from mesa_lib.stats import Interval, bootstrap_mean
 from tasks.common.io import read_json
 from tasks.reproduce.params import ReproParams, load_repro_params
 from tasks.reproduce.paths import REPORT, RESULTS, ROOT, SELECTION, cells_of
@@ -38,19 +41,34 @@ def _fmt(iv: Interval, signed: bool = False) -> str:
             f"{iv.high * POINTS:{sign}.2f}]")
 
 
-def _by_method(cells: list[dict[str, Any]], key: str) -> dict[str, list[float]]:
-    """method -> per-cell values of `key` (cells lacking the method are left out)."""
-    out: dict[str, list[float]] = defaultdict(list)
-    for cell in cells:
-        for method, m in cell["evaluation"].items():
-            if m.get(key) is not None:
-                out[method].append(m[key])
-    return out
+def _value(cell: dict[str, Any], method: str, key: str) -> float | None:
+    """A cell's figure `key` for one method, or None if the cell lacks it."""
+    m = cell["evaluation"].get(method)
+    return None if m is None else m.get(key)
 
 
-def _residual(cells: list[dict[str, Any]], method: str) -> list[float]:
-    return [c["evaluation"][method]["asr"] - c["evaluation"]["clean"]["asr"] for c in cells
-            if method in c["evaluation"]]
+def interval(cells: list[dict[str, Any]], value: Callable[[dict[str, Any]], float | None]
+             ) -> Interval | None:
+    """Mean of value(cell) over the cells that have it, with a 95% bootstrap interval.
+
+    Cells of one seed share a clean model, so the resampling is by seed, then by cell within it
+    (mesa_lib.stats); None if no cell has the value."""
+    pairs = [(v, c["seed"]) for c in cells if (v := value(c)) is not None]
+    if not pairs:
+        return None
+    return bootstrap_mean([v for v, _ in pairs], groups=[s for _, s in pairs])
+
+
+def _cell_fmt(iv: Interval | None, signed: bool = False) -> str:
+    return "-" if iv is None else _fmt(iv, signed)
+
+
+def residual(cells: list[dict[str, Any]], method: str) -> Interval | None:
+    """ASR after repair minus the clean model's own ASR for the same trigger."""
+    def gap(c: dict[str, Any]) -> float | None:
+        asr = _value(c, method, "asr")
+        return None if asr is None else asr - c["evaluation"]["clean"]["asr"]
+    return interval(cells, gap)
 
 
 def coverage(cells: list[dict[str, Any]]) -> str:
@@ -64,82 +82,84 @@ def coverage(cells: list[dict[str, Any]]) -> str:
 
 def method_table(cells: list[dict[str, Any]]) -> list[str]:
     """Each method: clean accuracy, ASR, ASR minus floor, ASR of held-out variants (%)."""
-    acc, asr = _by_method(cells, "clean_acc"), _by_method(cells, "asr")
-    variants = _by_method(cells, "asr_variants")
     rows = ["| model | clean accuracy | ASR | ASR - floor | ASR, held-out variants |",
             "|---|---|---|---|---|"]
     for method in ("clean", "backdoored", *METHODS):
-        if method not in asr:
+        asr = interval(cells, lambda c, m=method: _value(c, m, "asr"))
+        if asr is None:
             continue
-        gap = "-" if method == "clean" else _fmt(bootstrap_mean(_residual(cells, method)), True)
-        var = _fmt(bootstrap_mean(variants[method])) if variants.get(method) else "-"
-        rows.append(f"| {method} | {_fmt(bootstrap_mean(acc[method]))} | "
-                    f"{_fmt(bootstrap_mean(asr[method]))} | {gap} | {var} |")
+        acc = interval(cells, lambda c, m=method: _value(c, m, "clean_acc"))
+        var = interval(cells, lambda c, m=method: _value(c, m, "asr_variants"))
+        gap = "-" if method == "clean" else _cell_fmt(residual(cells, method), True)
+        rows.append(f"| {method} | {_cell_fmt(acc)} | {_fmt(asr)} | {gap} | {_cell_fmt(var)} |")
     return rows
 
 
 def paired(cells: list[dict[str, Any]], method: str, other: str, key: str) -> Interval | None:
     """Paired difference method - other of `key` over the cells holding both."""
-    both = [c for c in cells if method in c["evaluation"] and other in c["evaluation"]
-            and c["evaluation"][method].get(key) is not None]
-    if not both:
-        return None
-    return paired_difference([c["evaluation"][method][key] for c in both],
-                             [c["evaluation"][other][key] for c in both])
+    def diff(c: dict[str, Any]) -> float | None:
+        a, b = _value(c, method, key), _value(c, other, key)
+        return None if a is None or b is None else a - b
+    return interval(cells, diff)
 
 
 def paired_table(cells: list[dict[str, Any]]) -> list[str]:
-    """MESA ensemble minus each control, paired over cells (negative ASR = MESA better)."""
+    """MESA ensemble minus each control and each single sub-model (negative ASR: MESA better).
+
+    Every sub-model gets a row: picking the best one would be a choice made on evaluation."""
     rows = ["| MESA ensemble minus | ASR (points) | ASR, held-out variants | clean accuracy |",
             "|---|---|---|---|"]
-    best_beta = _best_single_beta(cells)
-    for other in (*CONTROLS, *([best_beta] if best_beta else [])):
+    betas = [m for m in METHODS if m.startswith("MESA beta=")]
+    for other in (*CONTROLS, *betas):
         cols = [paired(cells, "MESA ensemble", other, k) for k in
                 ("asr", "asr_variants", "clean_acc")]
         if cols[0] is None:
             continue
-        rows.append(f"| {other} | " + " | ".join("-" if iv is None else _fmt(iv, True)
-                                                  for iv in cols) + " |")
+        rows.append(f"| {other} | " + " | ".join(_cell_fmt(iv, True) for iv in cols) + " |")
     return rows
-
-
-def _best_single_beta(cells: list[dict[str, Any]]) -> str | None:
-    """The single sub-model (N = 1) with the lowest mean ASR."""
-    asr = _by_method(cells, "asr")
-    betas = [m for m in asr if m.startswith("MESA beta=")]
-    return min(betas, key=lambda m: sum(asr[m]) / len(asr[m])) if betas else None
 
 
 def breadth_table(cells: list[dict[str, Any]]) -> list[str]:
     """Per beta: k-NN entropy, mean pairwise distance, target probability; and its ASR."""
-    asr = _by_method(cells, "asr")
     per: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for cell in cells:
         for beta, b in cell["fits"]["breadth"].items():
             for key, value in b.items():
                 if value is not None:
                     per[beta][key].append(value)
-    rows = ["| sub-model | entropy (nats) | mean pairwise distance | target probability | "
-            "ASR after repair with it alone (N = 1) |", "|---|---|---|---|---|"]
+    rows = ["| sub-model | entropy (nats) | mean pairwise distance | target probability, last "
+            "fit epoch | ASR after repair with it alone (N = 1) |", "|---|---|---|---|---|"]
     for beta, vals in per.items():
         def m(key: str, vals: dict = vals) -> str:
             return f"{sum(vals[key]) / len(vals[key]):.2f}" if vals[key] else "-"
 
-        rep = asr.get(f"MESA {beta}")
+        rep = interval(cells, lambda c, b=beta: _value(c, f"MESA {b}", "asr"))
         rows.append(f"| {beta} | {m('entropy')} | {m('mean_pairwise_distance')} | "
-                    f"{m('target_prob')} | "
-                    f"{_fmt(bootstrap_mean(rep)) if rep else '-'} |")
-    if asr.get("MESA ensemble"):
-        rows.append(f"| ensemble (N = 3) | - | - | - | "
-                    f"{_fmt(bootstrap_mean(asr['MESA ensemble']))} |")
+                    f"{m('target_prob')} | {_cell_fmt(rep)} |")
+    ens = interval(cells, lambda c: _value(c, "MESA ensemble", "asr"))
+    if ens is not None:
+        rows.append(f"| ensemble (N = 3) | - | - | - | {_fmt(ens)} |")
     return rows
+
+
+def cleanse_line(cells: list[dict[str, Any]]) -> str:
+    """How many Neural Cleanse fits reached their ASR threshold (a miss repairs with a weak
+    mask: its patience counts from the first epoch, reached or not)."""
+    fits = [(c["fits"]["cleanse"], c["settings"]["cleanse"]["asr_threshold"]) for c in cells
+            if "cleanse" in c.get("fits", {})]
+    if not fits:
+        return ""
+    reached = sum(f["asr"] >= threshold for f, threshold in fits)
+    l1 = sum(f["l1"] for f, _ in fits) / len(fits)
+    return (f"Neural Cleanse's kept mask reached its ASR threshold on the fit images in "
+            f"{reached} of {len(fits)} cells (mean mask L1 {l1:.1f}).")
 
 
 def targets(cells: list[dict[str, Any]]) -> list[str]:
     """The issue's targets, each judged against its interval."""
     if not any("MESA ensemble" in c["evaluation"] for c in cells):
         return []
-    gap = bootstrap_mean(_residual(cells, "MESA ensemble"))
+    gap = residual(cells, "MESA ensemble")
     drop = paired(cells, "MESA ensemble", "backdoored", "clean_acc")
     lines = [f"- MESA's residual ASR within 0.5 points of the clean model's own ASR (upper end of "
              f"the interval): {_fmt(gap, True)} -> {'met' if gap.high <= 0.005 else 'NOT met'}"]
@@ -179,12 +199,13 @@ def profile_section(name: str, cells: list[dict[str, Any]]) -> list[str]:
     rep = cells[0]["repair"]
     return [f"## Profile `{name}`", "", coverage(cells), "",
             f"Repair: stamp rate {rep['rate']}, {rep['epochs']} epochs, same for every method. "
-            "Mean over cells with 95% bootstrap intervals, in percent; the floor is the clean "
-            "model's own ASR for the same trigger.", "", *method_table(cells), "",
+            "Mean over cells with 95% bootstrap intervals (resampling seeds, then cells within "
+            "a seed: the cells of a seed share its clean model), in percent; the floor is the "
+            "clean model's own ASR for the same trigger.", "", *method_table(cells), "",
             "Paired differences (negative ASR: MESA leaves less backdoor):", "",
             *paired_table(cells), "", "Breadth of each sub-model and the staircase (N = 1 vs 3):",
-            "", *breadth_table(cells), "", "Targets:", "", *targets(cells), "",
-            seconds_line(cells), ""]
+            "", *breadth_table(cells), "", cleanse_line(cells), "", "Targets:", "",
+            *targets(cells), "", seconds_line(cells), ""]
 
 
 # --------------------------------------------------------------------------- commands
