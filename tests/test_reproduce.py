@@ -18,7 +18,14 @@ from mesa_lib.stats import bootstrap_mean, paired_difference
 from tasks.reproduce import protocol
 from tasks.reproduce.data import load_data
 from tasks.reproduce.params import load_repro_params
-from tasks.reproduce.report import coverage, method_table, paired, residual, targets
+from tasks.reproduce.report import (
+    coverage,
+    method_table,
+    paired,
+    profile_section,
+    residual,
+    targets,
+)
 from tasks.reproduce.selection import choose, per_method, sweep_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,6 +184,16 @@ def test_targets_are_judged_on_the_ends_of_the_intervals() -> None:
     bad = "\n".join(targets([cell(3, 0.10, 0.69), cell(9, 0.05, 0.68)]))
     assert "+3.50 [+1.00, +6.00] -> NOT met" in bad  # residual: the upper end counts
     assert "-1.50 [-2.00, -1.00] -> NOT met" in bad  # accuracy: 1-2 points lost
+
+
+def test_a_partial_grid_says_so() -> None:
+    cells = [{**_cell(3, 0, {"clean": 0.05, "backdoored": 0.9, "MESA ensemble": 0.06}),
+              "repair": {"rate": 0.5, "epochs": 10}, "seconds": {"total": 1.0},
+              "fits": {"breadth": {}}}]
+    partial = "\n".join(profile_section("tuned", cells, planned=24))
+    assert "coverage: 1 patterns x 1 seeds" in partial
+    assert "Partial grid: 1 of the 24 planned cells." in partial
+    assert "Partial grid" not in "\n".join(profile_section("tuned", cells, planned=1))
 
 
 def test_selection_picks_the_lowest_residual_within_the_accuracy_budget() -> None:

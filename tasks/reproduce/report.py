@@ -192,12 +192,15 @@ def seconds_line(cells: Iterable[dict[str, Any]]) -> str:
             + f" (torch threads per cell: {threads})")
 
 
-def profile_section(name: str, cells: list[dict[str, Any]]) -> list[str]:
-    """The tables of one profile."""
+def profile_section(name: str, cells: list[dict[str, Any]], planned: int) -> list[str]:
+    """The tables of one profile, `planned` its number of cells in reproduce/params.yaml."""
     if not cells:
         return [f"## Profile `{name}`", "", "coverage: no cells yet", ""]
     rep = cells[0]["repair"]
-    return [f"## Profile `{name}`", "", coverage(cells), "",
+    partial = ([f"**Partial grid: {len(cells)} of the {planned} planned cells.** A bootstrap "
+                "over so few cells and seeds understates the uncertainty; read these figures "
+                "as provisional.", ""] if len(cells) < planned else [])
+    return [f"## Profile `{name}`", "", coverage(cells), "", *partial,
             f"Repair: stamp rate {rep['rate']}, {rep['epochs']} epochs, same for every method. "
             "Mean over cells with 95% bootstrap intervals (resampling seeds, then cells within "
             "a seed: the cells of a seed share its clean model), in percent; the floor is the "
@@ -246,7 +249,7 @@ def run_report(params: ReproParams) -> Path:
     for profile in ("tuned", "paper"):
         wanted = set(params.cells(profile))
         cells = [c for c in cells_of(profile) if (c["seed"], c["pattern"]) in wanted]
-        lines += profile_section(profile, cells)
+        lines += profile_section(profile, cells, len(wanted))
     REPORT.parent.mkdir(parents=True, exist_ok=True)
     write_text = "\n".join(lines).rstrip() + "\n"
     REPORT.write_text(write_text, encoding="utf-8")
