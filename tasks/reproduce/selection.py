@@ -12,6 +12,7 @@ only reads selection.json and the select cells), nothing here is imported by a c
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +21,24 @@ from tasks.reproduce.params import ReproParams, load_repro_params
 from tasks.reproduce.paths import SELECTION, cells_of
 
 
-def sweep_table(cells: list[dict[str, Any]]) -> dict[tuple[float, int], dict[str, float]]:
-    """(rate, epoch) -> mean residual ASR and accuracy drop over cells and methods."""
-    acc: dict[tuple[float, int], list[tuple[float, float]]] = defaultdict(list)
+def _means(cells: list[dict[str, Any]], key: Callable[[dict[str, Any]], Hashable | None]
+           ) -> dict[Any, dict[str, float]]:
+    """key(row) -> mean residual ASR and accuracy drop over the sweep rows of every cell
+    (rows whose key is None are left out), on the validation split."""
+    acc: dict[Any, list[tuple[float, float]]] = defaultdict(list)
     for cell in cells:
         floor = cell["validation"]["clean"]["asr"]
         base_acc = cell["validation"]["backdoored"]["clean_acc"]
         for row in cell["sweep"]:
-            acc[(row["rate"], row["epoch"])].append((row["asr"] - floor,
-                                                     base_acc - row["clean_acc"]))
-    return {key: {"residual": sum(r for r, _ in v) / len(v), "drop": sum(d for _, d in v) / len(v),
-                  "n": len(v)} for key, v in sorted(acc.items())}
+            if (k := key(row)) is not None:
+                acc[k].append((row["asr"] - floor, base_acc - row["clean_acc"]))
+    return {k: {"residual": sum(r for r, _ in v) / len(v), "drop": sum(d for _, d in v) / len(v),
+                "n": len(v)} for k, v in acc.items()}
+
+
+def sweep_table(cells: list[dict[str, Any]]) -> dict[tuple[float, int], dict[str, float]]:
+    """(rate, epoch) -> mean residual ASR and accuracy drop over cells and methods."""
+    return dict(sorted(_means(cells, lambda row: (row["rate"], row["epoch"])).items()))
 
 
 def per_method(cells: list[dict[str, Any]], rate: float, epochs: int
@@ -38,15 +46,8 @@ def per_method(cells: list[dict[str, Any]], rate: float, epochs: int
     """Method -> mean residual ASR and accuracy drop at one setting (validation split).
 
     The choice averages over methods; this shows what each method contributes to that mean."""
-    acc: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    for cell in cells:
-        floor = cell["validation"]["clean"]["asr"]
-        base_acc = cell["validation"]["backdoored"]["clean_acc"]
-        for row in cell["sweep"]:
-            if row["rate"] == rate and row["epoch"] == epochs:
-                acc[row["method"]].append((row["asr"] - floor, base_acc - row["clean_acc"]))
-    return {m: {"residual": sum(r for r, _ in v) / len(v), "drop": sum(d for _, d in v) / len(v),
-                "n": len(v)} for m, v in acc.items()}
+    return _means(cells, lambda row: row["method"]
+                  if (row["rate"], row["epoch"]) == (rate, epochs) else None)
 
 
 def choose(cells: list[dict[str, Any]], max_drop: float) -> dict[str, Any]:
