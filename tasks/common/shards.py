@@ -62,11 +62,17 @@ def changed(address: str) -> bool:
     return _dvc("status", "-q", address).returncode != 0
 
 
+def _say(message: str) -> None:
+    """One timestamped line, written in one call so two shards' lines never interleave."""
+    sys.stdout.write(f"{time.strftime('%H:%M:%S')} {message}\n")
+    sys.stdout.flush()
+
+
 def run_stage(address: str, cmd: str, wdir: str, logs: Path) -> bool:
     """The stage's command, then `dvc commit`; False (logged) if either fails."""
     name = address.split(":")[-1]
     env = {**ENV, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    print(f"{time.strftime('%H:%M:%S')} start {name}: {cmd}", flush=True)
+    _say(f"start {name}: {cmd}")
     with (logs / f"{name}.log").open("w") as log:
         ok = subprocess.run(cmd, shell=True, cwd=wdir, env=env, stdout=log,
                             stderr=subprocess.STDOUT).returncode == 0
@@ -75,7 +81,7 @@ def run_stage(address: str, cmd: str, wdir: str, logs: Path) -> bool:
         ok = commit.returncode == 0
         if not ok:
             print(commit.stderr, file=sys.stderr)
-    print(f"{time.strftime('%H:%M:%S')} {'done' if ok else 'FAILED'} {name}", flush=True)
+    _say(f"{'done' if ok else 'FAILED'} {name}")
     return ok
 
 
