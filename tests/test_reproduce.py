@@ -23,6 +23,7 @@ from tasks.reproduce.report import (
     method_table,
     paired,
     profile_section,
+    profiles_table,
     residual,
     targets,
 )
@@ -166,6 +167,28 @@ def test_report_arithmetic() -> None:
            for seed in (0, 1)]
     gap = residual(two, "MESA ensemble")
     assert (gap.mean, gap.low, gap.high) == pytest.approx((0.01, 0.0, 0.02))
+
+
+def test_paper_vs_tuned_pairs_the_cells_both_ran() -> None:
+    settings = {"inject": {"lr": 0.001, "epochs": 10}, "repair": {"rate": 0.01}}
+    paper = [dict(_cell(p, 0, {"clean": 0.04, "backdoored": 0.5, "MESA ensemble": 0.30}),
+                  settings=settings, repair={"rate": 0.01, "epochs": 10}) for p in (3, 9)]
+    tuned = [dict(_cell(p, 0, {"clean": 0.04, "backdoored": 0.9 + 0.02 * (p == 9),
+                               "MESA ensemble": 0.05}),
+                  settings={**settings, "inject": {"lr": 0.01, "epochs": 10},
+                            "repair": {"rate": "selected"}},
+                  repair={"rate": 0.5, "epochs": 10}) for p in (3, 9, 15)]
+    text = "\n".join(profiles_table(paper, tuned))
+    # pattern 15 has no paper cell: 2 pairs, 2 patterns x 1 seed
+    assert "The 2 (seed, pattern) cells both profiles ran (2 patterns x 1 seeds)" in text
+    # the tuned profile's repair rate is the one it used, not 'selected'
+    assert "inject.lr 0.001 -> 0.01; repair.rate 0.01 -> 0.5." in text
+    assert "| backdoored: ASR | 50.00 [50.00, 50.00] | 91.00 [90.00, 92.00] | " \
+        "+41.00 [+40.00, +42.00] |" in text
+    assert "| MESA ensemble: ASR - floor | +26.00 [+26.00, +26.00] | +1.00 [+1.00, +1.00] | " \
+        "-25.00 [-25.00, -25.00] |" in text
+    assert "point mixture" not in text  # no cell has it
+    assert profiles_table(paper, []) == []
 
 
 def test_targets_are_judged_on_the_ends_of_the_intervals() -> None:

@@ -6,8 +6,8 @@ Per profile, each method's mean over the (pattern, seed) cells with a 95% bootst
 (mesa_lib.stats; resampled by seed, then by cell, since a seed's cells share its clean model),
 paired differences between MESA and the controls and each single sub-model, the per-beta breadth
 and the N = 1 vs N = 3 comparison, whether Neural Cleanse reached its threshold, and the targets
-of the issue checked against the intervals. Nothing here chooses anything on the evaluation
-figures it reads.
+of the issue checked against the intervals; then paper vs tuned as paired differences on the
+cells both profiles ran. Nothing here chooses anything on the evaluation figures it reads.
 """
 
 from __future__ import annotations
@@ -207,8 +207,72 @@ def profile_section(name: str, cells: list[dict[str, Any]], planned: int) -> lis
             "clean model's own ASR for the same trigger.", "", *method_table(cells), "",
             "Paired differences (negative ASR: MESA leaves less backdoor):", "",
             *paired_table(cells), "", "Breadth of each sub-model and the staircase (N = 1 vs 3):",
-            "", *breadth_table(cells), "", cleanse_line(cells), "", "Targets:", "",
+            "", *breadth_table(cells), "", cleanse_line(cells), "",
+            "Targets:" if name == "tuned" else "The tuned profile's targets, on these cells:", "",
             *targets(cells), "", seconds_line(cells), ""]
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'inject': {'lr': 0.01}} -> {'inject.lr': 0.01}."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def _settings(cell: dict[str, Any]) -> dict[str, Any]:
+    """A cell's settings, flat, with the repair setting it actually used (not 'selected')."""
+    flat = _flat(cell["settings"])
+    flat.update({f"repair.{k}": v for k, v in cell["repair"].items()})
+    return flat
+
+
+def deviations(paper: dict[str, Any], tuned: dict[str, Any]) -> str:
+    """The settings where the tuned profile departs from the paper's, e.g. 'inject.lr 0.001 ->
+    0.01'."""
+    a, b = _settings(paper), _settings(tuned)
+    return "; ".join(f"{k} {a.get(k)} -> {b.get(k)}" for k in sorted(a.keys() | b.keys())
+                     if a.get(k) != b.get(k))
+
+
+COMPARED = ("no trigger", "true trigger", "uniform patch", "point mixture", "Neural Cleanse",
+            "MESA ensemble")
+
+
+def profiles_table(paper: list[dict[str, Any]], tuned: list[dict[str, Any]]) -> list[str]:
+    """Paper vs tuned on the (seed, pattern) cells both profiles ran: the same clean model and
+    trigger, so `tuned - paper` is a paired difference and measures what the deviations do."""
+    by_key = {(c["seed"], c["pattern"]): c for c in tuned}
+    pairs = [{"seed": c["seed"], "paper": c, "tuned": by_key[(c["seed"], c["pattern"])]}
+             for c in paper if (c["seed"], c["pattern"]) in by_key]
+    if not pairs:
+        return []
+    figures: list[tuple[str, Callable[[dict[str, Any]], float | None], bool]] = [
+        ("backdoored: ASR", lambda c: _value(c, "backdoored", "asr"), False),
+        ("backdoored: clean accuracy", lambda c: _value(c, "backdoored", "clean_acc"), False)]
+    for method in COMPARED:
+        figures.append((f"{method}: ASR - floor", lambda c, m=method: (
+            None if (a := _value(c, m, "asr")) is None else a - c["evaluation"]["clean"]["asr"]),
+            True))
+    figures.append(("MESA ensemble: clean accuracy",
+                    lambda c: _value(c, "MESA ensemble", "clean_acc"), False))
+    rows = ["| figure | paper | tuned | tuned - paper |", "|---|---|---|---|"]
+    for label, value, signed in figures:
+        ivs = [interval(pairs, lambda p, s=side, v=value: v(p[s])) for side in ("paper", "tuned")]
+        diff = interval(pairs, lambda p, v=value: (
+            None if (a := v(p["tuned"])) is None or (b := v(p["paper"])) is None else a - b))
+        if diff is None:
+            continue
+        rows.append(f"| {label} | {_cell_fmt(ivs[0], signed)} | {_cell_fmt(ivs[1], signed)} | "
+                    f"{_fmt(diff, True)} |")
+    return ["## Paper vs tuned", "", f"The {len(pairs)} (seed, pattern) cells both profiles ran "
+            f"({coverage([p['paper'] for p in pairs])[len('coverage: '):]}): the same clean "
+            "model and trigger, so each difference is paired. Settings the tuned profile "
+            f"changes: {deviations(pairs[0]['paper'], pairs[0]['tuned'])}. In percent, 95% "
+            "bootstrap intervals as above.", "", *rows, ""]
 
 
 # --------------------------------------------------------------------------- commands
@@ -246,10 +310,12 @@ def run_report(params: ReproParams) -> Path:
              f"epochs; target class {params.grid.target}; evaluation part: "
              f"{10000 - params.data.n_defender} test images never used to fit, repair or "
              "choose anything.", "", "## Selection (tuned profile)", "", *_selection_lines(), ""]
+    cells = {}
     for profile in ("tuned", "paper"):
         wanted = set(params.cells(profile))
-        cells = [c for c in cells_of(profile) if (c["seed"], c["pattern"]) in wanted]
-        lines += profile_section(profile, cells, len(wanted))
+        cells[profile] = [c for c in cells_of(profile) if (c["seed"], c["pattern"]) in wanted]
+        lines += profile_section(profile, cells[profile], len(wanted))
+    lines += profiles_table(cells["paper"], cells["tuned"])
     REPORT.parent.mkdir(parents=True, exist_ok=True)
     write_text = "\n".join(lines).rstrip() + "\n"
     REPORT.write_text(write_text, encoding="utf-8")
