@@ -72,8 +72,9 @@ def fit_samplers(backdoored: nn.Module, fit: ImageSet, profile: Profile, target:
     """Every sampler a repair can use, fitted on the fit part only; and what the fits logged.
 
     Returns:
-        (method name -> sampler or None, record of the fits: per-beta breadth and target
-        probability, point triggers' ASR on the fit images, Neural Cleanse's kept mask).
+        (method name -> sampler or None, record of the fits: MESA's per-epoch log, per-beta
+        breadth and target probability, and Neural Cleanse's kept mask: its epochs, L1 and ASR
+        on the fit images).
     """
     m, p, c = profile.mesa, profile.point, profile.cleanse
     log: list[dict[str, Any]] = []
