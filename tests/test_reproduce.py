@@ -180,7 +180,7 @@ def test_paper_vs_tuned_pairs_the_cells_both_ran() -> None:
                   repair={"rate": 0.5, "epochs": 10}) for p in (3, 9, 15)]
     text = "\n".join(profiles_table(paper, tuned))
     # pattern 15 has no paper cell: 2 pairs, 2 patterns x 1 seed
-    assert "The 2 (seed, pattern) cells both profiles ran (2 patterns x 1 seeds)" in text
+    assert "Cells both profiles ran: 2 (2 patterns, 1 seeds)" in text
     # the tuned profile's repair rate is the one it used, not 'selected'
     assert "inject.lr 0.001 -> 0.01; repair.rate 0.01 -> 0.5." in text
     assert "| backdoored: ASR | 50.00 [50.00, 50.00] | 91.00 [90.00, 92.00] | " \
