@@ -63,12 +63,15 @@ def _cell_fmt(iv: Interval | None, signed: bool = False) -> str:
     return "-" if iv is None else _fmt(iv, signed)
 
 
+def _gap(cell: dict[str, Any], method: str) -> float | None:
+    """A cell's ASR after repair with `method` minus its clean model's own ASR (the floor)."""
+    asr = _value(cell, method, "asr")
+    return None if asr is None else asr - cell["evaluation"]["clean"]["asr"]
+
+
 def residual(cells: list[dict[str, Any]], method: str) -> Interval | None:
     """ASR after repair minus the clean model's own ASR for the same trigger."""
-    def gap(c: dict[str, Any]) -> float | None:
-        asr = _value(c, method, "asr")
-        return None if asr is None else asr - c["evaluation"]["clean"]["asr"]
-    return interval(cells, gap)
+    return interval(cells, lambda c: _gap(c, method))
 
 
 def coverage(cells: list[dict[str, Any]]) -> str:
@@ -254,9 +257,7 @@ def profiles_table(paper: list[dict[str, Any]], tuned: list[dict[str, Any]]) -> 
         ("backdoored: ASR", lambda c: _value(c, "backdoored", "asr"), False),
         ("backdoored: clean accuracy", lambda c: _value(c, "backdoored", "clean_acc"), False)]
     for method in COMPARED:
-        figures.append((f"{method}: ASR - floor", lambda c, m=method: (
-            None if (a := _value(c, m, "asr")) is None else a - c["evaluation"]["clean"]["asr"]),
-            True))
+        figures.append((f"{method}: ASR - floor", lambda c, m=method: _gap(c, m), True))
     figures.append(("MESA ensemble: clean accuracy",
                     lambda c: _value(c, "MESA ensemble", "clean_acc"), False))
     rows = ["| figure | paper | tuned | tuned - paper |", "|---|---|---|---|"]
@@ -312,7 +313,7 @@ def run_report(params: ReproParams) -> Path:
              f"epochs; target class {params.grid.target}; evaluation part: "
              f"{10000 - params.data.n_defender} test images never used to fit, repair or "
              "choose anything.", "", "## Selection (tuned profile)", "", *_selection_lines(), ""]
-    cells = {}
+    cells: dict[str, list[dict[str, Any]]] = {}
     for profile in ("tuned", "paper"):
         wanted = set(params.cells(profile))
         cells[profile] = [c for c in cells_of(profile) if (c["seed"], c["pattern"]) in wanted]
