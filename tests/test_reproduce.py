@@ -277,3 +277,15 @@ def test_neural_cleanse_keeps_its_best_mask_and_flags_the_target() -> None:
     best = torch.where(asr >= 0.95, l1, torch.inf).min(0).values
     assert torch.allclose(res.l1, best) and res.epochs == len(res.history)
     assert not torch.allclose(res.l1, l1[-1])  # which the last iterate is not
+
+
+def test_the_gpu_profile_changes_the_scale_only() -> None:
+    cpu = load_repro_params(ROOT / "reproduce" / "params.yaml")
+    gpu = load_repro_params(ROOT / "reproduce" / "params-gpu.yaml")
+    assert gpu.model.arch == "resnet18"
+    tuning = set(gpu.grid.tuning_patterns)
+    assert set(gpu.grid.patterns) == set(range(51)) - tuning  # none the selection tuned on
+    assert set(gpu.grid.paper_patterns) <= set(gpu.grid.patterns)  # paired with tuned cells
+    same = ("seed_offset", "data", "evaluate", "selection", "profiles")
+    assert all(getattr(gpu, key) == getattr(cpu, key) for key in same)
+    assert gpu.grid.model_dump(exclude={"patterns"}) == cpu.grid.model_dump(exclude={"patterns"})
