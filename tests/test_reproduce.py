@@ -20,8 +20,11 @@ from tasks.reproduce.data import load_data
 from tasks.reproduce.params import load_repro_params
 from tasks.reproduce.report import (
     coverage,
+    edge_note,
     method_table,
+    methods,
     paired,
+    paired_table,
     profile_section,
     profiles_table,
     residual,
@@ -112,6 +115,13 @@ def test_evaluation_images_never_reach_fitting_repair_or_selection(
     text = report.run_report(params).read_text()
     assert "coverage: 1 patterns x 1 seeds" in text and "## Profile `paper`" in text
     assert "MESA ensemble" in text and "uniform patch" in text and "Neural Cleanse" in text
+    assert "Left out" not in text  # every cell ran with the current params
+
+    # A record from other settings is named and left out, not averaged in under the new label.
+    changed = params.model_copy(update={"seed_offset": 1})
+    text = report.run_report(changed).read_text()
+    assert "Left out, run with settings other than the current params" in text
+    assert "s0-p3 (seed_offset)" in text and "coverage: no cells yet" in text
 
 
 def test_bootstrap_interval_on_known_data() -> None:
@@ -289,3 +299,20 @@ def test_the_gpu_profile_changes_the_scale_only() -> None:
     same = ("seed_offset", "data", "evaluate", "selection", "profiles")
     assert all(getattr(gpu, key) == getattr(cpu, key) for key in same)
     assert gpu.grid.model_dump(exclude={"patterns"}) == cpu.grid.model_dump(exclude={"patterns"})
+
+
+def test_the_tables_hold_every_repaired_model_the_cells_have() -> None:
+    cells = [_cell(3, 0, {"clean": 0.05, "backdoored": 0.9, "MESA ensemble": 0.06,
+                          "MESA beta=0.5": 0.07, "MESA beta=0.95": 0.08, "point start 10": 0.1,
+                          "point start 2": 0.1, "Neural Cleanse": 0.2, "no trigger": 0.9})]
+    assert methods(cells) == ["no trigger", "point start 2", "point start 10", "Neural Cleanse",
+                              "MESA beta=0.95", "MESA beta=0.5", "MESA ensemble"]
+    assert "| MESA beta=0.95 | -2.00 [" in "\n".join(paired_table(cells))  # a beta set by -S
+
+
+def test_a_choice_on_the_border_of_the_sweep_is_said() -> None:
+    params = load_repro_params(ROOT / "reproduce" / "params.yaml")
+    rates, epochs = params.selection.rates, params.selection.checkpoints
+    assert "largest stamp rate swept" in edge_note(params, max(rates), min(epochs))
+    assert "most repair epochs swept" in edge_note(params, min(rates), max(epochs))
+    assert edge_note(params, min(rates), min(epochs)) == ""

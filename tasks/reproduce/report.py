@@ -12,8 +12,10 @@ cells both profiles ran. Nothing here chooses anything on the evaluation figures
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from math import comb
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +27,22 @@ from tasks.reproduce.selection import per_method
 
 POINTS = 100  # percentages in the tables
 
-# Display order of the methods (those a cell lacks are skipped).
-METHODS = ("no trigger", "true trigger", "uniform patch", "point mixture", "point start 0",
-           "point start 1", "point start 2", "point start 3", "point start 4",
-           "Neural Cleanse", "MESA beta=0.9", "MESA beta=0.8", "MESA beta=0.5", "MESA ensemble")
+BASE = ("clean", "backdoored")  # measured, not repaired
 CONTROLS = ("point mixture", "uniform patch", "Neural Cleanse", "no trigger", "true trigger")
+
+
+def methods(cells: list[dict[str, Any]]) -> list[str]:
+    """The repaired models the cells hold, in display order: the controls, the point starts, Neural
+    Cleanse, MESA's sub-models (largest beta first), the ensemble. Read from the records, not
+    listed here, so a grid with other betas or starts (`dvc exp run -S`) loses no row."""
+    held = {m for c in cells for m in c["evaluation"]} - set(BASE)
+    starts = sorted((m for m in held if m.startswith("point start ")),
+                    key=lambda m: int(m.rsplit(" ", 1)[1]))
+    betas = sorted((m for m in held if m.startswith("MESA beta=")),
+                   key=lambda m: -float(m.split("=", 1)[1]))
+    order = ["no trigger", "true trigger", "uniform patch", "point mixture", *starts,
+             "Neural Cleanse", *betas, "MESA ensemble"]
+    return [m for m in order if m in held] + sorted(held - set(order))
 
 
 # --------------------------------------------------------------------------- report
@@ -87,7 +100,7 @@ def method_table(cells: list[dict[str, Any]]) -> list[str]:
     """Each method: clean accuracy, ASR, ASR minus floor, ASR of held-out variants (%)."""
     rows = ["| model | clean accuracy | ASR | ASR - floor | ASR, held-out variants |",
             "|---|---|---|---|---|"]
-    for method in ("clean", "backdoored", *METHODS):
+    for method in (*BASE, *methods(cells)):
         asr = interval(cells, lambda c, m=method: _value(c, m, "asr"))
         if asr is None:
             continue
@@ -112,7 +125,7 @@ def paired_table(cells: list[dict[str, Any]]) -> list[str]:
     Every sub-model gets a row: picking the best one would be a choice made on evaluation."""
     rows = ["| MESA ensemble minus | ASR (points) | ASR, held-out variants | clean accuracy |",
             "|---|---|---|---|"]
-    betas = [m for m in METHODS if m.startswith("MESA beta=")]
+    betas = [m for m in methods(cells) if m.startswith("MESA beta=")]
     for other in (*CONTROLS, *betas):
         cols = [paired(cells, "MESA ensemble", other, k) for k in
                 ("asr", "asr_variants", "clean_acc")]
@@ -195,6 +208,14 @@ def seconds_line(cells: Iterable[dict[str, Any]]) -> str:
             + f" (torch threads per cell: {threads})")
 
 
+def seeds_caveat(cells: list[dict[str, Any]]) -> str:
+    """How far a seed-first bootstrap can be trusted with this few seeds."""
+    n = len({c["seed"] for c in cells})
+    return (f"The intervals resample {n} seeds, which allows only {comb(2 * n - 1, n)} distinct "
+            "draws of seeds: their 95% is nominal, and the spread between seeds (different "
+            "clean models and injections) is measured only roughly.")
+
+
 def profile_section(name: str, cells: list[dict[str, Any]], planned: int) -> list[str]:
     """The tables of one profile, `planned` its number of cells in reproduce/params.yaml."""
     if not cells:
@@ -203,7 +224,7 @@ def profile_section(name: str, cells: list[dict[str, Any]], planned: int) -> lis
     partial = ([f"**Partial grid: {len(cells)} of the {planned} planned cells.** A bootstrap "
                 "over so few cells and seeds understates the uncertainty; read these figures "
                 "as provisional.", ""] if len(cells) < planned else [])
-    return [f"## Profile `{name}`", "", coverage(cells), "", *partial,
+    return [f"## Profile `{name}`", "", coverage(cells), "", *partial, seeds_caveat(cells), "",
             f"Repair: stamp rate {rep['rate']}, {rep['epochs']} epochs, same for every method. "
             "Mean over cells with 95% bootstrap intervals (resampling seeds, then cells within "
             "a seed: the cells of a seed share its clean model), in percent; the floor is the "
@@ -281,18 +302,36 @@ def profiles_table(paper: list[dict[str, Any]], tuned: list[dict[str, Any]]) -> 
 # --------------------------------------------------------------------------- commands
 
 
-def _selection_lines() -> list[str]:
+def edge_note(params: ReproParams, rate: float, epochs: int) -> str:
+    """Say so when the choice sits on the border of the swept grid: the best setting may lie
+    beyond it, and the sweep cannot tell."""
+    edges = ([f"the largest stamp rate swept ({rate})"] if rate == max(params.selection.rates)
+             else []) + ([f"the most repair epochs swept ({epochs})"]
+                         if epochs == max(params.selection.checkpoints) else [])
+    return ("" if not edges else "The choice lies on the border of the sweep, at " +
+            " and ".join(edges) + ": a wider sweep might choose beyond it.")
+
+
+def _selection_lines(params: ReproParams) -> list[str]:
     if not SELECTION.is_file():
         return ["No selection yet: the tuned profile has no repair setting."]
     sel = read_json(SELECTION)
     rate, epochs = sel["chosen"]["rate"], sel["chosen"]["epochs"]
-    rows = sorted(sel["table"], key=lambda r: (r["residual"], r["epochs"], r["rate"]))[:8]
+    budget = params.selection.max_accuracy_drop
+    within = [r for r in sel["table"] if r["drop"] <= budget]
+    rows = sorted(within, key=lambda r: (r["residual"], r["epochs"], r["rate"]))[:8]
     cells = [c for c in cells_of("select") if f"select-s{c['seed']}-p{c['pattern']}"
              in sel["cells"]]
+    verdict = ("yes" if sel["all_within_accuracy_budget"] else
+               "NO: no setting was, and the one with the lowest residual was taken")
     return [f"Chosen on validation (selection cells {', '.join(sel['cells'])}): stamp rate "
-            f"**{rate}**, **{epochs}** repair epochs. "
-            "Residual ASR (ASR minus the clean model's own) and accuracy drop: means over those "
-            "cells and the swept methods, validation split, in percent (best 8 settings):", "",
+            f"**{rate}**, **{epochs}** repair epochs; within the accuracy budget "
+            f"(a drop of at most {budget:.1%}): {verdict}. {edge_note(params, rate, epochs)}", "",
+            "Residual ASR (ASR minus the clean model's own) and accuracy drop (the backdoored "
+            "model's validation accuracy minus the repaired one's; negative: the repair gained "
+            "accuracy): means over those cells and the swept methods, validation split, in "
+            f"percent; the {len(rows)} lowest residuals of the {len(within)} settings within "
+            "the budget:", "",
             "| rate | epochs | residual ASR | accuracy drop |", "|---|---|---|---|",
             *[f"| {r['rate']} | {r['epochs']} | {100 * r['residual']:+.2f} | "
               f"{100 * r['drop']:+.2f} |" for r in rows], "",
@@ -303,21 +342,65 @@ def _selection_lines() -> list[str]:
               for m, v in per_method(cells, rate, epochs).items()]]
 
 
+def expected_repair(params: ReproParams, profile: str) -> dict[str, Any] | None:
+    """The repair a current cell of `profile` ran: the paper's fixed one, or the one selection.json
+    chose for the tuned profile (None before any selection)."""
+    repair = params.profiles[profile].repair
+    if profile == "paper":
+        return {"rate": repair.rate, "epochs": repair.epochs}
+    return read_json(SELECTION)["chosen"] if SELECTION.is_file() else None
+
+
+def stale_reasons(cell: dict[str, Any], params: ReproParams, profile: str,
+                  repair: dict[str, Any] | None) -> list[str]:
+    """Where a cell record departs from the current params (empty: the cell is current).
+
+    A cell is rerun by DVC when its params change, but `dvc repro -s report` merges whatever
+    records exist: without this check an old cell would be averaged in under the new label."""
+    d = params.data
+    split = {"fit": d.n_defender - d.n_validation, "validation": d.n_validation}
+    ran = {k: cell.get("split", {}).get(k) for k in split}  # evaluation: the archive's rest
+    settings = json.loads(json.dumps(params.profiles[profile].model_dump()))  # tuples -> lists
+    checks = {"settings": (cell.get("settings"), settings),
+              "seed_offset": (cell.get("seed_offset"), params.seed_offset),
+              "repair": (cell.get("repair"), repair), "split": (ran, split)}
+    return [name for name, (has, wants) in checks.items() if has != wants]
+
+
+def current_cells(params: ReproParams, profile: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """The profile's records that belong to the grid and ran with the current settings, and a
+    'sS-pP (what differs)' note for each record in the grid left out."""
+    wanted, repair = set(params.cells(profile)), expected_repair(params, profile)
+    kept, stale = [], []
+    for cell in cells_of(profile):
+        if (cell["seed"], cell["pattern"]) not in wanted:
+            continue
+        reasons = stale_reasons(cell, params, profile, repair)
+        if reasons:
+            stale.append(f"s{cell['seed']}-p{cell['pattern']} ({', '.join(reasons)})")
+        else:
+            kept.append(cell)
+    return kept, stale
+
+
 def run_report(params: ReproParams) -> Path:
     """Merge whatever report cells exist into reproduce/results/report.md; log it to MLflow."""
-    lines = ["# MESA reproduction: repair on CIFAR-10, CPU scale", "",
+    lines = [f"# MESA reproduction: repair on CIFAR-10, {params.model.arch}", "",
              "Written by `python -m tasks.reproduce.report` (the `report` stage of "
              "reproduce/dvc.yaml) from the cell records in reproduce/results/; protocol and "
              "commands: docs/reproduction.md.", "",
              f"Model: {params.model.arch} x{params.model.width}, {params.model.epochs} clean "
              f"epochs; target class {params.grid.target}; evaluation part: "
              f"{10000 - params.data.n_defender} test images never used to fit, repair or "
-             "choose anything.", "", "## Selection (tuned profile)", "", *_selection_lines(), ""]
+             "choose anything.", "", "## Selection (tuned profile)", "",
+             *_selection_lines(params), ""]
     cells: dict[str, list[dict[str, Any]]] = {}
     for profile in ("tuned", "paper"):
-        wanted = set(params.cells(profile))
-        cells[profile] = [c for c in cells_of(profile) if (c["seed"], c["pattern"]) in wanted]
-        lines += profile_section(profile, cells[profile], len(wanted))
+        cells[profile], stale = current_cells(params, profile)
+        lines += profile_section(profile, cells[profile], len(params.cells(profile)))
+        if stale:
+            lines += [f"Left out, run with settings other than the current params (rerun them "
+                      f"with `dvc repro reproduce/dvc.yaml`): {'; '.join(stale)}.", ""]
     lines += profiles_table(cells["paper"], cells["tuned"])
     REPORT.parent.mkdir(parents=True, exist_ok=True)
     write_text = "\n".join(lines).rstrip() + "\n"
