@@ -15,6 +15,7 @@ from mesa_lib.baselines import CleanseConfig, neural_cleanse
 from mesa_lib.distribution import UniformPatch
 from mesa_lib.repair import repair_hook
 from mesa_lib.stats import bootstrap_mean, paired_difference
+from tasks.common.settings import ConfigError
 from tasks.reproduce import protocol
 from tasks.reproduce.data import load_data
 from tasks.reproduce.params import load_repro_params
@@ -316,3 +317,13 @@ def test_a_choice_on_the_border_of_the_sweep_is_said() -> None:
     assert "largest stamp rate swept" in edge_note(params, max(rates), min(epochs))
     assert "most repair epochs swept" in edge_note(params, min(rates), max(epochs))
     assert edge_note(params, min(rates), min(epochs)) == ""
+
+
+def test_a_pattern_the_selection_tuned_on_is_never_reported(tmp_path: Path) -> None:
+    raw = yaml.safe_load((ROOT / "reproduce" / "params.yaml").read_text())
+    raw["grid"]["paper_patterns"] = [*raw["grid"]["paper_patterns"], 6]  # a tuning pattern
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"grid.tuning_patterns: must not be report patterns, "
+                                          r"got \[6\]"):
+        load_repro_params(path)

@@ -2,9 +2,9 @@
 
 Runs the protocol (tasks.reproduce.protocol) for one (profile, seed, pattern) and writes the
 cell's JSON record under reproduce/results/<profile>/. Every cell is a plain process, not a
-Prefect flow: dozens of 15-minute cells run side by side in the background (scripts/reproduce.sh),
-and a Prefect API per process, or one shared SQLite one, would only add start-up and lock
-contention to work DVC already orders and caches.
+Prefect flow: dozens of cells of half an hour to an hour each run side by side in the background
+(scripts/reproduce.sh), and a Prefect API per process, or one shared SQLite one, would only add
+start-up and lock contention to work DVC already orders and caches.
 """
 
 from __future__ import annotations

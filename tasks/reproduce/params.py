@@ -74,6 +74,11 @@ class GridSettings(Group):
         shared = set(self.tuning_seeds) & (set(self.seeds) | set(self.paper_seeds))
         if shared:
             raise ValueError(f"grid.tuning_seeds: must not be report seeds, got {sorted(shared)}")
+        # A pattern the selection tuned on would be reported with a setting chosen for it.
+        shared = set(self.tuning_patterns) & (set(self.patterns) | set(self.paper_patterns))
+        if shared:
+            raise ValueError(f"grid.tuning_patterns: must not be report patterns, got "
+                             f"{sorted(shared)}")
         used = set(self.seeds) | set(self.paper_seeds) | set(self.tuning_seeds)
         if set(self.clean_seeds) != used or len(self.clean_seeds) != len(used):
             raise ValueError(f"grid.clean_seeds: must list each seed once, {sorted(used)}, "

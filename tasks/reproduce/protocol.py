@@ -2,8 +2,10 @@
 
 Protocol (docs/reproduction.md). The 10,000 CIFAR-10 test images are cut three ways
 (`mesa_lib.data.split_protocol`): the defender's fit part (6,000: MESA, the baselines and every
-repair are fitted here), the defender's validation part (2,000: every choice: rate, epochs,
-thresholds) and the evaluation part (2,000: read only by `evaluate_cell`, to write the table).
+repair are fitted here), the defender's validation part (2,000: every choice, here the repair's
+stamp rate and epochs; Neural Cleanse's threshold is a fixed setting and it keeps its mask by its
+own criterion on the fit part) and the evaluation part (2,000: read only by `evaluate_cell`, to
+write the table).
 The functions below make that structural: fitting and repair take the fit part, selection the
 validation part; only `evaluate_cell` is given the evaluation part.
 
