@@ -290,13 +290,17 @@ def _sniff(wpath: Path, size: int) -> None:
     """Refuse pickles, zip archives and anything without a plausible safetensors header."""
     with wpath.open("rb") as fh:
         head = fh.read(9)
+    # A safetensors file starts with its header's length (8 bytes, little-endian), then "{".
+    # Read that first: a length whose low byte is 0x80 (ResNet-18's, for one) also begins with
+    # the pickle protocol marker. Neither reading unpickles anything; the order only names it.
+    header_len = struct.unpack("<Q", head[:8])[0] if len(head) == 9 else None
+    plausible = header_len is not None and header_len <= _MAX_HEADER_BYTES and head[8:9] == b"{"
     for magic, what in _PICKLE_MAGIC.items():
-        if head.startswith(magic):
+        if head.startswith(magic) and not plausible:
             raise _fail(wpath, f"refusing to load a pickle ({what}); only safetensors accepted")
-    if size < 9:
+    if header_len is None:
         raise _fail(wpath, f"truncated: {size} bytes is shorter than a safetensors header")
-    (header_len,) = struct.unpack("<Q", head[:8])
-    if header_len > _MAX_HEADER_BYTES or head[8:9] != b"{":
+    if not plausible:
         raise _fail(
             wpath,
             "refusing to load a pickle or unknown format (implausible safetensors header); "

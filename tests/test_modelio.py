@@ -80,6 +80,16 @@ def test_round_trip(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.safetensors"]
 
 
+def test_a_header_length_that_starts_like_a_pickle_still_loads(tmp_path: Path) -> None:
+    """ResNet-18's safetensors header is 0x2b80 bytes long: its first byte is pickle's 0x80."""
+    model = build_model("resnet18").eval()
+    wpath = save_model(model, tmp_path / "r18", _manifest(architecture="resnet18"))
+    assert wpath.read_bytes()[:1] == b"\x80"
+    loaded, _ = load_model(wpath)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                  loaded.state_dict().values(), strict=True))
+
+
 def test_fingerprint_is_sha256(saved: Path) -> None:
     assert model_fingerprint(saved) == hashlib.sha256(saved.read_bytes()).hexdigest()
 
