@@ -327,3 +327,23 @@ def test_a_pattern_the_selection_tuned_on_is_never_reported(tmp_path: Path) -> N
     with pytest.raises(ConfigError, match=r"grid.tuning_patterns: must not be report patterns, "
                                           r"got \[6\]"):
         load_repro_params(path)
+
+
+def test_a_cell_of_the_gpu_profile_runs_here_at_tiny_size(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU profile's network through the real clean-model and cell code (on CPU, tiny data)."""
+    from tasks.common.io import read_json
+    from tasks.reproduce import cell, clean
+
+    gpu = yaml.safe_load((ROOT / "reproduce" / "params-gpu.yaml").read_text())
+    path = tiny_params(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    raw["model"]["arch"] = gpu["model"]["arch"]
+    path.write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    params = load_repro_params(path)
+    clean.run_clean(params, 0)
+    assert read_json(Path("reproduce/models/clean-s0.json"))["architecture"] == "resnet18"
+    record = read_json(cell.run_cell(params, "paper", 0, 3))
+    assert {"clean", "backdoored", "MESA ensemble", "point mixture", "uniform patch",
+            "Neural Cleanse"} <= set(record["evaluation"])
