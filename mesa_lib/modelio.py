@@ -1,14 +1,15 @@
 """Safe model files: ``<stem>.safetensors`` weights plus a ``<stem>.json`` manifest.
 
 Backdoor defence handles models from untrusted parties, and a pickle (``torch.save``) file runs
-arbitrary code when loaded. This module therefore never unpickles: it sniffs the magic bytes,
-refuses pickles and zip archives outright, and sizes the manifest's architecture on the meta
-device (shapes only, no memory) so that a hostile manifest claiming a huge width or class count is
-refused before a single real tensor is allocated: its tensors must total at most ``max_parameters``
-elements, and the file may not be far larger than they imply. It then reads the safetensors header
-to compare every tensor name, shape and dtype with that plan, and only then loads the data
-(refusing NaN/Inf) and builds the real model. Every problem raises :class:`ModelFileError`
-naming the file and the reason.
+arbitrary code when loaded. This module therefore never unpickles: only safetensors' parser reads a
+weights file. It sniffs the first bytes, names a pickle or zip archive when it refuses one (a valid
+safetensors header can begin with pickle's 0x80, so the header is read first), sizes the manifest's
+architecture on the meta device (shapes only, no memory) so that a hostile manifest claiming a huge
+width or class count is refused before a single real tensor is allocated: its tensors must total at
+most ``max_parameters`` elements, and the file may not be far larger than they imply. It then reads
+the safetensors header to compare every tensor name, shape and dtype with that plan, and only then
+loads the data (refusing NaN/Inf) and builds the real model. Every problem raises
+:class:`ModelFileError` naming the file and the reason.
 """
 
 from __future__ import annotations

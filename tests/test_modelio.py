@@ -90,6 +90,15 @@ def test_a_header_length_that_starts_like_a_pickle_still_loads(tmp_path: Path) -
                                                   loaded.state_dict().values(), strict=True))
 
 
+def test_a_file_dressed_as_a_safetensors_header_is_still_refused(saved: Path,
+                                                                  tmp_path: Path) -> None:
+    """0x80 then zeros then '{' passes the sniff; safetensors' own parser must then refuse it."""
+    marker = tmp_path / "pwned"
+    saved.write_bytes((0x80).to_bytes(8, "little") + b"{" + pickle.dumps(Evil(marker)).ljust(127))
+    _refused(saved, "corrupt or truncated safetensors file")
+    assert not marker.exists()
+
+
 def test_fingerprint_is_sha256(saved: Path) -> None:
     assert model_fingerprint(saved) == hashlib.sha256(saved.read_bytes()).hexdigest()
 
