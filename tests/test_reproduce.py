@@ -19,6 +19,7 @@ from tasks.common.settings import ConfigError
 from tasks.reproduce import protocol
 from tasks.reproduce.data import load_data
 from tasks.reproduce.params import load_repro_params
+from tasks.reproduce.paths import ran_with, repair_plan
 from tasks.reproduce.report import (
     coverage,
     edge_note,
@@ -29,6 +30,8 @@ from tasks.reproduce.report import (
     profile_section,
     profiles_table,
     residual,
+    seeds_caveat,
+    stale_reasons,
     targets,
 )
 from tasks.reproduce.selection import choose, per_method, sweep_table
@@ -123,6 +126,15 @@ def test_evaluation_images_never_reach_fitting_repair_or_selection(
     text = report.run_report(changed).read_text()
     assert "Left out, run with settings other than the current params" in text
     assert "s0-p3 (seed_offset)" in text and "coverage: no cells yet" in text
+    # Another clean model; the tuned repair fixed at what the selection chose: the tuned cell's
+    # repair still matches (only the profile's text and the model differ), the paper's model not.
+    raw = yaml.safe_load(params_path.read_text())
+    chosen = yaml.safe_load(Path("reproduce/results/selection.json").read_text())["chosen"]
+    raw["profiles"]["tuned"]["repair"].update(chosen)
+    raw["model"]["epochs"] = 2
+    params_path.write_text(yaml.safe_dump(raw))
+    text = report.run_report(load_repro_params(params_path)).read_text()
+    assert "s0-p3 (settings, model)" in text and "s0-p3 (model)" in text
 
 
 def test_bootstrap_interval_on_known_data() -> None:
@@ -314,9 +326,10 @@ def test_the_tables_hold_every_repaired_model_the_cells_have() -> None:
 def test_a_choice_on_the_border_of_the_sweep_is_said() -> None:
     params = load_repro_params(ROOT / "reproduce" / "params.yaml")
     rates, epochs = params.selection.rates, params.selection.checkpoints
-    assert "largest stamp rate swept" in edge_note(params, max(rates), min(epochs))
-    assert "most repair epochs swept" in edge_note(params, min(rates), max(epochs))
-    assert edge_note(params, min(rates), min(epochs)) == ""
+    both = edge_note(params, max(rates), min(epochs))
+    assert "largest stamp rate swept (0.5) and the fewest repair epochs swept (2)" in both
+    assert "most repair epochs swept (10)" in edge_note(params, 0.1, max(epochs))
+    assert edge_note(params, 0.1, 4) == ""  # inside the sweep on both axes
 
 
 def test_a_pattern_the_selection_tuned_on_is_never_reported(tmp_path: Path) -> None:
@@ -347,3 +360,24 @@ def test_a_cell_of_the_gpu_profile_runs_here_at_tiny_size(
     record = read_json(cell.run_cell(params, "paper", 0, 3))
     assert {"clean", "backdoored", "MESA ensemble", "point mixture", "uniform patch",
             "Neural Cleanse"} <= set(record["evaluation"])
+
+
+def test_a_tuned_repair_set_by_hand_is_what_current_cells_ran(tmp_path: Path) -> None:
+    raw = yaml.safe_load((ROOT / "reproduce" / "params.yaml").read_text())
+    raw["profiles"]["tuned"]["repair"].update({"rate": 0.3, "epochs": 4})  # no selection needed
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    params = load_repro_params(path)
+    plan = repair_plan(params, "tuned")
+    assert plan == {"rate": 0.3, "epochs": 4}
+    record = {"settings": raw["profiles"]["tuned"], "repair": plan, "ran_with": ran_with(params)}
+    assert stale_reasons(record, params, "tuned", plan) == []
+    old = {**record, "repair": {"rate": 0.5, "epochs": 10}, "ran_with": {}}
+    assert stale_reasons(old, params, "tuned", plan) == [
+        "repair", "seed_offset", "data", "model", "evaluate", "target"]
+
+
+def test_the_report_says_how_few_seed_draws_its_intervals_rest_on() -> None:
+    cells = [_cell(p, s, {"clean": 0.05}) for p in (3, 9) for s in (0, 1, 2)]
+    assert "resample 3 seeds, which allows only 10 distinct draws" in seeds_caveat(cells)
+    assert "only 3 distinct draws" in seeds_caveat([c for c in cells if c["seed"] < 2])

@@ -20,11 +20,11 @@ from mesa_lib.metrics import evaluation_triggers
 from mesa_lib.modelio import load_model
 from mesa_lib.seed import resolve_device, seed_everything
 from mesa_lib.triggers import build_trigger
-from tasks.common.io import read_json, write_json
+from tasks.common.io import write_json
 from tasks.reproduce import protocol as C
 from tasks.reproduce.data import load_data
 from tasks.reproduce.params import ReproParams, load_repro_params
-from tasks.reproduce.paths import SELECTION, cell_path, clean_path
+from tasks.reproduce.paths import SELECTION, cell_path, clean_path, ran_with, repair_plan
 
 
 def _device() -> torch.device:
@@ -51,15 +51,6 @@ def _cell_start(params: ReproParams, profile: str, seed: int, pattern: int,
         settings, cs
 
 
-def _repair_plan(params: ReproParams, profile: str) -> tuple[float, int]:
-    """(stamp rate, epochs) of a report cell: the profile's, or the selection's for `selected`."""
-    r = params.profiles[profile].repair
-    chosen = read_json(SELECTION)["chosen"] if "selected" in (r.rate, r.epochs) else {}
-    rate = chosen["rate"] if r.rate == "selected" else r.rate
-    epochs = chosen["epochs"] if r.epochs == "selected" else r.epochs
-    return float(rate), int(epochs)
-
-
 def run_cell(params: ReproParams, profile: str, seed: int, pattern: int) -> Path:
     """A report cell (paper | tuned) or a selection cell (select); writes its JSON record."""
     seconds: dict[str, float] = {}
@@ -68,6 +59,7 @@ def run_cell(params: ReproParams, profile: str, seed: int, pattern: int) -> Path
         params, profile, seed, pattern, seconds)
     record: dict[str, Any] = {"profile": profile, "seed": seed, "pattern": pattern,
                               "seed_offset": params.seed_offset, "cell_seed": cs,
+                              "ran_with": ran_with(params),
                               "settings": settings.model_dump(), "fits": fits,
                               "split": {"fit": len(data.fit), "validation": len(data.validation),
                                         "evaluation": len(data.evaluation)}}
@@ -80,8 +72,12 @@ def run_cell(params: ReproParams, profile: str, seed: int, pattern: int) -> Path
         record["validation"] = {k: C.measure(m, data.validation, triggers, target, device, cs)
                                 for k, m in base.items()}
     else:
-        rate, epochs = _repair_plan(params, profile)
-        record["repair"] = {"rate": rate, "epochs": epochs}
+        plan = repair_plan(params, profile)
+        if plan is None:
+            raise SystemExit(f"error: {SELECTION} missing: the {profile} profile's repair is "
+                             "'selected'; run the selection stage first")
+        record["repair"] = plan
+        rate, epochs = plan["rate"], plan["epochs"]
         models = {"clean": clean, "backdoored": backdoored}
         with C.timed(seconds, "repair"):
             for name, sampler in samplers.items():

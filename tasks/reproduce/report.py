@@ -22,7 +22,15 @@ from typing import Any
 from mesa_lib.stats import Interval, bootstrap_mean
 from tasks.common.io import read_json
 from tasks.reproduce.params import ReproParams, load_repro_params
-from tasks.reproduce.paths import REPORT, RESULTS, ROOT, SELECTION, cells_of
+from tasks.reproduce.paths import (
+    REPORT,
+    RESULTS,
+    ROOT,
+    SELECTION,
+    cells_of,
+    ran_with,
+    repair_plan,
+)
 from tasks.reproduce.selection import per_method
 
 POINTS = 100  # percentages in the tables
@@ -305,9 +313,12 @@ def profiles_table(paper: list[dict[str, Any]], tuned: list[dict[str, Any]]) -> 
 def edge_note(params: ReproParams, rate: float, epochs: int) -> str:
     """Say so when the choice sits on the border of the swept grid: the best setting may lie
     beyond it, and the sweep cannot tell."""
-    edges = ([f"the largest stamp rate swept ({rate})"] if rate == max(params.selection.rates)
-             else []) + ([f"the most repair epochs swept ({epochs})"]
-                         if epochs == max(params.selection.checkpoints) else [])
+    s, edges = params.selection, []
+    for value, swept, top, bottom in ((rate, s.rates, "largest stamp rate", "smallest stamp rate"),
+                                      (epochs, s.checkpoints, "most repair epochs",
+                                       "fewest repair epochs")):
+        if len(set(swept)) > 1 and value in (min(swept), max(swept)):
+            edges.append(f"the {top if value == max(swept) else bottom} swept ({value})")
     return ("" if not edges else "The choice lies on the border of the sweep, at " +
             " and ".join(edges) + ": a wider sweep might choose beyond it.")
 
@@ -319,7 +330,9 @@ def _selection_lines(params: ReproParams) -> list[str]:
     rate, epochs = sel["chosen"]["rate"], sel["chosen"]["epochs"]
     budget = params.selection.max_accuracy_drop
     within = [r for r in sel["table"] if r["drop"] <= budget]
-    rows = sorted(within, key=lambda r: (r["residual"], r["epochs"], r["rate"]))[:8]
+    pool, among = (within, f"the {len(within)} settings within the budget") if within else \
+        (sel["table"], f"all {len(sel['table'])} settings (none kept the budget)")
+    rows = sorted(pool, key=lambda r: (r["residual"], r["epochs"], r["rate"]))[:8]
     cells = [c for c in cells_of("select") if f"select-s{c['seed']}-p{c['pattern']}"
              in sel["cells"]]
     verdict = ("yes" if sel["all_within_accuracy_budget"] else
@@ -330,8 +343,7 @@ def _selection_lines(params: ReproParams) -> list[str]:
             "Residual ASR (ASR minus the clean model's own) and accuracy drop (the backdoored "
             "model's validation accuracy minus the repaired one's; negative: the repair gained "
             "accuracy): means over those cells and the swept methods, validation split, in "
-            f"percent; the {len(rows)} lowest residuals of the {len(within)} settings within "
-            "the budget:", "",
+            f"percent; the {len(rows)} lowest residuals of {among}:", "",
             "| rate | epochs | residual ASR | accuracy drop |", "|---|---|---|---|",
             *[f"| {r['rate']} | {r['epochs']} | {100 * r['residual']:+.2f} | "
               f"{100 * r['drop']:+.2f} |" for r in rows], "",
@@ -342,35 +354,24 @@ def _selection_lines(params: ReproParams) -> list[str]:
               for m, v in per_method(cells, rate, epochs).items()]]
 
 
-def expected_repair(params: ReproParams, profile: str) -> dict[str, Any] | None:
-    """The repair a current cell of `profile` ran: the paper's fixed one, or the one selection.json
-    chose for the tuned profile (None before any selection)."""
-    repair = params.profiles[profile].repair
-    if profile == "paper":
-        return {"rate": repair.rate, "epochs": repair.epochs}
-    return read_json(SELECTION)["chosen"] if SELECTION.is_file() else None
-
-
 def stale_reasons(cell: dict[str, Any], params: ReproParams, profile: str,
                   repair: dict[str, Any] | None) -> list[str]:
     """Where a cell record departs from the current params (empty: the cell is current).
 
     A cell is rerun by DVC when its params change, but `dvc repro -s report` merges whatever
     records exist: without this check an old cell would be averaged in under the new label."""
-    d = params.data
-    split = {"fit": d.n_defender - d.n_validation, "validation": d.n_validation}
-    ran = {k: cell.get("split", {}).get(k) for k in split}  # evaluation: the archive's rest
     settings = json.loads(json.dumps(params.profiles[profile].model_dump()))  # tuples -> lists
-    checks = {"settings": (cell.get("settings"), settings),
-              "seed_offset": (cell.get("seed_offset"), params.seed_offset),
-              "repair": (cell.get("repair"), repair), "split": (ran, split)}
-    return [name for name, (has, wants) in checks.items() if has != wants]
+    wants = ran_with(params)
+    has = cell.get("ran_with", {})
+    checks = {"settings": (cell.get("settings"), settings), "repair": (cell.get("repair"), repair),
+              **{key: (has.get(key), value) for key, value in wants.items()}}
+    return [name for name, (got, want) in checks.items() if got != want]
 
 
 def current_cells(params: ReproParams, profile: str) -> tuple[list[dict[str, Any]], list[str]]:
     """The profile's records that belong to the grid and ran with the current settings, and a
     'sS-pP (what differs)' note for each record in the grid left out."""
-    wanted, repair = set(params.cells(profile)), expected_repair(params, profile)
+    wanted, repair = set(params.cells(profile)), repair_plan(params, profile)
     kept, stale = [], []
     for cell in cells_of(profile):
         if (cell["seed"], cell["pattern"]) not in wanted:
