@@ -27,7 +27,10 @@ def main() -> None:
     cells = cells_of("tuned")
     by_name = sorted(range(len(cells)), key=lambda i: f"s{cells[i]['seed']}-p{cells[i]['pattern']}")
     print(f"# Bootstrap noise of the reproduction's intervals ({len(cells)} tuned cells)\n")
-    print("`.venv/bin/python benchmarks/bootstrap_noise.py`; residual ASR in points.\n")
+    print("`.venv/bin/python benchmarks/bootstrap_noise.py`; residual ASR in points, on the "
+          "evaluation split of the committed records (their repair setting was chosen on the "
+          "selection cells' validation split; nothing here chooses anything). Arithmetic on JSON "
+          "only, so the load on the machine does not matter.\n")
     print("| method | hierarchical (report) | flat over cells | upper end, resampling seeds 0-9 "
           "| upper end, file-name order |")
     print("|---|---|---|---|---|")
