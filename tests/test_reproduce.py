@@ -381,3 +381,13 @@ def test_the_report_says_how_few_seed_draws_its_intervals_rest_on() -> None:
     cells = [_cell(p, s, {"clean": 0.05}) for p in (3, 9) for s in (0, 1, 2)]
     assert "resample 3 seeds, which allows only 10 distinct draws" in seeds_caveat(cells)
     assert "only 3 distinct draws" in seeds_caveat([c for c in cells if c["seed"] < 2])
+
+
+def test_a_tuned_cell_without_a_selection_stops_before_any_work(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tasks.reproduce import cell
+
+    params = load_repro_params(tiny_params(tmp_path))
+    monkeypatch.chdir(tmp_path)  # no clean model and no selection.json here
+    with pytest.raises(SystemExit, match="selection.json missing: the tuned profile's repair"):
+        cell.run_cell(params, "tuned", 0, 3)

@@ -53,6 +53,10 @@ def _cell_start(params: ReproParams, profile: str, seed: int, pattern: int,
 
 def run_cell(params: ReproParams, profile: str, seed: int, pattern: int) -> Path:
     """A report cell (paper | tuned) or a selection cell (select); writes its JSON record."""
+    plan = None if profile == "select" else repair_plan(params, profile)
+    if profile != "select" and plan is None:  # before the half hour of injection and fitting
+        raise SystemExit(f"error: {SELECTION} missing: the {profile} profile's repair is "
+                         "'selected'; run the selection stage first")
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     data, clean, backdoored, samplers, fits, triggers, settings, cs = _cell_start(
@@ -72,10 +76,6 @@ def run_cell(params: ReproParams, profile: str, seed: int, pattern: int) -> Path
         record["validation"] = {k: C.measure(m, data.validation, triggers, target, device, cs)
                                 for k, m in base.items()}
     else:
-        plan = repair_plan(params, profile)
-        if plan is None:
-            raise SystemExit(f"error: {SELECTION} missing: the {profile} profile's repair is "
-                             "'selected'; run the selection stage first")
         record["repair"] = plan
         rate, epochs = plan["rate"], plan["epochs"]
         models = {"clean": clean, "backdoored": backdoored}
