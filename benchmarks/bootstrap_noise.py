@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from mesa_lib.stats import bootstrap_mean
 from tasks.reproduce.paths import cells_of
-from tasks.reproduce.report import _gap
+from tasks.reproduce.report import floor_gap
 
 POINTS = 100
 
@@ -35,7 +35,7 @@ def main() -> None:
           "| upper end, file-name order |")
     print("|---|---|---|---|---|")
     for method in ("MESA ensemble", "point mixture"):
-        values = [_gap(c, method) for c in cells]
+        values = [floor_gap(c, method) for c in cells]
         seeds = [c["seed"] for c in cells]
         hier, flat = bootstrap_mean(values, groups=seeds), bootstrap_mean(values)
         ends = [bootstrap_mean(values, groups=seeds, seed=s).high * POINTS for s in range(10)]

@@ -84,7 +84,7 @@ def _cell_fmt(iv: Interval | None, signed: bool = False) -> str:
     return "-" if iv is None else _fmt(iv, signed)
 
 
-def _gap(cell: dict[str, Any], method: str) -> float | None:
+def floor_gap(cell: dict[str, Any], method: str) -> float | None:
     """A cell's ASR after repair with `method` minus its clean model's own ASR (the floor)."""
     asr = _value(cell, method, "asr")
     return None if asr is None else asr - cell["evaluation"]["clean"]["asr"]
@@ -92,7 +92,7 @@ def _gap(cell: dict[str, Any], method: str) -> float | None:
 
 def residual(cells: list[dict[str, Any]], method: str) -> Interval | None:
     """ASR after repair minus the clean model's own ASR for the same trigger."""
-    return interval(cells, lambda c: _gap(c, method))
+    return interval(cells, lambda c: floor_gap(c, method))
 
 
 def coverage(cells: list[dict[str, Any]]) -> str:
@@ -286,7 +286,7 @@ def profiles_table(paper: list[dict[str, Any]], tuned: list[dict[str, Any]]) -> 
         ("backdoored: ASR", lambda c: _value(c, "backdoored", "asr"), False),
         ("backdoored: clean accuracy", lambda c: _value(c, "backdoored", "clean_acc"), False)]
     for method in COMPARED:
-        figures.append((f"{method}: ASR - floor", lambda c, m=method: _gap(c, m), True))
+        figures.append((f"{method}: ASR - floor", lambda c, m=method: floor_gap(c, m), True))
     figures.append(("MESA ensemble: clean accuracy",
                     lambda c: _value(c, "MESA ensemble", "clean_acc"), False))
     rows = ["| figure | paper | tuned | tuned - paper |", "|---|---|---|---|"]
