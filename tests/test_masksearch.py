@@ -26,11 +26,14 @@ def lab():
 def test_the_target_needs_a_trigger_sized_mask(lab) -> None:
     res = mask_search(lab.model, lab.defender_x[:256], tuple(range(10)), CONFIG, CPU)
     others = torch.cat([res.l1[:TARGET], res.l1[TARGET + 1:]])
-    assert int(res.l1.argmin()) == TARGET
-    # (the tiny task's classes are all easy: its other classes need 17-27 pixels here)
-    assert res.l1[TARGET] <= 25 and res.l1[TARGET] < 0.8 * others.min(), res.l1
-    # its success is measured on all the images, not only the batch it won on
-    assert res.asr[TARGET] >= 0.8
+    # Measured under three CPU kernels (ATEN_CPU_CAPABILITY avx512 / avx2 / default): the
+    # target's mask 11.6-12.7 pixels, the easiest other class's 15.9-16.6, their median 23-24.
+    # The bounds leave room for float differences between CPUs: the target is the smallest
+    # (by 3+ pixels), no larger than its 5x5 trigger, and about half the typical class's.
+    assert int(res.l1.argmin()) == TARGET, res.l1
+    assert res.l1[TARGET] <= 25 and res.l1[TARGET] < 0.7 * others.median(), res.l1
+    # its success is measured on all the images, not only the batch it won on (0.85-0.94)
+    assert res.asr[TARGET] >= 0.7
     h, w = lab.defender_x.shape[-2:]
     assert res.masks.shape == (10, 1, h, w) and res.patterns.shape == (10, 3, h, w)
     assert float(res.masks.min()) >= 0 and float(res.masks.max()) <= 1
