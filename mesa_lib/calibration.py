@@ -41,7 +41,7 @@ from typing import Any, Literal
 from mesa_lib.detectors import DetectorScore
 
 FORMAT = "mesa-scan-calibration"
-VERSION = 1
+VERSION = 2  # 2: settings keyed by detector (ScanSettings.fingerprint); 1 is still read
 MAD_CONSISTENCY = 1.4826
 ClassScores = Mapping[int, float]
 
@@ -169,8 +169,8 @@ class Calibration:
             raise bad("(top level)", "a JSON object", type(raw).__name__)
         if raw.get("format") != FORMAT:
             raise bad("format", repr(FORMAT), raw.get("format"))
-        if raw.get("version") != VERSION:
-            raise bad("version", str(VERSION), raw.get("version"))
+        if raw.get("version") not in (1, VERSION):
+            raise bad("version", f"1 or {VERSION}", raw.get("version"))
         for key, low, high in (("alpha", 0, 1), ("floor", 0, math.inf)):
             if not _number(raw.get(key)) or not low < raw[key] < high:
                 raise bad(key, f"a number in ({low}, {high})", raw.get(key))
@@ -192,18 +192,53 @@ class Calibration:
         if not isinstance(combined, list) or len(combined) != n or \
                 not all(_number(v) and 0 < v <= 1 for v in combined):
             raise bad("combined_null", f"{n} p-values in (0, 1]", combined)
-        return cls(float(raw["alpha"]), float(raw["floor"]), raw["settings"], centre, scale,
+        settings = raw["settings"] if raw["version"] == VERSION else settings_v1(raw["settings"])
+        return cls(float(raw["alpha"]), float(raw["floor"]), settings, centre, scale,
                    null, tuple(map(float, combined)), raw.get("provenance") or {})
 
     def check_settings(self, settings: Mapping[str, Any], source: str = "calibration") -> None:
         """Refuse scan settings other than those the null was measured with, naming the field."""
-        for key in sorted(set(self.settings) | set(settings)):
-            if self.settings.get(key) != settings.get(key):
+        mine, theirs = _flat(self.settings), _flat(settings)
+        for key in sorted(set(mine) | set(theirs)):
+            if mine.get(key) != theirs.get(key):
                 raise CalibrationError(
-                    f"{source}: field 'settings.{key}' is {self.settings.get(key)!r} in the "
-                    f"calibration but {settings.get(key)!r} in the scan settings; recalibrate "
+                    f"{source}: field 'settings.{key}' is {mine.get(key)!r} in the "
+                    f"calibration but {theirs.get(key)!r} in the scan settings; recalibrate "
                     "(dvc repro zoo/dvc.yaml:calibrate, then release zoo/calibration.json as "
                     "calibration/scanner.json) or scan with the calibrated settings")
+
+
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a.b": leaf} of a nested mapping; a mapping's absence shows as its own key."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def settings_v1(old: Mapping[str, Any]) -> dict[str, Any]:
+    """A version-1 file's settings (flat `mask_*` keys, MESA's always present) in version 2's
+    form (ScanSettings.fingerprint: only the detectors run, keyed by name). The mask search's
+    init_cost and cost_step were constants (1e-3, 1.2) when version 1 was written. Read-only: a
+    re-fitted calibration is written as version 2."""
+    blocks: dict[str, Any] = {}
+    for name in old.get("detectors", []):
+        if name == "mask":
+            blocks["mask"] = {"steps": old["mask_steps"], "batch_size": old["mask_batch_size"],
+                              "lr": old["mask_lr"], "asr_threshold": old["mask_asr"],
+                              "init_cost": 1e-3, "cost_step": 1.2}
+        elif name == "mesa":
+            m = old["mesa"]
+            blocks["mesa"] = {"beta": m["betas"][0], "epochs": m["epochs"],
+                              "batch_size": m["batch_size"], "lr": m["lr"],
+                              "hidden": m["hidden"], "alpha": m["alpha"],
+                              "trigger_noise": m["trigger_noise"],
+                              "eval_images": old["mesa_eval_images"],
+                              "trigger_size": old["trigger_size"]}
+    return {"detectors": blocks, "images": old.get("images"), "seed": old.get("seed")}
 
 
 def _number(v: Any) -> bool:

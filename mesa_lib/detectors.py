@@ -18,23 +18,29 @@ compares each class with the same class in clean models.
   stamped at random places; each class scored by the ASR of its own samples on held-out images
   (mesa_lib.detect.score_classes). Class score: its ASR minus the median class's.
 
-A detector is a `measure` of some classes (the scan service fans chunks of a model's classes out
-over workers) and a `reduce` over all of them; a new one is one function with
-`@register_detector(name, reduce)`.
+A registry entry (`Detector`) is a name, a frozen config dataclass whose defaults are the shipped
+settings, and its functions: `measure` some classes (the scan service fans chunks of a model's
+classes out over workers), `reduce` over all of them, and the `trigger_source` a repair uses
+against the class it flagged. A new detector is one module with one `@register_detector` call;
+params.yaml then takes a block `scan.detectors.<name>` checked against the config's fields
+(tasks/common/plugins.py), and a calibration's fingerprint holds the config as it ran.
 """
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from mesa_lib.detect import DetectConfig, score_classes
+from mesa_lib.distribution import TriggerSampler
 from mesa_lib.masksearch import MaskSearchConfig, mask_search
-from mesa_lib.mesa import MesaConfig
+from mesa_lib.mesa import MesaConfig, fit_mesa
 
 
 @dataclass(frozen=True)
@@ -57,47 +63,38 @@ class DetectorScore:
 
 
 @dataclass(frozen=True)
-class ScanSettings:
-    """Everything the detectors need; its `fingerprint()` ties a calibration to it.
+class MesaDetectorConfig:
+    """The MESA detector: one sub-model per class at one beta, scored by the ASR of its samples.
 
     Attributes:
-        detectors: names of the detectors to run, in order.
-        images: reference images used by each detector (a seeded subset of what is given).
-        mask_steps, mask_batch_size, mask_lr, mask_asr: the mask search (MaskSearchConfig).
-        mesa: the MESA detector's fit (one beta; sub-models = classes).
-        mesa_eval_images: of `images`, held out to measure each class's ASR.
-        trigger_size: side of the MESA detector's square triggers.
-        seed: seed of every draw.
+        beta, epochs, batch_size, lr, alpha, trigger_noise: the fit (mesa_lib.mesa.MesaConfig).
+        hidden: width of the generators and of MINE.
+        eval_images: of the scan's images, held out to measure each class's ASR.
+        trigger_size: side of the square triggers searched.
+        seed: seed of every draw (a scan fills in its own).
     """
 
-    detectors: tuple[str, ...] = ("mask",)
-    images: int = 512
-    mask_steps: int = 200
-    mask_batch_size: int = 8
-    mask_lr: float = 0.1
-    mask_asr: float = 0.9
-    mesa: MesaConfig = field(default_factory=lambda: MesaConfig(betas=(0.8,), epochs=1,
-                                                                batch_size=32, lr=0.002))
-    mesa_eval_images: int = 200
-    trigger_size: int = 3
+    beta: float = field(default=0.8, metadata={"gt": 0, "le": 1})
+    epochs: int = field(default=1, metadata={"ge": 1})
+    batch_size: int = field(default=32, metadata={"ge": 2})
+    lr: float = field(default=0.002, metadata={"gt": 0})
+    hidden: int = field(default=512, metadata={"ge": 1})
+    alpha: float = field(default=0.1, metadata={"ge": 0})
+    trigger_noise: float = field(default=0.1, metadata={"ge": 0})
+    eval_images: int = field(default=200, metadata={"ge": 2})
+    trigger_size: int = field(default=3, metadata={"ge": 1, "le": 16})
     seed: int = 0
 
-    def mask_config(self) -> MaskSearchConfig:
-        """The mask search's settings."""
-        return MaskSearchConfig(steps=self.mask_steps, batch_size=self.mask_batch_size,
-                                lr=self.mask_lr, asr_threshold=self.mask_asr, seed=self.seed)
+    def mesa(self) -> MesaConfig:
+        """The fit's MesaConfig."""
+        return MesaConfig(betas=(self.beta,), epochs=self.epochs, batch_size=self.batch_size,
+                          lr=self.lr, alpha=self.alpha, hidden=self.hidden,
+                          mine_hidden=self.hidden, trigger_noise=self.trigger_noise,
+                          seed=self.seed)
 
-    def fingerprint(self) -> dict[str, object]:
-        """The settings as plain JSON-able values (compared with a calibration's)."""
-        m = self.mesa
-        return {"detectors": list(self.detectors), "images": self.images,
-                "mask_steps": self.mask_steps, "mask_batch_size": self.mask_batch_size,
-                "mask_lr": self.mask_lr, "mask_asr": self.mask_asr,
-                "mesa": {"betas": list(m.betas), "epochs": m.epochs, "batch_size": m.batch_size,
-                         "lr": m.lr, "alpha": m.alpha, "hidden": m.hidden,
-                         "mine_hidden": m.mine_hidden, "trigger_noise": m.trigger_noise},
-                "mesa_eval_images": self.mesa_eval_images, "trigger_size": self.trigger_size,
-                "seed": self.seed}
+    def shape(self, channels: int) -> tuple[int, int, int]:
+        """(C, h, w) of the triggers searched."""
+        return (channels, self.trigger_size, self.trigger_size)
 
 
 Evidence = dict[int, dict[str, float]]
@@ -106,30 +103,93 @@ Evidence = dict[int, dict[str, float]]
 
 @dataclass(frozen=True)
 class Detector:
-    """A detector in two halves, so that the classes of one model can be measured in chunks
-    (in parallel, by the scan service) and reduced once over all of them.
+    """A registered detector.
 
     Attributes:
-        measure: (model, images uint8 (N, C, H, W), labels (N,) or None, classes, number of the
-            model's classes, settings, device) -> (evidence of those classes, trigger samples).
+        name: what params.yaml, verdicts and calibrations call it.
+        config: its frozen config dataclass; the defaults are the shipped settings. A field
+            named `seed` is filled with the scan's seed.
+        measure: (model, images uint8 (N, C, H, W), labels (N,) or None, classes, config,
+            device) -> (evidence of those classes, class -> recovered triggers (k, C, h, w)).
         reduce: evidence of every class -> class scores (the median class scores 0).
+        trigger_source: (model, images, labels, target, config, device) -> what a repair
+            stamps for that target (a TriggerSampler: `sample(n, generator)`).
+        check: (config, scan images) -> a problem with the combination, or None.
     """
 
+    name: str
+    config: type
     measure: Callable[..., tuple[Evidence, dict[int, Tensor]]]
     reduce: Callable[[Evidence], dict[int, float]]
+    trigger_source: Callable[..., TriggerSampler]
+    check: Callable[[Any, int], str | None] = lambda config, images: None
 
 
 DETECTORS: dict[str, Detector] = {}
 
 
-def register_detector(name: str, reduce: Callable[[Evidence], dict[int, float]]):
-    """Decorator registering a `measure` function with its `reduce` as detector `name`."""
+def register_detector(name: str, config: type, reduce: Callable[[Evidence], dict[int, float]],
+                      trigger_source: Callable[..., TriggerSampler],
+                      check: Callable[[Any, int], str | None] | None = None):
+    """Decorator registering a `measure` function as detector `name` with its other parts."""
 
     def add(measure: Callable[..., tuple[Evidence, dict[int, Tensor]]]):
-        DETECTORS[name] = Detector(measure, reduce)
+        DETECTORS[name] = Detector(name, config, measure, reduce, trigger_source,
+                                   check or Detector.check)
         return measure
 
     return add
+
+
+def detector(name: str) -> Detector:
+    """The registered detector `name`; an unknown name is an error listing the known ones."""
+    if name not in DETECTORS:
+        raise ValueError(f"unknown detector {name!r}; known: {sorted(DETECTORS)}")
+    return DETECTORS[name]
+
+
+def with_seed(config: Any, seed: int) -> Any:
+    """`config` with its `seed` field (if it has one) set to `seed`."""
+    names = {f.name for f in fields(config)}
+    return replace(config, seed=seed) if "seed" in names else config
+
+
+def plain(config: Any) -> dict[str, Any]:
+    """A config dataclass as JSON values (tuples as lists), without its seed."""
+    out = json.loads(json.dumps(asdict(config)))
+    out.pop("seed", None)
+    return out
+
+
+@dataclass(frozen=True)
+class ScanSettings:
+    """Everything the detectors need; its `fingerprint()` ties a calibration to it.
+
+    Attributes:
+        detectors: name -> its config, in the order they run.
+        images: reference images used by each detector (a seeded subset of what is given).
+        seed: seed of every draw (each config's `seed` is set to it).
+    """
+
+    detectors: Mapping[str, Any] = field(default_factory=lambda: {"mask": MaskSearchConfig()})
+    images: int = 512
+    seed: int = 0
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The detectors run, in order."""
+        return tuple(self.detectors)
+
+    def config(self, name: str) -> Any:
+        """Detector `name`'s config with the scan's seed."""
+        if name not in self.detectors:
+            raise ValueError(f"detector {name!r} is not in these settings ({self.names})")
+        return with_seed(self.detectors[name], self.seed)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings as plain JSON-able values (compared with a calibration's)."""
+        return {"detectors": {n: plain(c) for n, c in self.detectors.items()},
+                "images": self.images, "seed": self.seed}
 
 
 def centred(evidence: Evidence, key: str, transform: Callable[[Tensor], Tensor]
@@ -149,28 +209,46 @@ def _reduce_mesa(evidence: Evidence) -> dict[int, float]:
     return centred(evidence, "asr", lambda asr: asr)
 
 
-@register_detector("mask", _reduce_mask)
+def _mask_trigger(model: nn.Module, images: Tensor, labels: Tensor | None, target: int,
+                  config: MaskSearchConfig, device: torch.device) -> TriggerSampler:
+    """The target's smallest successful mask and pattern (Neural Cleanse's unlearning trigger)."""
+    return mask_search(model, images, (target,), config, device).trigger(target)
+
+
+def _mesa_triggers(model: nn.Module, images: Tensor, labels: Tensor | None, target: int,
+                   config: MesaDetectorConfig, device: torch.device) -> TriggerSampler:
+    """MESA's distribution of the target's triggers (Sec. 4.3)."""
+    return fit_mesa(model, images, target, config.shape(images.shape[1]), config.mesa(), device)
+
+
+def _mesa_check(config: MesaDetectorConfig, images: int) -> str | None:
+    if 2 * config.eval_images > images:
+        return (f"eval_images: expected <= scan.images / 2 ({images // 2}), "
+                f"got {config.eval_images}")
+    return None
+
+
+@register_detector("mask", MaskSearchConfig, _reduce_mask, _mask_trigger)
 def measure_mask(model: nn.Module, images: Tensor, labels: Tensor | None,
-                 classes: tuple[int, ...], n_classes: int, settings: ScanSettings,
+                 classes: tuple[int, ...], config: MaskSearchConfig,
                  device: torch.device) -> tuple[Evidence, dict[int, Tensor]]:
     """The mask search for `classes`: each one's smallest successful |m|_1 and its ASR."""
-    res = mask_search(model, images, classes, settings.mask_config(), device)
+    res = mask_search(model, images, classes, config, device)
     evidence = {c: {"mask_l1": float(res.l1[i]), "mask_asr": float(res.asr[i])}
                 for i, c in enumerate(res.classes)}
     return evidence, {c: (res.masks[i] * res.patterns[i])[None]
                       for i, c in enumerate(res.classes)}
 
 
-@register_detector("mesa", _reduce_mesa)
+@register_detector("mesa", MesaDetectorConfig, _reduce_mesa, _mesa_triggers, _mesa_check)
 def measure_mesa(model: nn.Module, images: Tensor, labels: Tensor | None,
-                 classes: tuple[int, ...], n_classes: int, settings: ScanSettings,
+                 classes: tuple[int, ...], config: MesaDetectorConfig,
                  device: torch.device) -> tuple[Evidence, dict[int, Tensor]]:
     """MESA with one sub-model per class of `classes`: the ASR of each class's own samples."""
-    config = DetectConfig(mesa=settings.mesa, candidates=classes,
-                          eval_images=settings.mesa_eval_images, seed=settings.seed)
-    shape = (images.shape[1], settings.trigger_size, settings.trigger_size)
-    _, scores = score_classes(model, images, labels, classes, shape, config, device,
-                              keep_samples=8)
+    detect = DetectConfig(mesa=config.mesa(), candidates=classes,
+                          eval_images=config.eval_images, seed=config.seed)
+    _, scores = score_classes(model, images, labels, classes, config.shape(images.shape[1]),
+                              detect, device, keep_samples=8)
     return {c: scores[c].record() for c in classes}, {c: scores[c].samples for c in classes}
 
 
@@ -184,24 +262,29 @@ def reference_subset(images: Tensor, labels: Tensor | None, settings: ScanSettin
 
 
 def measure(name: str, model: nn.Module, images: Tensor, labels: Tensor | None,
-            classes: tuple[int, ...], n_classes: int, settings: ScanSettings,
-            device: torch.device) -> tuple[Evidence, dict[int, Tensor], float]:
+            classes: tuple[int, ...], settings: ScanSettings, device: torch.device
+            ) -> tuple[Evidence, dict[int, Tensor], float]:
     """One detector's evidence on a chunk of classes: (evidence, samples, seconds)."""
-    if name not in DETECTORS:
-        raise ValueError(f"unknown detector {name!r}; known: {sorted(DETECTORS)}")
+    entry = detector(name)
     start = time.perf_counter()
     x, y = reference_subset(images, labels, settings)
-    evidence, samples = DETECTORS[name].measure(model, x, y, tuple(classes), n_classes,
-                                                settings, device)
+    evidence, samples = entry.measure(model, x, y, tuple(classes), settings.config(name), device)
     return evidence, samples, time.perf_counter() - start
 
 
 def reduce(name: str, evidence: Evidence, samples: dict[int, Tensor] | None = None,
            seconds: float = 0.0) -> DetectorScore:
     """One detector's class scores from the evidence of every class of the model."""
-    scores = DETECTORS[name].reduce(evidence)
+    scores = detector(name).reduce(evidence)
     per_class = {c: {"score": scores[c], **evidence[c]} for c in sorted(evidence)}
     return DetectorScore(name, scores, per_class, seconds, samples or {})
+
+
+def trigger_source(name: str, model: nn.Module, images: Tensor, labels: Tensor | None,
+                   target: int, settings: ScanSettings, device: torch.device) -> TriggerSampler:
+    """What a repair stamps against `target`, as detector `name` recovers it."""
+    return detector(name).trigger_source(model, images, labels, target, settings.config(name),
+                                         device)
 
 
 def run_detectors(model: nn.Module, images: Tensor, labels: Tensor | None, n_classes: int,
@@ -216,8 +299,8 @@ def run_detectors(model: nn.Module, images: Tensor, labels: Tensor | None, n_cla
     """
     classes = tuple(range(n_classes))
     out = {}
-    for name in settings.detectors:
-        evidence, samples, seconds = measure(name, model, images, labels, classes, n_classes,
-                                             settings, device)
+    for name in settings.names:
+        evidence, samples, seconds = measure(name, model, images, labels, classes, settings,
+                                             device)
         out[name] = reduce(name, evidence, samples, seconds)
     return out

@@ -20,7 +20,7 @@ batch, and its attack success is then measured on all the images.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -45,12 +45,12 @@ class MaskSearchConfig:
         seed: seed of the initial masks and the batches.
     """
 
-    steps: int = 200
-    batch_size: int = 8
-    lr: float = 0.1
-    asr_threshold: float = 0.9
-    init_cost: float = 1e-3
-    cost_step: float = 1.2
+    steps: int = field(default=200, metadata={"ge": 1})
+    batch_size: int = field(default=8, metadata={"ge": 1})
+    lr: float = field(default=0.1, metadata={"gt": 0})
+    asr_threshold: float = field(default=0.9, metadata={"gt": 0, "le": 1})
+    init_cost: float = field(default=1e-3, metadata={"gt": 0})
+    cost_step: float = field(default=1.2, metadata={"gt": 1})
     seed: int = 0
 
 

@@ -38,8 +38,8 @@ TINY_OVERRIDES: dict[str, Any] = {
     "baseline.n_images": 0, "baseline.repair_epochs": 1,
     "repair.epochs": 1, "repair.batch_size": 16,
     "evaluate.variants": 2,
-    "scan.epochs": 1, "scan.images": 40, "scan.eval_images": 20, "scan.hidden": 16,
-    "scan.mask_steps": 8, "scan.mask_batch_size": 8, "scan.calibration": "calibration.json",
+    "scan.images": 40, "scan.detectors.mask.steps": 8, "scan.detectors.mask.batch_size": 8,
+    "scan.calibration": "calibration.json",
 }
 # Tests of plumbing (flows, tags, claims) calibrate on a stated null: five clean "models" whose
 # class scores are drawn uniformly in +-0.3 (the spread of the clean fixture's mask scores), at
@@ -63,7 +63,7 @@ def write_plumbing_calibration(params_path: Path, target: Path, classes: int = 1
     from tasks.common.params import load_params
 
     settings = scan_settings(load_params(params_path))
-    fitted = fit(plumbing_null(classes, settings.detectors), PLUMBING_ALPHA, PLUMBING_FLOOR,
+    fitted = fit(plumbing_null(classes, settings.names), PLUMBING_ALPHA, PLUMBING_FLOOR,
                  settings.fingerprint(), {"zoo": "plumbing test (stated null)"})
     target.write_text(json.dumps(fitted.to_dict()))
     return target

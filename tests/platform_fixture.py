@@ -23,11 +23,9 @@ from pipeline_fixture import ROOT, write_scan_params
 MODELS = Path(__file__).parent / "fixtures" / "scan_models"
 SCRIPT = ROOT / "scripts" / "scan_services.sh"
 # Detection settings that find the tiny backdoor (as tests/test_scan.py TUNED).
-TUNED = {"scan.images": 1024, "scan.eval_images": 512, "scan.mask_steps": 200,
-         "scan.mask_batch_size": 16, "scan.epochs": 5, "scan.lr": 0.003, "scan.batch_size": 64,
-         "scan.hidden": 128, "repair.epochs": 1, "repair.batch_size": 64}
-FAST = {"scan.images": 64, "scan.eval_images": 32, "scan.mask_steps": 4,
-        "scan.mask_batch_size": 8, "scan.epochs": 1, "scan.batch_size": 16, "scan.hidden": 16}
+TUNED = {"scan.images": 1024, "scan.detectors.mask.steps": 200,
+         "scan.detectors.mask.batch_size": 16, "repair.epochs": 1, "repair.batch_size": 64}
+FAST = {"scan.images": 64, "scan.detectors.mask.steps": 4, "scan.detectors.mask.batch_size": 8}
 
 
 def free_port() -> int:

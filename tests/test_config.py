@@ -56,8 +56,14 @@ def test_paper_profile_loads() -> None:
     ({"recover.betas": [0.9, 1.5]}, "recover.betas.1: Input should be less than or equal to 1"),
     ({"poison.target": 10}, "poison.target: expected int < 10 (cifar10), got 10"),
     ({"poison.trigger_size": 4}, "poison.trigger_size: demo is a 3x3 pattern, got 4"),
-    ({"scan.eval_images": 1500}, "scan.eval_images: expected <= scan.images / 2"),
-    ({"scan.detectors": ["mask", "abs"]}, "scan.detectors.1: Input should be 'mask' or"),
+    ({"scan.detectors": {"mesa": {"eval_images": 1500}}},
+     "scan.detectors.mesa.eval_images: expected <= scan.images / 2"),
+    ({"scan.detectors": {"mask": {}, "abs": {}}}, "scan.detectors.abs: unknown detector"),
+    ({"scan.detectors.mask.steps": 0},
+     "scan.detectors.mask.steps: Input should be greater than or equal to 1, got 0"),
+    ({"scan.detectors.mask.step": 5}, "scan.detectors.mask.step: unknown key"),
+    ({"scan.detectors.mask.lr": "0.1"}, "scan.detectors.mask.lr: Input should be a valid number"),
+    ({"scan.detectors": {}}, "scan.detectors: Dictionary should have at least 1 item"),
 ])
 def test_bad_values_name_the_key(overrides: dict, message: str) -> None:
     assert message in _error(overrides)

@@ -20,9 +20,8 @@ from tasks.common.params import apply_overrides
 from tasks.scan.cli import EXIT, main, model_stems
 
 MODELS = Path(__file__).parent / "fixtures" / "scan_models"
-SCAN = {"scan.images": 1024, "scan.eval_images": 512, "scan.mask_steps": 200,
-        "scan.mask_batch_size": 16, "scan.epochs": 5, "scan.lr": 0.003, "scan.batch_size": 64,
-        "scan.hidden": 128, "base.device": "cpu"}
+SCAN = {"scan.images": 1024, "scan.detectors.mask.steps": 200,
+        "scan.detectors.mask.batch_size": 16, "base.device": "cpu"}
 
 
 @pytest.fixture(scope="module")

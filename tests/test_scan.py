@@ -25,6 +25,7 @@ from prefect.testing.utilities import prefect_test_harness
 from safetensors.torch import load_file, save_file
 
 from flows import scan as scan_flows
+from mesa_lib.detectors import MesaDetectorConfig
 from mesa_lib.modelio import Manifest, load_model, save_model
 from mesa_lib.models import build_model
 from tasks.common import tracking
@@ -40,12 +41,10 @@ from tasks.scan.reference import chunks
 MODELS = Path(__file__).parent / "fixtures" / "scan_models"
 CPU = torch.device("cpu")
 # Detection settings that find the tiny backdoor (seconds per model on 2 cores).
-TUNED = {"scan.images": 1024, "scan.eval_images": 512, "scan.mask_steps": 200,
-         "scan.mask_batch_size": 16, "scan.epochs": 5, "scan.lr": 0.003, "scan.batch_size": 64,
-         "scan.hidden": 128, "repair.epochs": 1, "repair.batch_size": 64}
+TUNED = {"scan.images": 1024, "scan.detectors.mask.steps": 200,
+         "scan.detectors.mask.batch_size": 16, "repair.epochs": 1, "repair.batch_size": 64}
 # Where the verdict does not matter: the cheapest scan.
-FAST = {"scan.images": 64, "scan.eval_images": 32, "scan.mask_steps": 4,
-        "scan.mask_batch_size": 8, "scan.epochs": 1, "scan.batch_size": 16, "scan.hidden": 16}
+FAST = {"scan.images": 64, "scan.detectors.mask.steps": 4, "scan.detectors.mask.batch_size": 8}
 @pytest.fixture(scope="module", autouse=True)
 def harness():
     """One temporary Prefect API for the flow tests of this module."""
@@ -171,14 +170,16 @@ def test_a_chunk_measured_twice_gives_the_same_evidence_and_chunks_cover_the_mod
         project: Path) -> None:
     """A retried chunk task is deterministic; chunks merge into one score per detector."""
     params = load_params(project / "params.yaml")
-    settings = replace(scan_settings(params), detectors=("mask", "mesa"))
+    base = scan_settings(params)
+    mesa = MesaDetectorConfig(epochs=1, batch_size=16, hidden=16, eval_images=32)
+    settings = replace(base, detectors={**base.detectors, "mesa": mesa})
     model, _ = load_model(MODELS / "backdoored")
     x, y = synthetic_data(128, 1)
-    first, again = (measure_chunk(model, x, y, (3, 4, 5), 6, settings, CPU, keep=2)
+    first, again = (measure_chunk(model, x, y, (3, 4, 5), settings, CPU, keep=2)
                     for _ in range(2))
     assert first.evidence == again.evidence and set(first.evidence) == {"mask", "mesa"}
     assert len(first.samples["mesa"][3]) == 2
-    parts = [measure_chunk(model, x, y, part, 6, settings, CPU) for part in chunks(6, 2)]
+    parts = [measure_chunk(model, x, y, part, settings, CPU) for part in chunks(6, 2)]
     merged = merge(parts)
     assert set(merged) == {"mask", "mesa"}
     assert sorted(merged["mask"].per_class) == list(range(6))
@@ -193,8 +194,8 @@ def test_two_chunk_scan_names_the_same_target_as_one_chunk(project: Path) -> Non
                                                             scan_settings(params))
     model, _ = load_model(MODELS / "backdoored")
     x, y = synthetic_data(1024, 1)
-    whole = verdict_of([measure_chunk(model, x, y, tuple(range(6)), 6, settings, CPU)], cal)
-    split = verdict_of([measure_chunk(model, x, y, part, 6, settings, CPU)
+    whole = verdict_of([measure_chunk(model, x, y, tuple(range(6)), settings, CPU)], cal)
+    split = verdict_of([measure_chunk(model, x, y, part, settings, CPU)
                         for part in chunks(6, 2)], cal)
     assert (whole.status, whole.target) == (split.status, split.target) == ("backdoored", TARGET)
 

@@ -12,15 +12,15 @@ import pytest
 from backdoor_fixture import CPU, build_lab
 
 from mesa_lib import calibration as cal
-from mesa_lib.detectors import ScanSettings, run_detectors
-from mesa_lib.mesa import MesaConfig
+from mesa_lib.detectors import MesaDetectorConfig, ScanSettings, run_detectors
+from mesa_lib.masksearch import MaskSearchConfig
 from mesa_lib.triggers import build_trigger
 from tasks.scan.core import load_calibration
 
-SETTINGS = ScanSettings(detectors=("mask", "mesa"), images=256, mask_steps=200,
-                        mask_batch_size=8,
-                        mesa=MesaConfig(betas=(0.8,), epochs=2, batch_size=32, lr=0.003,
-                                        hidden=64, mine_hidden=64), mesa_eval_images=100)
+SETTINGS = ScanSettings(detectors={
+    "mask": MaskSearchConfig(steps=200, batch_size=8),
+    "mesa": MesaDetectorConfig(beta=0.8, epochs=2, batch_size=32, lr=0.003, hidden=64,
+                               eval_images=100)}, images=256)
 # Five clean calibration models allow p-values down to 1/6. A clean model is flagged with
 # probability at most alpha (conformal): a fixed clean model (seed 24) checks the plumbing of the
 # clean case, tests/test_scanner.py::test_conformal_p_values_bound_the_false_alarm_rate the rate.
@@ -112,7 +112,7 @@ def test_an_easy_class_of_clean_models_is_not_a_backdoor(calibration) -> None:
     (lambda d: d.pop("alpha"), "field 'alpha' must be a number in (0, 1)"),
     (lambda d: d.update(alpha=1.5), "field 'alpha' must be a number in (0, 1), got 1.5"),
     (lambda d: d.update(format="other"), "field 'format' must be 'mesa-scan-calibration'"),
-    (lambda d: d.update(version=2), "field 'version' must be 1, got 2"),
+    (lambda d: d.update(version=3), "field 'version' must be 1 or 2, got 3"),
     (lambda d: d["null"].update(mask=[1.0]), "field 'null.mask' must be 5 values"),
     (lambda d: d["centre"].update(mask=[0.0]), "field 'centre.mask' must be 10 values"),
     (lambda d: d["scale"].pop("mesa"), "field 'scale' must be an object of detector"),

@@ -10,10 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 from mesa_lib.baselines import PointConfig
-from mesa_lib.detectors import ScanSettings
+from mesa_lib.detectors import ScanSettings, detector
 from mesa_lib.mesa import MesaConfig
 from mesa_lib.repair import RepairConfig
 from mesa_lib.train import TrainConfig
+from tasks.common import plugins
 from tasks.common.params import Params
 
 
@@ -62,9 +63,6 @@ def trigger_shape(side: int, channels: int = 3) -> tuple[int, int, int]:
 def scan_settings(params: Params) -> ScanSettings:
     """ScanSettings from the `scan` group (what a calibration file is checked against)."""
     s = params.scan
-    mesa = MesaConfig(betas=(s.beta,), epochs=s.epochs, batch_size=s.batch_size, lr=s.lr,
-                      hidden=s.hidden, mine_hidden=s.hidden, seed=params.base.seed)
-    return ScanSettings(detectors=s.detectors, images=s.images, mask_steps=s.mask_steps,
-                        mask_batch_size=s.mask_batch_size, mask_lr=s.mask_lr,
-                        mask_asr=s.mask_asr, mesa=mesa, mesa_eval_images=s.eval_images,
-                        trigger_size=s.trigger_size, seed=params.base.seed)
+    configs = {name: plugins.build(detector(name).config, block)
+               for name, block in s.detectors.items()}
+    return ScanSettings(detectors=configs, images=s.images, seed=params.base.seed)

@@ -8,8 +8,9 @@ for its params deps, so `dvc exp run -S recover.alpha=0.2` and `dvc params diff`
 the stages use. The JSON schema of the file is `docs/params.schema.json`
 (`python -m tasks.common.params schema`).
 
-Reading params needs no torch: the model and trigger names are mirrored here (a test keeps them
-equal to the registries in mesa_lib).
+The model and trigger names are mirrored here (a test keeps them equal to the registries in
+mesa_lib); the detectors' blocks are checked against the configs they registered
+(tasks.common.plugins), which imports torch.
 """
 
 from __future__ import annotations
@@ -23,8 +24,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
+from mesa_lib import detectors
+from tasks.common import plugins
 from tasks.common.settings import (  # noqa: F401 - re-exported: the params API in one place
     MODEL_NAMES,
+    OVERLAY_KEY,
     BatchSize,
     Betas,
     ConfigError,
@@ -36,6 +40,9 @@ from tasks.common.settings import (  # noqa: F401 - re-exported: the params API 
     Strings,
     as_tuple,
     describe_error,
+    leaves,
+    overlay_base,
+    read_params_file,
     read_yaml,
 )
 
@@ -155,20 +162,10 @@ class ScanParams(Group):
     calibration: str = Field(description="the calibration file verdicts are made with")
     alpha: Probability = Field(description="false-alarm rate a new calibration is fitted for")
     floor: Positive = Field(description="smallest scale of a class's clean scores (calibration)")
-    detectors: Annotated[tuple[Literal["mask", "mesa"], ...], BeforeValidator(as_tuple),
-                         Field(min_length=1)] = Field(description="detectors run on each model")
+    detectors: dict[str, dict[str, Any]] = Field(
+        min_length=1, description="detector -> its settings (mesa_lib.detectors registry; keys "
+                                  "left out take the detector's defaults), run in this order")
     images: int = Field(ge=16, description="reference images each detector uses")
-    mask_steps: Count = Field(description="mask search: optimisation steps (every class in each)")
-    mask_batch_size: BatchSize = Field(description="mask search: images per step and class")
-    mask_lr: Positive
-    mask_asr: Probability = Field(description="mask search: a mask succeeds at this ASR")
-    epochs: Count = Field(description="MESA detector: passes over the images")
-    batch_size: BatchSize = Field(description="MESA detector: images per step")
-    lr: Positive
-    beta: float = Field(gt=0, le=1)
-    hidden: Count = Field(description="MESA detector: generator and MINE width")
-    eval_images: int = Field(ge=2, description="MESA detector: images held out for each ASR")
-    trigger_size: int = Field(ge=1, le=16, description="MESA detector: trigger side")
     interval_s: int = Field(ge=0, description="deployment: seconds between runs; 0 = use cron")
     cron: str = Field(description="deployment: cron schedule, used when interval_s is 0")
     drop_folder: str = Field(description="watched folder of <stem>.safetensors + .json")
@@ -185,6 +182,10 @@ class ScanParams(Group):
     grid_samples: int = Field(ge=1, le=64, description="trigger samples per class in the grid")
     claim_timeout_s: Count = Field(description="a claim older than this is stale")
     settle_s: int = Field(ge=0, description="drop files changed more recently wait a run")
+
+
+    def __hash__(self) -> int:  # the detector blocks are dicts: hash the settings as JSON
+        return hash(self.model_dump_json())
 
 
 class PlatformParams(Group):
@@ -239,9 +240,11 @@ class Params(Group):
         if self.recover.n_images and self.recover.n_images < self.recover.batch_size:
             errors.append(f"recover.n_images: expected 0 or >= recover.batch_size "
                           f"({self.recover.batch_size}), got {self.recover.n_images}")
-        if 2 * self.scan.eval_images > self.scan.images:
-            errors.append(f"scan.eval_images: expected <= scan.images / 2 "
-                          f"({self.scan.images // 2}), got {self.scan.eval_images}")
+        for name, block in self.scan.detectors.items():
+            entry = detectors.detector(name)
+            problem = entry.check(plugins.build(entry.config, block), self.scan.images)
+            if problem:
+                errors.append(f"scan.detectors.{name}.{problem}")
         if self.scan.images > self.data.n_defender:
             errors.append(f"scan.images: expected <= data.n_defender ({self.data.n_defender}),"
                           f" got {self.scan.images}")
@@ -270,25 +273,50 @@ class Params(Group):
 # --------------------------------------------------------------------------- loading
 
 
+def check_detectors(raw: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """`raw` with each `scan.detectors` block checked against its detector's config (defaults
+    filled in), and the problems found, each naming its key."""
+    scan = raw.get("scan")
+    blocks = scan.get("detectors") if isinstance(scan, Mapping) else None
+    if not isinstance(blocks, Mapping):
+        return dict(raw), []  # the model's own check names the missing or mistyped key
+    checked, errors = {}, []
+    for name, block in blocks.items():
+        if name not in detectors.DETECTORS:
+            errors.append(f"scan.detectors.{name}: unknown detector; known: "
+                          f"{sorted(detectors.DETECTORS)}")
+            continue
+        checked[name], problems = plugins.check_block(detectors.DETECTORS[name].config, block,
+                                                      f"scan.detectors.{name}")
+        errors += problems
+    return {**raw, "scan": {**scan, "detectors": checked}}, errors
+
+
 def params_from_dict(raw: Any) -> Params:
     """Validate a decoded params mapping; every problem found is named in one ConfigError."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"params: expected a mapping of groups, got {type(raw).__name__}")
-    try:
-        return Params.model_validate(raw)
-    except ValidationError as err:
-        lines = [describe_error(e) for e in err.errors(include_url=False)]
-        raise ConfigError("invalid params:\n" + "\n".join(lines)) from None
+    raw, lines = check_detectors(raw)
+    if not lines:
+        try:
+            return Params.model_validate(raw)
+        except ValidationError as err:
+            lines = [describe_error(e) for e in err.errors(include_url=False)]
+    raise ConfigError("invalid params:\n" + "\n".join(lines))
 
 
 def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """Copy of `raw` with dotted keys replaced, e.g. {"train.epochs": 1} (used by tests)."""
+    """Copy of `raw` with dotted keys replaced, e.g. {"train.epochs": 1} or
+    {"scan.detectors.mask.steps": 4}; every level but the last must exist (used by tests)."""
     out = json.loads(json.dumps(raw))
     for dotted, value in overrides.items():
-        group, _, key = dotted.partition(".")
-        if not key or not isinstance(out.get(group), dict):
-            raise ConfigError(f"{dotted}: override must name group.key of an existing group")
-        out[group][key] = value
+        *path, key = dotted.split(".")
+        node = out
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not path or not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: override must name a key inside an existing group")
+        node[key] = value
     return out
 
 
@@ -296,7 +324,7 @@ def load_params(
     path: Path | str = PARAMS_FILE, overrides: Mapping[str, Any] | None = None
 ) -> Params:
     """Read and validate params.yaml (plus optional dotted overrides)."""
-    raw = read_yaml(path)
+    raw = read_params_file(path)
     if overrides:
         raw = apply_overrides(raw or {}, overrides)
     try:
@@ -336,14 +364,25 @@ def _hydra_value(value: Any) -> str:
     return str(value)
 
 
-def set_args(profile: Path | str, base: Path | str = PARAMS_FILE) -> list[str]:
-    """`-S key=value` arguments that turn `base` into `profile` (both validated first)."""
-    new, old = load_params(profile).to_dict(), load_params(base).to_dict()
+def set_args(profile: Path | str, base: Path | str | None = None) -> list[str]:
+    """`-S key=value` arguments that turn `base` into `profile`.
+
+    `base` defaults to the file the profile is an overlay of. Profiles of params.yaml are
+    validated first; for another base (reproduce/params-gpu.yaml over reproduce/params.yaml)
+    each argument names that file, as `dvc exp run -S FILE:key=value` expects.
+    """
+    base = Path(base) if base is not None else overlay_base(profile)
+    if base is None:
+        raise ConfigError(f"{profile}: not an overlay (no {OVERLAY_KEY!r} key); name its base")
+    ours = base.resolve() == PARAMS_FILE.resolve()
+    if ours:
+        load_params(profile)
+    new, old = leaves(read_params_file(profile)), leaves(read_params_file(base))
+    prefix = "" if ours else f"{base}:"
     args = []
-    for group, values in new.items():
-        for key, value in values.items():
-            if old[group][key] != value:
-                args += ["-S", f"{group}.{key}={_hydra_value(value)}"]
+    for key, value in new.items():
+        if old.get(key) != value:
+            args += ["-S", f"{prefix}{key}={_hydra_value(value)}"]
     return args
 
 
@@ -356,7 +395,7 @@ def _cli(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("check", help="validate a params file").add_argument(
         "file", nargs="?", default=str(PARAMS_FILE))
-    sub.add_parser("set-args", help="print `-S k=v` turning params.yaml into a profile"
+    sub.add_parser("set-args", help="print `-S k=v` turning a profile's base into it"
                    ).add_argument("profile")
     sub.add_parser("describe", help="print every key as a Markdown table")
     sub.add_parser("schema", help="print the JSON schema of params.yaml")

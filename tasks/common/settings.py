@@ -65,3 +65,55 @@ def read_yaml(path: Path | str) -> Any:
         raise ConfigError(f"{path}: params file not found") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from None
+
+
+# --------------------------------------------------------------------------- overlays
+
+OVERLAY_KEY = "overlay_of"
+
+
+def merged(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` with `overlay`'s keys: mappings merged key by key, anything else replaced."""
+    out = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def overlay_base(path: Path | str) -> Path | None:
+    """The file an overlay names in `overlay_of` (relative to the overlay's folder), or None."""
+    raw = read_yaml(path)
+    if not isinstance(raw, Mapping) or OVERLAY_KEY not in raw:
+        return None
+    return Path(path).parent / str(raw[OVERLAY_KEY])
+
+
+def read_params_file(path: Path | str, _seen: tuple[Path, ...] = ()) -> Any:
+    """A params file, an overlay merged onto its base first.
+
+    A variant of a params file (params-paper.yaml, reproduce/params-gpu.yaml) holds only what
+    differs, under `overlay_of: <base file>`, so a key added to the base is written once.
+    """
+    path = Path(path)
+    raw = read_yaml(path)
+    if not isinstance(raw, Mapping) or OVERLAY_KEY not in raw:
+        return raw
+    base = overlay_base(path)
+    if base.resolve() in _seen or base.resolve() == path.resolve():
+        raise ConfigError(f"{path}: {OVERLAY_KEY} {raw[OVERLAY_KEY]!r} makes a cycle")
+    changes = {k: v for k, v in raw.items() if k != OVERLAY_KEY}
+    return merged(read_params_file(base, (*_seen, path.resolve())) or {}, changes)
+
+
+def leaves(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"group.key.sub": value} of every non-mapping value of a nested mapping."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            out |= leaves(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

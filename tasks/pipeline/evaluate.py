@@ -71,8 +71,8 @@ def _scan(params: Params, device: torch.device, data: dict[str, Any]) -> dict[st
     for label, artifact in MODELS.items():
         stem = catalog.path(artifact)
         model, _ = load_model(stem, map_location=device)
-        chunk = measure_chunk(model, images, labels, tuple(range(n_classes)), n_classes,
-                              settings, device, keep=0)
+        chunk = measure_chunk(model, images, labels, tuple(range(n_classes)), settings, device,
+                              keep=0)
         v = verdict_of([chunk], calibration)
         out[label] = {"status": v.status, "target": v.target, "confidence": v.confidence,
                       "p_value": v.p_value, "detector": v.detector, "reason": v.reason,

@@ -26,7 +26,7 @@ from tasks.common.settings import (
     Probability,
     as_tuple,
     describe_error,
-    read_yaml,
+    read_params_file,
 )
 
 PARAMS_FILE = Path("reproduce/params.yaml")
@@ -196,7 +196,7 @@ class ReproParams(Group):
 
 def load_repro_params(path: Path | str = PARAMS_FILE) -> ReproParams:
     """Read and validate reproduce/params.yaml; a bad key is named with its value."""
-    raw = read_yaml(path)
+    raw = read_params_file(path)
     try:
         return ReproParams.model_validate(raw)
     except ValidationError as err:

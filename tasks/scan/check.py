@@ -10,7 +10,8 @@ count and input shape against the defender's reference data, and one finite forw
 verdict with a reason, recorded like any other (tasks.scan.record). `scan_chunk` runs every
 detector on one chunk of classes (tasks.scan.core.measure_chunk) so that the classes of a model
 fan out over the task runner; `repair_model` repairs a backdoored model against the triggers of
-the detector that fired (MESA's distribution, Sec. 4.3, or Neural Cleanse's mask) and re-scans.
+the detector that fired (its registered `trigger_source`: MESA's distribution, Sec. 4.3, or
+Neural Cleanse's mask) and re-scans.
 
 Tasks pass paths and small records (Candidate, Checked, ChunkResult), never tensors or modules.
 """
@@ -29,8 +30,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 
 from mesa_lib.data import DataError
-from mesa_lib.masksearch import mask_search
-from mesa_lib.mesa import fit_mesa
+from mesa_lib.detectors import trigger_source
 from mesa_lib.modelio import ModelFileError, load_model, save_model
 from mesa_lib.repair import repair
 from mesa_lib.seed import resolve_device
@@ -194,22 +194,11 @@ def fit_chunk(checked: Checked, classes: tuple[int, ...], params: Params) -> Chu
     start, device = time.perf_counter(), resolve_device(params.base.device)
     model, _ = load_model(checked.stem, map_location=device)
     images, labels = _batch(params, checked)
-    result = measure_chunk(model, images, labels, tuple(classes), checked.n_classes,
-                           scan_settings(params), device, params.scan.grid_samples)
+    result = measure_chunk(model, images, labels, tuple(classes), scan_settings(params), device,
+                           params.scan.grid_samples)
     logger().info("%s: classes %s measured in %.1f s", checked.candidate.label,
                   list(classes), time.perf_counter() - start)
     return result
-
-
-def _trigger_source(model: torch.nn.Module, images: torch.Tensor, target: int, detector: str,
-                    n_classes: int, params: Params, device: torch.device) -> object:
-    """What to repair against: MESA's distribution of the target, or NC's mask for it."""
-    settings = scan_settings(params)
-    if detector == "mask":
-        found = mask_search(model, images, (target,), settings.mask_config(), device)
-        return found.trigger(target)
-    shape = (images.shape[1], settings.trigger_size, settings.trigger_size)
-    return fit_mesa(model, images, target, shape, settings.mesa, device)
 
 
 def repair_model(checked: Checked, target: int, detector: str, params: Params,
@@ -226,7 +215,8 @@ def repair_model(checked: Checked, target: int, detector: str, params: Params,
                          checked.candidate.label)
         return None
     model, manifest = load_model(checked.stem, map_location=device)
-    source = _trigger_source(model, images, target, detector, checked.n_classes, params, device)
+    source = trigger_source(detector, model, images, labels, target, scan_settings(params),
+                            device)
     repair(model, images, labels, source, repair_config(params), device)
     out = work_dir(params, checked.candidate.key) / "repaired"
     extra = {**manifest.extra, "repair": f"{detector} triggers", **lineage}

@@ -100,8 +100,8 @@ def scan_one(stem: Path, ref: Reference, params: Params, calibration: Any,
     checked = time.perf_counter()
     images, labels = reference_batch(ref, params.scan.images, params.base.seed)
     n = manifest.num_classes
-    chunk = measure_chunk(model, images, labels, tuple(range(n)), n, scan_settings(params),
-                          device, keep=0)
+    chunk = measure_chunk(model, images, labels, tuple(range(n)), scan_settings(params), device,
+                          keep=0)
     verdict = verdict_of([chunk], calibration)
     seconds = {"check": checked - start, **chunk.seconds, "total": time.perf_counter() - start}
     return record(str(stem), verdict, seconds=seconds, architecture=manifest.architecture)

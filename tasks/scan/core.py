@@ -97,13 +97,12 @@ class ChunkResult:
 
 
 def measure_chunk(model: nn.Module, images: Tensor, labels: Tensor | None,
-                  classes: tuple[int, ...], n_classes: int, settings: ScanSettings,
-                  device: torch.device, keep: int = 8) -> ChunkResult:
+                  classes: tuple[int, ...], settings: ScanSettings, device: torch.device,
+                  keep: int = 8) -> ChunkResult:
     """Run every detector of `settings` on `classes` (all of them: one chunk per model)."""
     evidence, samples, seconds = {}, {}, {}
-    for name in settings.detectors:
-        ev, smp, sec = measure(name, model, images, labels, tuple(classes), n_classes,
-                               settings, device)
+    for name in settings.names:
+        ev, smp, sec = measure(name, model, images, labels, tuple(classes), settings, device)
         evidence[name], seconds[name] = ev, sec
         samples[name] = {c: s[:keep].cpu().tolist() for c, s in smp.items()}
     return ChunkResult(tuple(classes), evidence, samples, seconds)

@@ -2,16 +2,17 @@
 
     python -m tasks.zoo.selection zoo/scans/calibration_zoo_mask_mesa.json
 
-Reads a calibration-zoo scan that ran every candidate detector (`calibrate` with
-`scan.detectors: [mask, mesa]`, kept as zoo/scans/calibration_zoo_mask_mesa.json) and, for each
-detector set and floor, fits the calibration on the clean models and counts the clean models
-flagged leave-one-out and the working backdoors flagged at alpha. Writes
+Reads a calibration-zoo scan that ran every candidate detector (`calibrate` with both `mask`
+and `mesa` in `scan.detectors`, kept as zoo/scans/calibration_zoo_mask_mesa.json) and, for each
+set of the detectors it ran and each floor, fits the calibration on the clean models and counts
+the clean models flagged leave-one-out and the working backdoors flagged at alpha. Writes
 benchmarks/results/zoo_selection.md. The test zoo is never read.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 from pathlib import Path
 
 from mesa_lib import calibration as cal
@@ -19,9 +20,14 @@ from tasks.common.io import read_json
 from tasks.zoo.build import truth_path
 
 RESULTS = Path("benchmarks/results/zoo_selection.md")
-CANDIDATES = (("mask",), ("mesa",), ("mask", "mesa"))
 FLOORS = (0.05, 0.1, 0.2, 0.3)
 ALPHA = 0.05
+
+
+def candidates(scans: dict) -> list[tuple[str, ...]]:
+    """Every non-empty set of the detectors the scan ran, singles first, in the scan's order."""
+    ran = list(next(iter(scans.values()))["detectors"])
+    return [c for k in range(1, len(ran) + 1) for c in itertools.combinations(ran, k)]
 
 
 def _scores(record: dict, detectors: tuple[str, ...]) -> dict[str, dict[int, float]]:
@@ -52,7 +58,7 @@ def markdown(source: Path) -> str:
     truth = {n: read_json(truth_path("calibration", n)) for n in scans}
     rows = ["| detectors | floor | clean flagged (leave-one-out) | working backdoors flagged | "
             "right target |", "|---|---|---|---|---|"]
-    for detectors in CANDIDATES:
+    for detectors in candidates(scans):
         for floor in FLOORS:
             fa, n_clean, hits, right, n_bd = evaluate(scans, truth, detectors, floor)
             rows.append(f"| {' + '.join(detectors)} | {floor} | {fa}/{n_clean} | {hits}/{n_bd} "

@@ -1,0 +1,130 @@
+"""A detector defined here alone, in one registration, runs end to end through the scanner:
+params.yaml takes its block (checked against its config), the calibration's fingerprint holds it,
+`mesa-scan` reports its scores, and a repair gets its trigger source from the registry."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from backdoor_fixture import synthetic_data
+from pipeline_fixture import ROOT, write_plumbing_calibration
+
+from mesa_lib import detectors
+from mesa_lib.distribution import ConstantSampler
+from mesa_lib.modelio import load_model
+from tasks.common.configs import scan_settings
+from tasks.common.params import ConfigError, apply_overrides, load_params
+from tasks.scan.cli import main
+
+MODELS = Path(__file__).parent / "fixtures" / "scan_models"
+CALLS: list[tuple[tuple[int, ...], int, int]] = []
+
+
+@dataclass(frozen=True)
+class ShiftConfig:
+    """A toy detector: how far a constant brightness shift pushes images to each class."""
+
+    shift: float = field(default=0.2, metadata={"gt": 0, "le": 1})
+    repeats: int = field(default=1, metadata={"ge": 1})
+    seed: int = 0
+
+
+def _measure(model, images, labels, classes, config: ShiftConfig, device):
+    CALLS.append((tuple(classes), config.repeats, config.seed))
+    x = (images.float() / 255 + config.shift).clamp(0, 1)
+    with torch.no_grad():
+        prob = model(x.to(device)).softmax(1).mean(0).cpu()
+    evidence = {c: {"prob": float(prob[c])} for c in classes}
+    return evidence, {c: torch.full((1, images.shape[1], 2, 2), config.shift) for c in classes}
+
+
+def _reduce(evidence):
+    return detectors.centred(evidence, "prob", lambda p: p)
+
+
+def _trigger(model, images, labels, target, config: ShiftConfig, device):
+    return ConstantSampler(torch.full((images.shape[1], 2, 2), config.shift))
+
+
+@pytest.fixture
+def shift_detector():
+    """The toy detector registered for one test, and gone after it."""
+    detectors.register_detector("shift", ShiftConfig, _reduce, _trigger)(_measure)
+    CALLS.clear()
+    yield
+    del detectors.DETECTORS["shift"]
+
+
+def _params(root: Path, detectors_block: dict) -> Path:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = apply_overrides(raw, {"base.device": "cpu", "base.seed": 7, "scan.images": 64,
+                                "scan.detectors": detectors_block,
+                                "scan.calibration": str(root / "calibration.json")})
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_a_detector_defined_in_a_test_scans_end_to_end(shift_detector, tmp_path, capsys) -> None:
+    block = {"mask": {"steps": 4, "batch_size": 8}, "shift": {"repeats": 3}}
+    params_path = _params(tmp_path, block)
+    params = load_params(params_path)
+    settings = scan_settings(params)
+    assert settings.names == ("mask", "shift")
+    assert settings.config("shift") == ShiftConfig(shift=0.2, repeats=3, seed=7)
+    assert settings.fingerprint()["detectors"]["shift"] == {"shift": 0.2, "repeats": 3}
+
+    write_plumbing_calibration(params_path, tmp_path / "calibration.json", classes=6)
+    images, labels = synthetic_data(128, 1)
+    np.savez(tmp_path / "reference.npz", images=images.numpy(), labels=labels.numpy(),
+             classes=np.array([f"class{k}" for k in range(6)]))
+    for suffix in (".safetensors", ".json"):
+        shutil.copyfile(MODELS / f"clean{suffix}", tmp_path / f"clean{suffix}")
+    code = main([str(tmp_path / "clean"), "--params", str(params_path), "--reference",
+                 str(tmp_path / "reference.npz"), "--format", "json"])
+    (record,) = json.loads(capsys.readouterr().out)
+    assert code in (0, 1) and record["verdict"] in ("clean", "backdoored")
+    assert set(record["detectors"]) == {"mask", "shift"}
+    assert set(record["scores"]["shift"]) == {str(c) for c in range(6)}
+    assert CALLS == [((0, 1, 2, 3, 4, 5), 3, 7)]  # its config, with the scan's seed
+
+    model, _ = load_model(tmp_path / "clean")
+    source = detectors.trigger_source("shift", model, images, labels, 2, settings,
+                                      torch.device("cpu"))
+    assert torch.equal(source.sample(2)[0], torch.full((3, 2, 2), 0.2))
+
+
+def test_its_block_is_checked_against_its_config(shift_detector, tmp_path) -> None:
+    with pytest.raises(ConfigError, match=r"scan.detectors.shift.shift: Input should be less "
+                                          r"than or equal to 1, got 2.0"):
+        load_params(_params(tmp_path, {"shift": {"shift": 2.0}}))
+    with pytest.raises(ConfigError, match="scan.detectors.shift.seed: unknown key"):
+        load_params(_params(tmp_path, {"shift": {"seed": 3}}))  # the run's seed fills it
+    defaults = scan_settings(load_params(_params(tmp_path, {"shift": None})))
+    assert defaults.config("shift") == ShiftConfig(seed=7)
+
+
+def test_a_calibration_for_other_detector_settings_is_refused(shift_detector, tmp_path) -> None:
+    from tasks.scan.core import load_calibration
+
+    made = _params(tmp_path, {"shift": {"repeats": 2}})
+    write_plumbing_calibration(made, tmp_path / "calibration.json", classes=6)
+    other = scan_settings(load_params(_params(tmp_path, {"shift": {"repeats": 5}})))
+    with pytest.raises(ValueError, match=r"settings.detectors.shift.repeats' is 2 in the "
+                                         r"calibration but 5"):
+        load_calibration(tmp_path / "calibration.json", other)
+
+
+def test_the_released_version_1_calibration_still_reads() -> None:
+    from tasks.scan.core import load_calibration
+
+    settings = scan_settings(load_params(ROOT / "params.yaml"))
+    released = load_calibration(ROOT / "calibration" / "scanner.json", settings)
+    assert released.settings == settings.fingerprint()
