@@ -5,7 +5,8 @@ from __future__ import annotations
 from prefect import flow
 
 from tasks.common import catalog, tracking
-from tasks.pipeline.data import prepare_dataset, resolve_archive
+from tasks.common.rawdata import resolve_archive
+from tasks.pipeline.data import prepare_dataset
 from tasks.pipeline.stage import main, open_stage, publish
 
 

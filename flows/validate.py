@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow
 
 from tasks.common import catalog, quality
-from tasks.pipeline.data import resolve_archive
+from tasks.common.rawdata import resolve_archive
 from tasks.pipeline.stage import main, open_stage, publish
 from tasks.pipeline.validate import gate_metrics, validate_data
 

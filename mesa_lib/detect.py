@@ -8,7 +8,7 @@ betas, one batched computation), and each class is scored by the ASR of its own 
 seeded random held-out part of the images. `decide`: the class whose ASR is an outlier (MAD
 anomaly index, as in Neural Cleanse, Wang et al. S&P 2019) and high in absolute terms is named
 the target. Breadth (k-NN entropy, mean pairwise distance) is reported per class as evidence.
-`detect` = `score_classes` over every candidate + `decide`; the scan service (tasks/scan.py)
+`detect` = `score_classes` over every candidate + `decide`; the scan service (tasks/scan/)
 scores chunks of classes in parallel and decides once over all of them.
 
 Decision: margin_k = min(anomaly_k - anomaly_threshold, (asr_k - min_asr) / confidence_scale);

@@ -19,7 +19,6 @@ from prefect import get_run_logger, task
 
 from mesa_lib.cifar_archive import download_cifar
 from mesa_lib.data import (
-    ARCHIVE_SUFFIXES,
     DataError,
     ImageSet,
     data_fingerprint,
@@ -31,35 +30,7 @@ from tasks.common import catalog
 from tasks.common.env import CACHE_DIR, DATA_SOURCE_ENV, OFFLINE_COPY, default_data_source
 from tasks.common.io import save_npz
 from tasks.common.params import Params
-
-CANONICAL = {"cifar10": "cifar-10-python.tar.gz", "cifar100": "cifar-100-python.tar.gz"}
-
-
-def _candidates(data_dir: Path) -> list[Path]:
-    if not data_dir.is_dir():
-        return []
-    return sorted(p for p in data_dir.iterdir() if not p.name.startswith(".")
-                  and (p.is_dir() or p.name.lower().endswith(ARCHIVE_SUFFIXES)))
-
-
-def resolve_archive(data_dir: Path, archive: str, name: str) -> Path:
-    """The archive the data stage reads: `data.archive` inside data/, or the only one there."""
-    if archive != "auto":
-        path = data_dir / archive
-        if not path.exists():
-            raise DataError(f"data.archive: {path} does not exist")
-        return path
-    found = _candidates(data_dir)
-    canonical = [p for p in found if p.name == CANONICAL[name]]
-    if canonical:
-        return canonical[0]
-    if len(found) == 1:
-        return found[0]
-    if not found:
-        raise DataError(f"{data_dir}/ holds no data archive; run scripts/run_pipeline.sh (or "
-                        f"set {DATA_SOURCE_ENV}=path/to/archive and run `python -m flows.fetch`)")
-    raise DataError(f"{data_dir}/ holds several archives {[p.name for p in found]}; name one "
-                    "in params.yaml data.archive")
+from tasks.common.rawdata import CANONICAL, archives_in
 
 
 @task(retries=2, retry_delay_seconds=5)
@@ -70,7 +41,7 @@ def fetch_raw(data_dir: Path = catalog.DATA_DIR, name: str = "cifar10") -> Path:
     ../shared/datasets/cifar10-jpeg.tar.gz if present, else the canonical archive, downloaded.
     """
     log = get_run_logger()
-    present = _candidates(data_dir)
+    present = archives_in(data_dir)
     if present:
         log.info("data/ already holds %s", [p.name for p in present])
         return present[0]

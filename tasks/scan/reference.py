@@ -2,8 +2,8 @@
 
 The defender's reference data: the pipeline's defender split, a CIFAR archive, or an `.npz`
 given with the model. `chunks` cuts a model's classes so that Prefect task runners (threads,
-Dask) fit them in parallel; each chunk is fitted and scored by `mesa_lib.detect.score_classes`
-and the verdict over all classes comes from `mesa_lib.detect.decide` (tasks.scan.record).
+Dask) fit them in parallel; each chunk is measured by the detectors (`mesa_lib.detectors`)
+and the verdict over all classes comes from `mesa_lib.calibration.decide` (tasks.scan.core).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from tasks.common import catalog
 from tasks.common.env import CACHE_DIR, default_data_source
 from tasks.common.io import load_npz
 from tasks.common.params import Params
+from tasks.common.rawdata import resolve_archive
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,6 @@ def _auto_reference(params: Params) -> Reference:
     """The pipeline's defender split if built, else the same split decoded from the archive."""
     if catalog.path("dataset").is_file():
         return _npz_reference(catalog.path("dataset"))
-    from tasks.pipeline.data import resolve_archive  # the data stage's choice of archive
 
     try:
         source = resolve_archive(catalog.DATA_DIR, params.data.archive, params.data.name)

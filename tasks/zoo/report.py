@@ -21,6 +21,20 @@ from mesa_lib.calibration import Calibration
 Truth = dict[str, dict[str, Any]]
 
 
+def class_scores(record: dict[str, Any]) -> dict[str, dict[int, float]]:
+    """detector -> class -> score of a scan record (JSON keys back to ints)."""
+    return {d: {int(c): v for c, v in s["scores"].items()}
+            for d, s in record["detectors"].items()}
+
+
+def p_value(calibration: Calibration, record: dict[str, Any]) -> tuple[float, str, int]:
+    """(combined p-value, the detector with the smallest p, its suspected class) of a record."""
+    stats = {d: calibration.statistic(d, s) for d, s in class_scores(record).items()
+             if d in calibration.detectors}
+    p, fired = calibration.combined({d: s[0] for d, s in stats.items()})
+    return p, fired, stats[fired][1]
+
+
 def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson score interval of a proportion hits / n."""
     if n == 0:
@@ -67,8 +81,6 @@ def families(truth: Truth) -> dict[str, Callable[[dict[str, Any]], bool]]:
 def _scores(truth: Truth, scans: dict[str, Any], calibration: Calibration
             ) -> dict[str, dict[str, Any]]:
     """Per model: new (score, flagged, target) and before (score, flagged, target)."""
-    from tasks.zoo.scan import p_value
-
     out = {}
     for name, rec in scans.items():
         p, fired, target = p_value(calibration, rec)
@@ -93,8 +105,6 @@ def _row(label: str, bd: list[str], clean: list[str], truth: Truth,
 def _each_detector(truth: Truth, scans: dict[str, Any], calibration: Calibration,
                    clean: list[str], bd: list[str]) -> list[str]:
     """Each detector alone (its own conformal p <= alpha): what the combination adds."""
-    from tasks.zoo.scan import class_scores
-
     lines = ["## Each detector alone", "",
              "Its own conformal p-value against the calibration's clean models, flagged at p <= "
              f"{calibration.alpha} (the combination above corrects for using two).", "",

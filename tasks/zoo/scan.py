@@ -37,6 +37,7 @@ from tasks.common.params import Params, load_params
 from tasks.scan.core import load_calibration
 from tasks.zoo.build import load_data, model_path, truth_path
 from tasks.zoo.params import ZooParams, load_zoo_params
+from tasks.zoo.report import class_scores, markdown, p_value
 
 SCANS = Path("zoo/scans")
 # The zoo's calibration. The scanner ships a released copy, calibration/scanner.json (params.yaml
@@ -94,20 +95,6 @@ def scan_zoo(names: list[str], params: Params, zoo: ZooParams, before: bool = Fa
     return out
 
 
-def class_scores(record: dict[str, Any]) -> dict[str, dict[int, float]]:
-    """detector -> class -> score of a scan record (JSON keys back to ints)."""
-    return {d: {int(c): v for c, v in s["scores"].items()}
-            for d, s in record["detectors"].items()}
-
-
-def p_value(calibration: cal.Calibration, record: dict[str, Any]) -> tuple[float, str, int]:
-    """(combined p-value, the detector with the smallest p, its suspected class) of a record."""
-    stats = {d: calibration.statistic(d, s) for d, s in class_scores(record).items()
-             if d in calibration.detectors}
-    p, fired = calibration.combined({d: s[0] for d, s in stats.items()})
-    return p, fired, stats[fired][1]
-
-
 def _git_commit() -> str:
     done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
     return done.stdout.strip() or "unknown"
@@ -138,7 +125,6 @@ def calibrate(params: Params, zoo: ZooParams) -> Path:
 
 def benchmark(params: Params, zoo: ZooParams, command: str) -> Path:
     """Scan the test zoo with the calibration file and with the old detector; write the table."""
-    from tasks.zoo.report import markdown
 
     calibration = load_calibration(CALIBRATION, scan_settings(params))
     names = zoo.names("test")
