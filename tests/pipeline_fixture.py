@@ -30,7 +30,7 @@ TINY_OVERRIDES: dict[str, Any] = {
     "base.device": "cpu",
     "data.n_train": 0, "data.n_defender": 60,
     "validate.data_docs": True,
-    "poison.rate": 0.2, "validate.poison_rate_tolerance": 0.02,
+    "poison.settings.badnets.rate": 0.2, "validate.poison_rate_tolerance": 0.02,
     "train.epochs": 1, "train.batch_size": 32, "train.model": "resnet8",
     "recover.epochs": 1, "recover.batch_size": 16, "recover.n_images": 0,
     "recover.hidden": 32, "recover.mine_hidden": 32, "recover.grid_samples": 8,

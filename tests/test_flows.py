@@ -164,3 +164,31 @@ def test_failed_expectation_stops_validate(tmp_path: Path, monkeypatch: pytest.M
     assert saved["success"] is False
     runs = {r.info.run_name: r.info.status for r in _runs(f"sqlite:///{root / 'mlflow.db'}")}
     assert runs["validate"] == "FAILED" and runs["data"] == "FINISHED"
+
+
+def test_an_attack_that_poisons_batches_is_injected_and_checked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_harness: None) -> None:
+    """poison.attack finetune_injection (the paper's): the poison stage stores the clean set,
+    the train stage trains a clean model, then injects and checks every batch it poisoned."""
+    root = make_project(tmp_path / "inject", overrides={
+        "poison.attack": "finetune_injection", "poison.settings.finetune_injection.rate": 0.3,
+        "train.inject_epochs": 1,
+        # a tiny set: about 120 images a pass, so the measured rate is 0.3 +- 0.04 (1 sd)
+        "validate.poison_rate_tolerance": 0.15})
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    monkeypatch.delenv("MESA_PIPELINE_RUN_ID", raising=False)
+    from flows.data import data
+    from flows.poison import poison
+    from flows.train import train
+    from flows.validate import validate
+
+    data(params_path="params.yaml")
+    validate(params_path="params.yaml")
+    assert poison(params_path="params.yaml")["poisoned"] == 0  # nothing static
+    metrics = train(params_path="params.yaml")
+    checked = json.loads(catalog.path("injection_quality").read_text())
+    assert checked["success"] is True and checked["evaluated"] > 0
+    assert metrics["injection_expectations_failed"] == 0 and 0 <= metrics["asr"] <= 1
+    manifest = json.loads(catalog.path("backdoored").with_suffix(".json").read_text())
+    assert manifest["extra"]["attack"] == "finetune_injection"

@@ -1,6 +1,8 @@
-"""A detector defined here alone, in one registration, runs end to end through the scanner:
-params.yaml takes its block (checked against its config), the calibration's fingerprint holds it,
-`mesa-scan` reports its scores, and a repair gets its trigger source from the registry."""
+"""Plug-ins defined here alone, each one registration, run end to end: a detector through the
+scanner (params.yaml takes its block, checked against its config; the calibration's fingerprint
+holds it; `mesa-scan` reports its scores; a repair gets its trigger source from the registry), and
+an attack through the zoo (its entry's settings checked against its config; the model built and
+its success measured by the attack's own code)."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from pipeline_fixture import ROOT, write_plumbing_calibration
 from mesa_lib import detectors
 from mesa_lib.distribution import ConstantSampler
 from mesa_lib.modelio import load_model
+from mesa_lib.poison import ATTACKS, Attack, PoisonedSet, register
 from tasks.common.configs import scan_settings
 from tasks.common.params import ConfigError, apply_overrides, load_params
 from tasks.scan.cli import main
@@ -128,3 +131,74 @@ def test_the_released_version_1_calibration_still_reads() -> None:
     settings = scan_settings(load_params(ROOT / "params.yaml"))
     released = load_calibration(ROOT / "calibration" / "scanner.json", settings)
     assert released.settings == settings.fingerprint()
+
+
+# --------------------------------------------------------------------------- attacks
+
+@dataclass(frozen=True)
+class TintConfig:
+    """A toy global attack: every pixel moved towards a colour."""
+
+    strength: float = field(default=0.3, metadata={"gt": 0, "le": 1})
+    rate: float = field(default=0.3, metadata={"ge": 0, "le": 1})
+
+
+@dataclass(frozen=True)
+class Tint(Attack):
+    """Static poisoning with a whole-image tint; its success is measured with the same tint."""
+
+    strength: float = 0.3
+    rate: float = 0.3
+
+    @classmethod
+    def from_config(cls, config: TintConfig, target: int, seed: int) -> Tint:
+        colour = torch.rand(3, 1, 1, generator=torch.Generator().manual_seed(seed))
+        return cls(trigger=colour, target=target, seed=seed, strength=config.strength,
+                   rate=config.rate)
+
+    @property
+    def static_rate(self) -> float:
+        return self.rate
+
+    def apply(self, images, generator):
+        x = images.float() / 255
+        return ((1 - self.strength) * x + self.strength * self.trigger).mul(255).round().byte()
+
+    def poison_dataset(self, images, labels) -> PoisonedSet:
+        gen = torch.Generator().manual_seed(self.seed)
+        eligible = (labels != self.target).nonzero().squeeze(1)
+        idx = eligible[torch.randperm(len(eligible), generator=gen)[:round(self.rate * len(
+            eligible))]].sort().values
+        images, labels = images.clone(), labels.clone()
+        images[idx], labels[idx] = self.apply(images[idx], gen), self.target
+        return PoisonedSet(images, labels, idx)
+
+
+@pytest.fixture
+def tint_attack():
+    """The toy attack registered for one test, and gone after it."""
+    register("tint", TintConfig)(Tint)
+    yield
+    del ATTACKS["tint"]
+
+
+def test_an_attack_defined_in_a_test_builds_a_zoo_model(tint_attack, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_zoo import tiny_zoo
+
+    from tasks.zoo import build
+    from tasks.zoo.params import load_zoo_params
+
+    entry = {"zoo": "calibration", "arch": "resnet8", "seed": 4, "target": 2,
+             "attack": "tint", "strength": 0.5}
+    params = load_zoo_params(tiny_zoo(tmp_path, backdoors={"c-tint": entry}))
+    assert params.backdoors["c-tint"].attack_config() == TintConfig(strength=0.5, rate=0.3)
+    monkeypatch.chdir(tmp_path)
+    truth = json.loads(build.run(params, "c-tint").read_text())
+    assert truth["backdoored"] and truth["target"] == 2 and truth["base"] is None
+    assert truth["attack"] == {"name": "tint", "strength": 0.5, "rate": 0.3}
+    assert 0 <= truth["asr"] <= 1  # measured by the attack's own `success`
+    bad = tiny_zoo(tmp_path, backdoors={"c-tint": {**entry, "strength": 2.0}})
+    with pytest.raises(ConfigError, match=r"backdoors.c-tint.strength: Input should be less "
+                                          r"than or equal to 1, got 2.0"):
+        load_zoo_params(bad)

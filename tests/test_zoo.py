@@ -26,12 +26,13 @@ def tiny_zoo(tmp: Path, **changes) -> Path:
            "min_asr": 0.8,
            "bases": {"c-base": {"zoo": "calibration", "arch": "resnet8", "seed": 0}},
            "clean_finetunes": {"c-ft": {"zoo": "calibration", "base": "c-base", "seed": 1}},
-           "injections": {"c-inj": {"zoo": "calibration", "base": "c-base", "seed": 2,
-                                    "trigger": "bw", "size": 4, "location": "corner",
-                                    "rate": 0.3, "target": 3, "alpha": 1.0}},
-           "badnets": {"c-bn": {"zoo": "calibration", "arch": "resnet8", "seed": 3,
-                                "trigger": "random_color", "size": 32, "location": "0,0",
-                                "rate": 0.3, "target": 5, "alpha": 0.2}}}
+           "backdoors": {
+               "c-inj": {"zoo": "calibration", "base": "c-base", "seed": 2, "target": 3,
+                         "attack": "finetune_injection", "trigger": "bw", "size": 4,
+                         "location": "corner", "rate": 0.3, "alpha": 1.0},
+               "c-bn": {"zoo": "calibration", "arch": "resnet8", "seed": 3, "target": 5,
+                        "attack": "badnets", "trigger": "random_color", "size": 32,
+                        "location": "0,0", "rate": 0.3, "alpha": 0.2}}}
     for key, value in changes.items():
         raw[key] = value
     path = tmp / "zoo" / "params.yaml"
@@ -46,7 +47,7 @@ def test_the_project_zoo_is_valid_and_its_zoos_share_no_base() -> None:
     assert len(cal) + len(test) == len(zoo.names()) and not cal & test
     clean = [n for n in zoo.names() if zoo.entry(n)[0] in ("bases", "clean_finetunes")]
     assert len(clean) >= 20 and len(zoo.names()) - len(clean) >= 30
-    sizes = {e.size for e in {**zoo.injections, **zoo.badnets}.values()}
+    sizes = {e.attack_config().size for e in zoo.backdoors.values()}
     assert {2, 3, 4, 5, 32} <= sizes  # 2x2 to 5x5 patches and whole-image blends
 
 
@@ -73,15 +74,16 @@ def test_each_kind_builds_with_a_truth_record_and_a_silent_manifest(
         truth = json.loads(build.run(params, name).read_text())
         assert truth["name"] == name and truth["zoo"] == "calibration"
         assert 0 <= truth["clean_accuracy"] <= 1
-        stem = tmp_path / "zoo" / "models" / "calibration" / name
+        stem = tmp_path / build.stem_of(params, name)
         manifest = json.loads(stem.with_suffix(".json").read_text())
         assert manifest["extra"] == {"zoo_model": name}  # nothing about the attack
     inj = json.loads((tmp_path / "zoo" / "truth" / "calibration" / "c-inj.json").read_text())
     assert inj["backdoored"] and inj["target"] == 3 and inj["base"] == "c-base"
-    assert inj["attack"]["planted"] == "injection" and inj["attack"]["location"] == "corner"
+    assert inj["attack"]["name"] == "finetune_injection" and inj["attack"]["location"] == "corner"
     assert inj["counts"] == (inj["asr"] >= 0.8)
     blend = json.loads((tmp_path / "zoo" / "truth" / "calibration" / "c-bn.json").read_text())
-    assert blend["attack"]["alpha"] == 0.2 and blend["kind"] == "badnets"
+    assert blend["attack"]["alpha"] == 0.2 and blend["kind"] == "backdoors"
+    assert blend["attack"]["name"] == "badnets" and blend["base"] is None
     clean = json.loads((tmp_path / "zoo" / "truth" / "calibration" / "c-ft.json").read_text())
     assert not clean["backdoored"] and clean["asr"] is None and clean["counts"]
 
@@ -101,8 +103,8 @@ def test_the_benchmark_table_counts_hits_false_alarms_and_targets() -> None:
     clean_scores = [{"mask": {c: 0.01 * ((i + c) % 5) for c in range(10)}, "mesa": flat}
                     for i in range(20)]
     fitted = cal.fit(clean_scores, 0.05, 0.1, {}, {})
-    attack = {"trigger": "bw", "size": 3, "location": "corner", "rate": 0.1,
-              "planted": "injection", "alpha": 1.0}
+    attack = {"name": "finetune_injection", "trigger": "bw", "size": 3, "location": "corner",
+              "rate": 0.1, "alpha": 1.0}
     truth = {f"c{i}": {"backdoored": False, "counts": True, "target": None, "asr": None,
                        "arch": "resnet8", "attack": None} for i in range(20)}
     truth |= {"b-strong": {"backdoored": True, "counts": True, "target": 3, "asr": 0.99,

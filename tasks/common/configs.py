@@ -12,6 +12,7 @@ from typing import Any
 from mesa_lib.baselines import PointConfig
 from mesa_lib.detectors import ScanSettings, detector
 from mesa_lib.mesa import MesaConfig
+from mesa_lib.poison import Attack, attack_class, attack_from
 from mesa_lib.repair import RepairConfig
 from mesa_lib.train import TrainConfig
 from tasks.common import plugins
@@ -53,6 +54,13 @@ def repair_config(params: Params, epochs: int | None = None) -> RepairConfig:
     return RepairConfig(epochs=epochs or r.epochs, batch_size=r.batch_size, lr=r.lr,
                         momentum=r.momentum, weight_decay=r.weight_decay, stamp_rate=r.rate,
                         augment=r.augment, seed=params.base.seed)
+
+
+def attack(params: Params) -> Attack:
+    """The planted attack (trigger and draws from the run's seed)."""
+    p = params.poison
+    config = plugins.build(attack_class(p.attack).config, p.settings[p.attack])
+    return attack_from(p.attack, config, p.target, params.base.seed)
 
 
 def trigger_shape(side: int, channels: int = 3) -> tuple[int, int, int]:

@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from mesa_lib import detectors
+from mesa_lib import detectors, poison
 from tasks.common import plugins
 from tasks.common.settings import (  # noqa: F401 - re-exported: the params API in one place
     MODEL_NAMES,
@@ -47,7 +47,6 @@ from tasks.common.settings import (  # noqa: F401 - re-exported: the params API 
 )
 
 PARAMS_FILE = Path("params.yaml")
-TRIGGER_PATTERN = r"^(demo|random_color|bw|pattern:([0-9]|[1-4][0-9]|50))$"
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 
 
@@ -78,16 +77,16 @@ class ValidateParams(Group):
 
 
 class PoisonParams(Group):
-    """The attack."""
+    """The attack: one of mesa_lib.poison's registry, with the settings of each it may plant."""
 
-    attack: Literal["badnets", "finetune_injection"]
-    trigger: str = Field(pattern=TRIGGER_PATTERN,
-                         description="demo | pattern:K (K = 0..50) | random_color | bw")
-    trigger_size: int = Field(ge=1, le=32, description="side of the trigger (demo/pattern: 3)")
+    attack: str = Field(description="which attack of `settings` is planted")
     target: int = Field(ge=0)
-    rate: Probability = Field(description="badnets: share of non-target images poisoned")
-    location: Literal["corner", "random"] = Field(description="badnets: where the trigger goes")
-    prob: Probability = Field(description="finetune_injection: per-image poison probability")
+    settings: dict[str, dict[str, Any]] = Field(
+        min_length=1, description="attack -> its settings (mesa_lib.poison registry; keys left "
+                                  "out take the attack's defaults)")
+
+    def __hash__(self) -> int:  # the settings blocks are dicts: hash the group as JSON
+        return hash(self.model_dump_json())
 
 
 class TrainParams(Group):
@@ -234,9 +233,9 @@ class Params(Group):
         if self.poison.target >= classes:
             errors.append(f"poison.target: expected int < {classes} ({self.data.name}), "
                           f"got {self.poison.target}")
-        if self.poison.trigger not in ("random_color", "bw") and self.poison.trigger_size != 3:
-            errors.append(f"poison.trigger_size: {self.poison.trigger} is a 3x3 pattern, "
-                          f"got {self.poison.trigger_size}")
+        if self.poison.attack not in self.poison.settings:
+            errors.append(f"poison.attack: expected one of poison.settings "
+                          f"{sorted(self.poison.settings)}, got {self.poison.attack!r}")
         if self.recover.n_images and self.recover.n_images < self.recover.batch_size:
             errors.append(f"recover.n_images: expected 0 or >= recover.batch_size "
                           f"({self.recover.batch_size}), got {self.recover.n_images}")
@@ -292,11 +291,32 @@ def check_detectors(raw: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     return {**raw, "scan": {**scan, "detectors": checked}}, errors
 
 
+def check_attacks(raw: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """`raw` with each `poison.settings` block checked against its attack's config (defaults
+    filled in), and the problems found, each naming its key."""
+    group = raw.get("poison")
+    blocks = group.get("settings") if isinstance(group, Mapping) else None
+    if not isinstance(blocks, Mapping):
+        return dict(raw), []
+    checked, errors = {}, []
+    for name, block in blocks.items():
+        if name not in poison.ATTACKS:
+            errors.append(f"poison.settings.{name}: unknown attack; known: "
+                          f"{sorted(poison.ATTACKS)}")
+            continue
+        checked[name], problems = plugins.check_block(poison.ATTACKS[name].config, block,
+                                                      f"poison.settings.{name}")
+        errors += problems
+    return {**raw, "poison": {**group, "settings": checked}}, errors
+
+
 def params_from_dict(raw: Any) -> Params:
     """Validate a decoded params mapping; every problem found is named in one ConfigError."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"params: expected a mapping of groups, got {type(raw).__name__}")
     raw, lines = check_detectors(raw)
+    raw, more = check_attacks(raw)
+    lines += more
     if not lines:
         try:
             return Params.model_validate(raw)

@@ -1,12 +1,12 @@
 """A plug-in's params block, validated against the frozen config dataclass it registered.
 
-mesa_lib stays free of pydantic: a plug-in declares its settings once, as a frozen dataclass
-whose defaults are the shipped values and whose `field(metadata=...)` holds bounds (`ge`, `gt`,
-`le`, `lt`) and a `description`. Here that dataclass is mirrored as a strict pydantic model, so
-a params block such as `scan.detectors.mask: {steps: 200}` gets the same checks and messages as
-every other key (`scan.detectors.mask.steps: Input should be greater than or equal to 1, got
-0`), and keys left out take the dataclass's defaults. A `seed` field is never set from a block:
-the run's seed fills it.
+mesa_lib stays free of pydantic: a plug-in declares its settings once, as a frozen dataclass whose
+defaults are the shipped values and whose `field(metadata=...)` holds bounds (`ge`, `gt`, `le`,
+`lt`, `pattern`) and a `description`; its `__post_init__` may check more. Here that dataclass is
+mirrored as a strict pydantic model, so a params block such as `scan.detectors.mask: {steps: 200}`
+gets the same checks and messages as every other key (`scan.detectors.mask.steps: Input should be
+greater than or equal to 1, got 0`), and keys left out take the dataclass's defaults. A `seed` field
+is never set from a block: the run's seed fills it.
 
 (pydantic's TypeAdapter validates a stdlib dataclass directly, but only with its default,
 lenient settings: strictness and unknown-key errors need a config on the class, and mesa_lib may
@@ -26,7 +26,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from tasks.common.settings import as_tuple, describe_error
 
-_BOUNDS = ("ge", "gt", "le", "lt", "description")
+_BOUNDS = ("ge", "gt", "le", "lt", "pattern", "description")
 
 
 @functools.cache
@@ -59,6 +59,10 @@ def check_block(config: type, raw: Any, where: str) -> tuple[dict[str, Any], lis
         prefix = tuple(where.split("."))
         return {}, [describe_error({**e, "loc": (*prefix, *e["loc"])})
                     for e in err.errors(include_url=False)]
+    try:  # the dataclass's own checks (__post_init__), e.g. a name that must be registered
+        config(**model.model_dump())
+    except (TypeError, ValueError) as err:
+        return {}, [f"{where}.{err}"]
     return json.loads(model.model_dump_json()), []
 
 

@@ -1,8 +1,9 @@
 """Task of the `poison` stage: the attacker's training set, and its quality gate.
 
-BadNets poisons a fixed share of the training set here (`mesa_lib.poison`); the paper's
-fine-tune injection poisons batches during training instead, so for it this stage stores the clean
-set and the train stage checks the batches it poisoned.
+The attack comes from mesa_lib.poison's registry (`poison.attack` with its `poison.settings`).
+BadNets poisons a fixed share of the training set here; the paper's fine-tune injection poisons
+batches during training instead, so for it this stage stores the clean set and the train stage
+checks the batches it poisoned.
 """
 
 from __future__ import annotations
@@ -12,9 +13,7 @@ from typing import Any
 import torch
 from prefect import task
 
-from mesa_lib.poison import PoisonedSet, build_attack
-from mesa_lib.triggers import build_trigger
-from tasks.common import catalog, quality
+from tasks.common import catalog, configs, quality
 from tasks.common.io import load_npz, save_grid, save_npz
 from tasks.common.params import Params
 
@@ -29,13 +28,11 @@ def poison_training_set(params: Params) -> tuple[dict[str, Any], dict[str, Any]]
     p = params.poison
     data = load_npz(catalog.path("dataset"))
     images, labels = data["train_images"], data["train_labels"]
-    trigger = build_trigger(p.trigger, p.trigger_size, 3, params.base.seed)
-    if p.attack == "badnets":
-        attack = build_attack("badnets", trigger=trigger, target=p.target, seed=params.base.seed,
-                              rate=p.rate, location=p.location)
-        poisoned, rate = attack.poison_dataset(images, labels), p.rate
-    else:  # injection happens batch by batch in the train stage
-        poisoned, rate = PoisonedSet(images, labels, torch.empty(0, dtype=torch.long)), 0.0
+    attack = configs.attack(params)
+    # static attacks poison the set here; one that poisons batches (the fine-tune injection)
+    # leaves it clean, and the train stage checks the batches it poisoned
+    poisoned, rate, trigger = attack.poison_dataset(images, labels), attack.static_rate, \
+        attack.trigger
     save_npz(catalog.path("poisoned"), {
         "images": poisoned.images, "labels": poisoned.labels, "clean_labels": labels,
         "indices": poisoned.indices, "trigger": trigger})

@@ -46,7 +46,9 @@ def register(run: StageRun, params: Params, artifact: str, description: str) -> 
         "scan_verdict": "not scanned",
         "pipeline_run_id": run.parent_id,
         "stage_run_id": run.run_id,
-        "attack": f"{params.poison.attack} {params.poison.trigger} -> {params.poison.target}",
+        "attack": f"{params.poison.attack} "
+                  f"{params.poison.settings[params.poison.attack].get('trigger', '')} -> "
+                  f"{params.poison.target}",
     }
     version = tracking.register_model(run, catalog.get(artifact).files(), name, tags, description)
     tracking.set_tags(run, {"registered_model": f"{name}/{version}"})

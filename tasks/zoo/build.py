@@ -17,27 +17,34 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from mesa_lib.data import ImageSet, load_cifar, seeded_subset, split_defender
-from mesa_lib.evaluate import accuracy, predict
+from mesa_lib.evaluate import accuracy
 from mesa_lib.modelio import Manifest, load_model, save_model
 from mesa_lib.models import CIFAR10_MEAN, CIFAR10_STD, build_model
-from mesa_lib.poison import build_attack, place
+from mesa_lib.poison import Attack, attack_from
 from mesa_lib.seed import derive_seed, resolve_device, seed_everything
 from mesa_lib.train import TrainConfig, train
-from mesa_lib.triggers import build_trigger, stamp
 from tasks.common.env import CACHE_DIR, default_data_source
 from tasks.common.io import write_json
-from tasks.zoo.params import Attack, Badnets, Injection, TrainSettings, ZooParams, load_zoo_params
+from tasks.zoo.params import Backdoor, TrainSettings, ZooParams, load_zoo_params
 
 MODELS = Path("zoo/models")
 TRUTH = Path("zoo/truth")
 
 
-def model_path(zoo: str, name: str) -> Path:
-    """Stem of a zoo model: one folder per zoo, so each zoo's consumers depend on it alone."""
-    return MODELS / zoo / name
+def model_path(zoo: str, name: str, base: bool = False) -> Path:
+    """Stem of a zoo model: one folder per zoo, so each zoo's consumers depend on it alone; the
+    base models in a folder of their own, which every backdoor stage depends on (a DVC foreach
+    stage cannot name each entry's own base: its deps are not per entry)."""
+    return MODELS / zoo / "bases" / name if base else MODELS / zoo / name
+
+
+def stem_of(params: ZooParams, name: str) -> Path:
+    """Where model `name` of the zoo is."""
+    kind, entry = params.entry(name)
+    return model_path(entry.zoo, name, base=kind == "bases")
 
 
 def truth_path(zoo: str, name: str) -> Path:
@@ -72,21 +79,10 @@ def _config(settings: TrainSettings, seed: int, finetune: bool) -> TrainConfig:
                        seed=seed)
 
 
-def trigger_of(attack: Attack) -> Tensor:
-    """The attack's trigger (3, size, size), drawn from its own seed."""
-    return build_trigger(attack.trigger, attack.size, 3, derive_seed(attack.seed, "zoo_attack"))
-
-
-def attack_success(model: nn.Module, part: ImageSet, attack: Attack, device: torch.device
-                   ) -> float:
-    """ASR over the non-target images, the trigger placed (and blended) as in training."""
-    keep = part.labels != attack.target
-    x = part.images[keep]
-    trigger = trigger_of(attack)
-    gen = torch.Generator().manual_seed(derive_seed(attack.seed, "zoo_attack"))
-    loc = place(attack.location, len(x), tuple(x.shape[-2:]), tuple(trigger.shape[-2:]), gen)
-    stamped = stamp(x, trigger, loc, attack.alpha)  # uint8 in, uint8 out
-    return float((predict(model, stamped, device) == attack.target).float().mean())
+def attack_of(entry: Backdoor) -> Attack:
+    """The entry's attack from the registry: trigger and draws from the entry's own seed."""
+    return attack_from(entry.attack, entry.attack_config(), entry.target,
+                       derive_seed(entry.seed, "zoo_attack"))
 
 
 def _train_set(params: ZooParams, data: ZooData, seed: int) -> ImageSet:
@@ -96,41 +92,33 @@ def _train_set(params: ZooParams, data: ZooData, seed: int) -> ImageSet:
 
 def build(params: ZooParams, name: str, data: ZooData, device: torch.device
           ) -> tuple[nn.Module, dict[str, Any]]:
-    """Train the model `name`; returns it with its truth record (ASR and accuracy unset)."""
+    """Train the model `name`; returns it with its truth record (ASR and accuracy unset).
+
+    A base trains from scratch; a clean fine-tune fine-tunes its base; a backdoor poisons what
+    its attack poisons (the data set, the batches, or both) while training a new `arch` from
+    scratch or fine-tuning its `base`.
+    """
     kind, entry = params.entry(name)
     seed_everything(entry.seed)
     train_set = _train_set(params, data, entry.seed)
     truth: dict[str, Any] = {"name": name, "zoo": entry.zoo, "kind": kind,
-                             "seed": entry.seed, "backdoored": isinstance(entry, Attack)}
-    if kind in ("bases", "badnets"):
-        model = build_model(entry.arch, 10)
-        x, y = train_set.images, train_set.labels
-        if isinstance(entry, Badnets):
-            attack = build_attack("badnets", trigger=trigger_of(entry), target=entry.target,
-                                  rate=entry.rate, location=entry.location, alpha=entry.alpha,
-                                  seed=derive_seed(entry.seed, "zoo_attack"))
-            poisoned = attack.poison_dataset(x, y)
-            x, y = poisoned.images, poisoned.labels
-        train(model, x, y, _config(params.train, entry.seed, False), device)
-        truth |= {"arch": entry.arch, "base": None}
+                             "seed": entry.seed, "backdoored": isinstance(entry, Backdoor)}
+    base = getattr(entry, "base", None)
+    if base is None:
+        model, arch, settings = build_model(entry.arch, 10), entry.arch, params.train
     else:
-        model, manifest = load_model(model_path(entry.zoo, entry.base), map_location=device)
-        hook = None
-        if isinstance(entry, Injection):
-            attack = build_attack("finetune_injection", trigger=trigger_of(entry),
-                                  target=entry.target, prob=entry.rate, location=entry.location,
-                                  alpha=entry.alpha, seed=derive_seed(entry.seed, "zoo_attack"))
-            hook = attack.batch_hook()
-        train(model, train_set.images, train_set.labels,
-              _config(params.finetune, entry.seed, True), device, hook)
-        truth |= {"arch": manifest.architecture, "base": entry.base}
-    if isinstance(entry, Attack):
-        truth |= {"target": entry.target, "attack": {
-            "planted": "injection" if isinstance(entry, Injection) else "badnets",
-            "trigger": entry.trigger, "size": entry.size, "location": entry.location,
-            "rate": entry.rate, "alpha": entry.alpha}}
+        model, manifest = load_model(model_path(entry.zoo, base, base=True), map_location=device)
+        arch, settings = manifest.architecture, params.finetune
+    x, y, hook = train_set.images, train_set.labels, None
+    if isinstance(entry, Backdoor):
+        attack = attack_of(entry)
+        poisoned = attack.poison_dataset(x, y)
+        x, y, hook = poisoned.images, poisoned.labels, attack.batch_hook()
+        truth |= {"target": entry.target, "attack": {"name": entry.attack, **entry.settings}}
     else:
         truth |= {"target": None, "attack": None}
+    train(model, x, y, _config(settings, entry.seed, base is not None), device, hook)
+    truth |= {"arch": arch, "base": base}
     return model.eval(), truth
 
 
@@ -142,13 +130,13 @@ def run(params: ZooParams, name: str) -> Path:
     seconds = time.perf_counter() - start
     _, entry = params.entry(name)
     truth["clean_accuracy"] = accuracy(model, data.truth.images, data.truth.labels, device)
-    truth["asr"] = attack_success(model, data.truth, entry, device) if truth["backdoored"] \
-        else None
+    truth["asr"] = attack_of(entry).success(model, data.truth.images, data.truth.labels,
+                                            device) if truth["backdoored"] else None
     truth["counts"] = (not truth["backdoored"]) or truth["asr"] >= params.min_asr
     truth["train_seconds"] = round(seconds, 1)
     manifest = Manifest(truth["arch"], 10, data.train.classes, CIFAR10_MEAN, CIFAR10_STD,
                         extra={"zoo_model": name})  # no word of the attack
-    save_model(model.cpu(), model_path(entry.zoo, name), manifest)
+    save_model(model.cpu(), stem_of(params, name), manifest)
     write_json(truth_path(entry.zoo, name), truth)
     return truth_path(entry.zoo, name)
 

@@ -1,19 +1,22 @@
 """`zoo/params.yaml` -> frozen pydantic models: the model zoo the scanner is measured on.
 
-Four kinds of entries, each one DVC stage of zoo/dvc.yaml (foreach): `bases` (clean models
+Three kinds of entries, each one DVC stage of zoo/dvc.yaml (foreach): `bases` (clean models
 trained from scratch), `clean_finetunes` (a base fine-tuned without poison: the control that
-looks most like an injected model), `injections` (the authors' fine-tune injection into a base)
-and `badnets` (BadNets poisoning, trained from scratch). Every entry belongs to the
+looks most like an injected model) and `backdoors`: each names an attack of mesa_lib.poison's
+registry with its settings (checked against the attack's config), and is planted either into a
+`base` while fine-tuning or into a new `arch` trained from scratch. Every entry belongs to the
 `calibration` or the `test` zoo; the two may share no base model (checked here).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
+from mesa_lib.poison import ATTACKS, attack_class
+from tasks.common import plugins
 from tasks.common.settings import (
     MODEL_NAMES,
     BatchSize,
@@ -63,29 +66,34 @@ class CleanFinetune(Group):
     seed: int = Field(ge=0)
 
 
-class Attack(Group):
-    """The trigger and how it is planted."""
+class Backdoor(Group):
+    """A backdoored model: an attack of the registry (its settings beside these keys), planted
+    into a `base` while fine-tuning it or into a new `arch` trained from scratch."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, strict=True)
 
     zoo: Zoo
     seed: int = Field(ge=0)
-    trigger: Literal["bw", "random_color"]
-    size: int = Field(ge=1, le=32)
-    location: str = Field(pattern=r"^(random|corner|\d+,\d+)$")
-    rate: Probability
     target: int = Field(ge=0, le=9)
-    alpha: float = Field(gt=0, le=1)
+    attack: str = Field(description="a name of mesa_lib.poison.ATTACKS")
+    base: str | None = None
+    arch: Literal[MODEL_NAMES] | None = None  # type: ignore[valid-type]
 
+    @model_validator(mode="after")
+    def _planted_once(self) -> Backdoor:
+        if (self.base is None) == (self.arch is None):
+            raise ValueError("give exactly one of base (fine-tune injection into a base model) "
+                             "and arch (trained from scratch)")
+        return self
 
-class Injection(Attack):
-    """Fine-tune injection into a base (per-image probability `rate`)."""
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The attack's settings (checked against its config when the file was read)."""
+        return dict(self.model_extra or {})
 
-    base: str
-
-
-class Badnets(Attack):
-    """BadNets poisoning (`rate` of the non-target images), trained from scratch."""
-
-    arch: Literal[MODEL_NAMES]  # type: ignore[valid-type]
+    def attack_config(self) -> Any:
+        """The attack's config dataclass."""
+        return plugins.build(attack_class(self.attack).config, self.settings)
 
 
 class ZooParams(Group):
@@ -97,16 +105,17 @@ class ZooParams(Group):
     min_asr: Probability
     bases: dict[str, Base]
     clean_finetunes: dict[str, CleanFinetune]
-    injections: dict[str, Injection]
-    badnets: dict[str, Badnets]
+    backdoors: dict[str, Backdoor]
 
     @model_validator(mode="after")
     def _checks(self) -> ZooParams:
-        names = [*self.bases, *self.clean_finetunes, *self.injections, *self.badnets]
+        names = [*self.bases, *self.clean_finetunes, *self.backdoors]
         if len(set(names)) != len(names):
-            raise ValueError("model names must be unique across bases, clean_finetunes, "
-                             "injections and badnets")
-        for name, entry in {**self.clean_finetunes, **self.injections}.items():
+            raise ValueError("model names must be unique across bases, clean_finetunes and "
+                             "backdoors")
+        derived = {**self.clean_finetunes,
+                   **{n: e for n, e in self.backdoors.items() if e.base is not None}}
+        for name, entry in derived.items():
             base = self.bases.get(entry.base)
             if base is None:
                 raise ValueError(f"{name}.base: no base model {entry.base!r}")
@@ -115,9 +124,9 @@ class ZooParams(Group):
                                  f"{name} in the {entry.zoo} zoo")
         return self
 
-    def entry(self, name: str) -> tuple[str, Base | CleanFinetune | Injection | Badnets]:
+    def entry(self, name: str) -> tuple[str, Base | CleanFinetune | Backdoor]:
         """(kind, entry) of a model by name."""
-        for kind in ("bases", "clean_finetunes", "injections", "badnets"):
+        for kind in ("bases", "clean_finetunes", "backdoors"):
             found = getattr(self, kind).get(name)
             if found is not None:
                 return kind, found
@@ -125,15 +134,38 @@ class ZooParams(Group):
 
     def names(self, zoo: str | None = None) -> list[str]:
         """Every model name (of one zoo), in file order."""
-        every = {**self.bases, **self.clean_finetunes, **self.injections, **self.badnets}
+        every = {**self.bases, **self.clean_finetunes, **self.backdoors}
         return [n for n, e in every.items() if zoo is None or e.zoo == zoo]
+
+
+def check_attacks(raw: Any) -> tuple[Any, list[str]]:
+    """`raw` with each backdoor's attack settings checked against its attack's config (defaults
+    filled in), and the problems found, each naming its key."""
+    entries = raw.get("backdoors") if isinstance(raw, dict) else None
+    if not isinstance(entries, dict):
+        return raw, []
+    out, errors = {}, []
+    for name, entry in entries.items():
+        if not isinstance(entry, dict) or entry.get("attack") not in ATTACKS:
+            out[name] = entry
+            if isinstance(entry, dict):
+                errors.append(f"backdoors.{name}.attack: unknown attack "
+                              f"{entry.get('attack')!r}; known: {sorted(ATTACKS)}")
+            continue
+        own = {k: v for k, v in entry.items() if k in Backdoor.model_fields}
+        given = {k: v for k, v in entry.items() if k not in Backdoor.model_fields}
+        settings, problems = plugins.check_block(ATTACKS[entry["attack"]].config, given,
+                                                 f"backdoors.{name}")
+        out[name], errors = {**own, **settings}, errors + problems
+    return {**raw, "backdoors": out}, errors
 
 
 def load_zoo_params(path: Path | str = PARAMS_FILE) -> ZooParams:
     """Read and validate zoo/params.yaml; a bad key is named with its value."""
-    raw = read_yaml(path)
-    try:
-        return ZooParams.model_validate(raw)
-    except ValidationError as err:
-        lines = [describe_error(e) for e in err.errors(include_url=False)]
-        raise ConfigError(f"{path}: invalid params:\n" + "\n".join(lines)) from None
+    raw, lines = check_attacks(read_yaml(path))
+    if not lines:
+        try:
+            return ZooParams.model_validate(raw)
+        except ValidationError as err:
+            lines = [describe_error(e) for e in err.errors(include_url=False)]
+    raise ConfigError(f"{path}: invalid params:\n" + "\n".join(lines))

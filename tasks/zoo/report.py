@@ -54,28 +54,31 @@ def auc(positive: list[float], negative: list[float]) -> float:
 
 
 def families(truth: Truth) -> dict[str, Callable[[dict[str, Any]], bool]]:
-    """Attack families: name -> predicate on a backdoored model's truth record."""
-    def attack(t: dict[str, Any]) -> dict[str, Any]:
-        return t["attack"]
+    """Attack families: name -> predicate on a backdoored model's truth record. The patch
+    families read a patch attack's settings (size, location, trigger, rate); an attack without
+    them is in none of those, and still in "all backdoors" and its planting."""
+    def setting(t: dict[str, Any], key: str) -> Any:
+        return t["attack"].get(key)
 
-    patch = {"patch attacks (all)": lambda t: attack(t)["size"] < 32,
-             "fixed place": lambda t: attack(t)["size"] < 32 and attack(t)["location"] != "random",
-             "random place": lambda t: attack(t)["size"] < 32 and attack(t)["location"] == "random"}
-    patch |= {f"size {k}x{k}": (lambda t, k=k: attack(t)["size"] == k) for k in (2, 3, 4, 5)}
-    patch |= {"black/white": lambda t: attack(t)["size"] < 32 and attack(t)["trigger"] == "bw",
-              "random colour": lambda t: attack(t)["size"] < 32
-              and attack(t)["trigger"] == "random_color",
-              "rate <= 3%": lambda t: attack(t)["size"] < 32 and attack(t)["rate"] <= 0.03,
-              "rate 5%": lambda t: attack(t)["size"] < 32 and attack(t)["rate"] == 0.05,
-              "rate >= 10%": lambda t: attack(t)["size"] < 32 and attack(t)["rate"] >= 0.10,
-              "fine-tune injection": lambda t: attack(t)["size"] < 32
-              and attack(t)["planted"] == "injection",
-              "BadNets from scratch": lambda t: attack(t)["size"] < 32
-              and attack(t)["planted"] == "badnets",
-              "ResNet-20": lambda t: attack(t)["size"] < 32 and t["arch"] == "resnet20",
-              "blended (whole image)": lambda t: attack(t)["size"] == 32,
-              "all backdoors": lambda t: True}
-    return patch
+    def patch(t: dict[str, Any]) -> bool:
+        return isinstance(setting(t, "size"), int) and setting(t, "size") < 32
+
+    rows = {"patch attacks (all)": patch,
+            "fixed place": lambda t: patch(t) and setting(t, "location") != "random",
+            "random place": lambda t: patch(t) and setting(t, "location") == "random"}
+    rows |= {f"size {k}x{k}": (lambda t, k=k: patch(t) and setting(t, "size") == k)
+             for k in (2, 3, 4, 5)}
+    rows |= {"black/white": lambda t: patch(t) and setting(t, "trigger") == "bw",
+             "random colour": lambda t: patch(t) and setting(t, "trigger") == "random_color",
+             "rate <= 3%": lambda t: patch(t) and setting(t, "rate") <= 0.03,
+             "rate 5%": lambda t: patch(t) and setting(t, "rate") == 0.05,
+             "rate >= 10%": lambda t: patch(t) and setting(t, "rate") >= 0.10,
+             "fine-tune injection": lambda t: patch(t) and t.get("base") is not None,
+             "BadNets from scratch": lambda t: patch(t) and t.get("base") is None,
+             "ResNet-20": lambda t: patch(t) and t["arch"] == "resnet20",
+             "blended (whole image)": lambda t: setting(t, "size") == 32,
+             "all backdoors": lambda t: True}
+    return rows
 
 
 def _scores(truth: Truth, scans: dict[str, Any], calibration: Calibration

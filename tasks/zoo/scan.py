@@ -35,7 +35,7 @@ from tasks.common.configs import scan_settings
 from tasks.common.io import read_json, write_json
 from tasks.common.params import Params, load_params
 from tasks.scan.core import load_calibration
-from tasks.zoo.build import load_data, model_path, truth_path
+from tasks.zoo.build import load_data, stem_of, truth_path
 from tasks.zoo.params import ZooParams, load_zoo_params
 from tasks.zoo.report import class_scores, markdown, p_value
 
@@ -86,7 +86,7 @@ def scan_zoo(names: list[str], params: Params, zoo: ZooParams, before: bool = Fa
     data = load_data(zoo)
     out = {}
     for name in names:
-        stem = model_path(zoo.entry(name)[1].zoo, name)
+        stem = stem_of(zoo, name)
         out[name] = _scan_model(stem, data.reference.images, data.reference.labels, params,
                                 device, before)
         if log:
