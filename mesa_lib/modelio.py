@@ -29,12 +29,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from mesa_lib import modelfiles
 from mesa_lib.fileio import atomic_write
 from mesa_lib.models import MODELS, build_model
 
 FORMAT_VERSION = 1
-WEIGHTS_SUFFIX = ".safetensors"
-MANIFEST_SUFFIX = ".json"
 _MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
 _MAX_MANIFEST_BYTES = 1 << 20  # ~100k class names; a larger manifest is refused unread
 # Default cap on the tensor elements (parameters and buffers) a manifest may imply: ResNet-18 has
@@ -125,22 +124,14 @@ def _fail(path: Path, problem: str) -> ModelFileError:
     return ModelFileError(f"{path}: {problem}")
 
 
-def _stem(path: Path) -> Path:
-    """``a/b.safetensors``, ``a/b.json`` and ``a/b`` all -> ``a/b``."""
-    path = Path(path)
-    return path.with_suffix("") if path.suffix in (WEIGHTS_SUFFIX, MANIFEST_SUFFIX) else path
-
-
 def weights_path(path: Path) -> Path:
     """The ``.safetensors`` file of a model given with or without suffix."""
-    stem = _stem(path)
-    return stem.with_name(stem.name + WEIGHTS_SUFFIX)
+    return modelfiles.files(path)[0]
 
 
 def manifest_path(path: Path) -> Path:
     """The ``.json`` manifest of a model given with or without suffix."""
-    stem = _stem(path)
-    return stem.with_name(stem.name + MANIFEST_SUFFIX)
+    return modelfiles.files(path)[1]
 
 
 def manifest_from_dict(raw: Mapping[str, Any], path: Path) -> Manifest:

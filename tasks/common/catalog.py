@@ -22,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from mesa_lib import modelfiles
+
 DATA_DIR = Path("data")
 DATA_DVC = Path("data.dvc")
 ARTIFACTS = Path("artifacts")
@@ -49,7 +51,7 @@ class Artifact:
     def files(self) -> tuple[Path, ...]:
         """The concrete paths DVC tracks (two for models and samplers)."""
         if self.fmt in ("model", "sampler"):
-            return (self.path.with_suffix(".safetensors"), self.path.with_suffix(".json"))
+            return modelfiles.files(self.path)
         return (self.path,)
 
 

@@ -29,8 +29,10 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 
+from mesa_lib import modelfiles
 from mesa_lib.data import DataError
 from mesa_lib.detectors import trigger_source
+from mesa_lib.modelfiles import MANIFEST_SUFFIX, SAFETENSORS, WEIGHTS_SUFFIX
 from mesa_lib.modelio import ModelFileError, load_model, save_model
 from mesa_lib.repair import repair
 from mesa_lib.seed import resolve_device
@@ -81,7 +83,7 @@ def _copy(cand: Candidate, work: Path) -> dict[str, Path]:
     """Copy the candidate's model files to `work/model.*`; refuse if they changed meanwhile."""
     work.mkdir(parents=True, exist_ok=True)
     copies = {}
-    for suffix in (".safetensors", ".json", REFERENCE_SUFFIX, SIGNATURE_SUFFIX):
+    for suffix in (*SAFETENSORS.suffixes, REFERENCE_SUFFIX, SIGNATURE_SUFFIX):
         src = cand.file(suffix)
         if src is not None:
             copies[suffix] = Path(shutil.copyfile(src, work / f"{MODEL_STEM}{suffix}"))
@@ -92,10 +94,10 @@ def _copy(cand: Candidate, work: Path) -> dict[str, Path]:
 
 def _unsupported(cand: Candidate) -> str:
     names = ", ".join(Path(f).name for f in cand.files)
-    if cand.file(".json") is not None:
-        return f"{names}: weights file <stem>.safetensors is missing"
-    return (f"{names}: unsupported file; only <stem>.safetensors + <stem>.json models are "
-            "accepted (pickled checkpoints such as .pt/.pth/.pkl/.bin are never loaded)")
+    if cand.file(MANIFEST_SUFFIX) is not None:
+        return f"{names}: weights file <stem>{WEIGHTS_SUFFIX} is missing"
+    return (f"{names}: unsupported file; only <stem>{WEIGHTS_SUFFIX} + <stem>{MANIFEST_SUFFIX} "
+            "models are accepted (pickled checkpoints such as .pt/.pth/.pkl/.bin are never loaded)")
 
 
 def _rejected(cand: Candidate, reason: str, work: Path, start: float) -> Checked:
@@ -121,7 +123,7 @@ def _check(cand: Candidate, params: Params) -> Checked:
     start, work = time.perf_counter(), work_dir(params, cand.key)
     if cand.problem:
         return _rejected(cand, cand.problem, work, start)
-    if cand.file(".safetensors") is None:
+    if cand.file(WEIGHTS_SUFFIX) is None:
         return _rejected(cand, _unsupported(cand), work, start)
     copies = _copy(cand, work)
     stem, own_ref = work / MODEL_STEM, copies.get(REFERENCE_SUFFIX)
@@ -165,8 +167,8 @@ def _verify_signature(cand: Candidate, copies: dict[str, Path], work: Path,
         return ""
     staged = work / "arrived"
     staged.mkdir(exist_ok=True)
-    own = Path(cand.file(".safetensors") or "model.safetensors").name.removesuffix(".safetensors")
-    for suffix in (".safetensors", ".json"):
+    own = modelfiles.stem(Path(cand.file(WEIGHTS_SUFFIX) or MODEL_STEM).name).name
+    for suffix in SAFETENSORS.suffixes:
         if suffix in copies:
             shutil.copyfile(copies[suffix], staged / f"{own}{suffix}")
     shown = Path(cand.file(SIGNATURE_SUFFIX) or sig).name

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mesa_lib import modelfiles  # noqa: E402
 from tasks.common.env import apply_defaults
 
 apply_defaults()
@@ -66,12 +67,7 @@ def model_stems(paths: list[Path]) -> list[Path]:
     """Every model stem named by the arguments (files, stems or folders), in order, once."""
     stems: list[Path] = []
     for path in paths:
-        if path.is_dir():
-            found = sorted(p.with_suffix("") for p in path.glob("*.safetensors"))
-        elif path.suffix in (".safetensors", ".json"):
-            found = [path.with_suffix("")]
-        else:
-            found = [path]
+        found = modelfiles.find(path) if path.is_dir() else [modelfiles.stem(path)]
         stems += [s for s in found if s not in stems]
     return stems
 

@@ -29,6 +29,8 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from mesa_lib import modelfiles
+from mesa_lib.modelfiles import MANIFEST_SUFFIX, WEIGHTS_SUFFIX
 from mesa_lib.modelio import sha256_file
 from tasks.common import tracking
 from tasks.common.escape import escape
@@ -83,15 +85,16 @@ def _role(path: Path) -> str:
     name = Path(path).name
     if name.endswith(REFERENCE_SUFFIX):
         return "reference"
-    return {".safetensors": "weights", ".json": "manifest",
-            SIGNATURE_SUFFIX: "signature"}.get(Path(name).suffix, name)
+    if name.endswith(SIGNATURE_SUFFIX):
+        return "signature"
+    return modelfiles.role(name) or name
 
 
 def _stem(name: str) -> str:
-    if name.endswith(REFERENCE_SUFFIX):
-        return name[: -len(REFERENCE_SUFFIX)]
-    suffix = Path(name).suffix
-    return name[: -len(suffix)] if suffix in (".safetensors", ".json", SIGNATURE_SUFFIX) else name
+    for sidecar in (REFERENCE_SUFFIX, SIGNATURE_SUFFIX):
+        if name.endswith(sidecar) and len(name) > len(sidecar):
+            return name[: -len(sidecar)]
+    return modelfiles.stem(name).name
 
 
 def drop_groups(folder: Path) -> dict[str, list[Path]]:
@@ -148,12 +151,13 @@ def fetch_version(version: dict, work: Path) -> Candidate:
         return Candidate(digest, "registry", label, (), name=version["name"],
                          version=version["version"], problem=str(err))
     files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
-    weights = [p for p in files if p.suffix == ".safetensors"]
+    weights = [p for p in files if modelfiles.role(p) == "weights"]
     problem = ""
     if len(weights) != 1:
         names = [str(p.relative_to(folder)) for p in files][:10]
-        problem = (f"the version's artifacts hold {len(weights)} .safetensors files (need one "
-                   f"<stem>.safetensors + <stem>.json; pickled models are refused): {names}")
+        problem = (f"the version's artifacts hold {len(weights)} {WEIGHTS_SUFFIX} files (need "
+                   f"one <stem>{WEIGHTS_SUFFIX} + <stem>{MANIFEST_SUFFIX}; pickled models are "
+                   f"refused): {names}")
     chosen = files if problem else [p for p in files if _stem(p.name) == _stem(weights[0].name)]
     key, sha = model_key(chosen) if chosen else (hashlib.sha256(label.encode()).hexdigest(), "")
     return Candidate(key, "registry", label, tuple(str(p) for p in chosen), sha,

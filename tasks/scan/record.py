@@ -31,7 +31,9 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from mesa_lib import modelfiles
 from mesa_lib.calibration import Calibration
+from mesa_lib.modelfiles import WEIGHTS_SUFFIX
 from mesa_lib.modelio import model_fingerprint, sha256_file
 from tasks.common import tracking
 from tasks.common.configs import scan_settings
@@ -186,8 +188,8 @@ def _publish_registry(checked: Checked, verdict: dict[str, Any], run: tracking.S
     cand = checked.candidate
     status = _signature_status(checked, verdict)
     if verdict["status"] == "clean" and checked.ok:
-        weights = cand.file(".safetensors")
-        sig, signed = _sign(Path(str(weights)).with_suffix(""), params)
+        weights = cand.file(WEIGHTS_SUFFIX)
+        sig, signed = _sign(modelfiles.stem(str(weights)), params)
         status += signed
         if sig is not None:
             where = _store_signature(sig, tracking.model_version(cand.name, cand.version),
@@ -208,7 +210,7 @@ def _publish(checked: Checked, verdict: dict[str, Any], run: tracking.StageRun,
     if not checked.ok:
         return ""  # a rejected file stays out of the registry; its run holds the reason
     stem = Path(checked.stem)
-    files = [stem.with_suffix(".safetensors"), stem.with_suffix(".json")]
+    files = list(modelfiles.files(stem))
     status = _signature_status(checked, verdict)
     Path(f"{stem}{SIGNATURE_SUFFIX}").unlink(missing_ok=True)  # the arrived one, verified
     if verdict["status"] == "clean":
@@ -276,14 +278,14 @@ def reuse_verdict(cand: Candidate, done: dict[str, Any], params: Params) -> str:
     tags = {**verdict_tags(verdict, done["run_id"]), "scan_reused_from": done["label"],
             "scan_key": cand.key}
     status = _signature_status(Checked(cand), verdict)
-    weights = cand.file(".safetensors")
+    weights = cand.file(WEIGHTS_SUFFIX)
     if verdict["status"] == "clean" and weights is not None:
-        sig, status = _sign(Path(weights).with_suffix(""), params)
+        sig, status = _sign(modelfiles.stem(weights), params)
         if sig is not None:
             tags["signature_file"] = _store_signature(
                 sig, tracking.model_version(cand.name, cand.version), done["run_id"])
     tracking.tag_model_version(cand.name, cand.version, {**tags, "signature": status[:500]})
-    checked = Checked(cand, str(Path(weights).with_suffix("")) if weights else "")
+    checked = Checked(cand, str(modelfiles.stem(weights)) if weights else "")
     settle_version(cand.name, cand.version, checked, verdict, done["run_id"], status, params)
     return f"{cand.name}/{cand.version}"
 
@@ -305,7 +307,7 @@ def repair_and_register(checked: Checked, chunks: list[ChunkResult], outcome: di
                {"fit_sum": sum(rescan[0].seconds.values())})
     name = parent.split("/")[0]
     sig, status = _sign(stem, params)  # every repaired model is signed, whatever its re-scan
-    files = (stem.with_suffix(".safetensors"), stem.with_suffix(".json"))
+    files = modelfiles.files(stem)
     tags = {**verdict_tags(verdict, run.run_id), "parent_model_version": parent,
             "repair": f"{outcome['detector']} triggers", "model_sha256": model_fingerprint(stem),
             "scan_key": checked.candidate.key, "signature": status}

@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from mesa_lib import modelfiles
+
 SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
 RULES = {
     "backdoored": ("MESA001", "backdoor", "A class of the model is hijacked by a trigger "
@@ -27,8 +29,7 @@ LEVEL = {"backdoored": ("error", "fail"), "rejected": ("error", "fail"),
 
 
 def _uri(model: str) -> str:
-    path = Path(model)
-    path = path if path.suffix == ".safetensors" else Path(f"{model}.safetensors")
+    path = modelfiles.main_file(model)
     try:
         return Path(os.path.relpath(path)).as_posix()
     except ValueError:

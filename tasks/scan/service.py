@@ -23,6 +23,7 @@ from typing import Any
 
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from mesa_lib import modelfiles
 from tasks.common import tracking
 from tasks.common.escape import escape
 from tasks.common.params import ConfigError, Params, load_params
@@ -31,6 +32,7 @@ from tasks.scan import quarantine
 from tasks.scan.check import logger
 from tasks.scan.claims import ClaimStore, Ledger
 from tasks.scan.discover import (
+    REFERENCE_SUFFIX,
     UNSCANNED,
     Candidate,
     drop_candidates,
@@ -225,9 +227,9 @@ def event_candidate(model: str, params: Params) -> Candidate | None:
 def candidate(model: str, params: Params) -> Candidate:
     """A file pair (path with or without suffix) or a registry version NAME/VERSION."""
     path = Path(model)
-    stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
-    files = [p for p in (stem.with_name(stem.name + s) for s in (".safetensors", ".json",
-                                                                  ".data.npz")) if p.is_file()]
+    stem = modelfiles.stem(path)
+    files = [p for p in (*modelfiles.files(stem), Path(f"{stem}{REFERENCE_SUFFIX}"))
+             if p.is_file()]
     if files:
         key, sha = model_key(files)
         return Candidate(key, "drop", f"file:{escape(stem.name)}", tuple(str(p) for p in files),

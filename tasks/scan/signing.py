@@ -22,11 +22,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from mesa_lib import modelfiles
 from tasks.common.params import Params
 
 KEY_ENV = "MESA_SIGNING_KEY"
 SUFFIX = ".sig"
-SIGNED_SUFFIXES = (".safetensors", ".json")
 _MAX_SIGNATURE_BYTES = 1 << 20  # a bundle over two files is a few KiB
 
 
@@ -98,7 +98,7 @@ def _stage(files: list[Path], folder: Path) -> Path:
 
 def signed_files(stem: Path) -> list[Path]:
     """The files a signature of model `stem` covers."""
-    return [Path(f"{stem}{s}") for s in SIGNED_SUFFIXES]
+    return list(modelfiles.files(stem))
 
 
 def sign(stem: Path, signature: Path, private_key: Path) -> Path:

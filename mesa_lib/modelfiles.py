@@ -1,0 +1,92 @@
+"""Model files: which files make one model, their names and roles, and how they are found.
+
+A model on disk is a *stem* (``a/b``) and the files of its format. The one format today is
+``<stem>.safetensors`` (weights) + ``<stem>.json`` (manifest), read and written safely by
+mesa_lib.modelio. Everything that names, groups, copies, signs or discovers model files (the
+scanner's CLI, its drop folder and registry discovery, signing, the pipeline's catalog) asks this
+module, so a new format is one `ModelFormat` registered here plus its reader.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ModelFormat:
+    """The files of one model in a format.
+
+    Attributes:
+        name: the format's name.
+        files: (suffix, role) of each file, the main one (the weights) first.
+    """
+
+    name: str
+    files: tuple[tuple[str, str], ...]
+
+    @property
+    def suffixes(self) -> tuple[str, ...]:
+        """Every file suffix of the format, the main one first."""
+        return tuple(suffix for suffix, _ in self.files)
+
+    def paths(self, stem: Path) -> tuple[Path, ...]:
+        """The files of the model `stem`, the main one first."""
+        stem = Path(stem)
+        return tuple(stem.with_name(stem.name + suffix) for suffix in self.suffixes)
+
+
+FORMATS: dict[str, ModelFormat] = {}
+
+
+def register_format(fmt: ModelFormat) -> ModelFormat:
+    """Add a format to `FORMATS`."""
+    FORMATS[fmt.name] = fmt
+    return fmt
+
+
+SAFETENSORS = register_format(
+    ModelFormat("safetensors", ((".safetensors", "weights"), (".json", "manifest"))))
+WEIGHTS_SUFFIX, MANIFEST_SUFFIX = SAFETENSORS.suffixes
+
+
+def suffixes() -> tuple[str, ...]:
+    """Every suffix of every registered format."""
+    return tuple(s for fmt in FORMATS.values() for s in fmt.suffixes)
+
+
+def role(path: Path | str) -> str | None:
+    """"weights", "manifest", ... for a model file's name; None for any other file."""
+    name = Path(path).name
+    for fmt in FORMATS.values():
+        for suffix, kind in fmt.files:
+            if name.endswith(suffix) and len(name) > len(suffix):
+                return kind
+    return None
+
+
+def stem(path: Path | str) -> Path:
+    """``a/b.safetensors``, ``a/b.json`` and ``a/b`` all -> ``a/b``."""
+    path = Path(path)
+    for suffix in suffixes():
+        if path.name.endswith(suffix) and len(path.name) > len(suffix):
+            return path.with_name(path.name[: -len(suffix)])
+    return path
+
+
+def files(path: Path | str, fmt: ModelFormat = SAFETENSORS) -> tuple[Path, ...]:
+    """The files of the model at `path` (a stem or any of its files), the main one first."""
+    return fmt.paths(stem(path))
+
+
+def main_file(path: Path | str, fmt: ModelFormat = SAFETENSORS) -> Path:
+    """The model's main file (its weights)."""
+    return files(path, fmt)[0]
+
+
+def find(folder: Path | str) -> list[Path]:
+    """Stems of the models in `folder` (not below it): one per main file, sorted."""
+    folder = Path(folder)
+    found = {stem(p) for fmt in FORMATS.values() for p in folder.glob(f"*{fmt.suffixes[0]}")
+             if p.is_file()}
+    return sorted(found)
