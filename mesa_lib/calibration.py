@@ -36,9 +36,10 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from mesa_lib.detectors import DetectorScore
+from mesa_lib.verdict import Verdict
 
 FORMAT = "mesa-scan-calibration"
 VERSION = 2  # 2: settings keyed by detector (ScanSettings.fingerprint); 1 is still read
@@ -290,31 +291,6 @@ def fit(clean: Sequence[Mapping[str, ClassScores]], alpha: float, floor: float,
                          {d: null[d][i] for d in detectors})[0] for i in range(n)]
     return Calibration(alpha, floor, dict(settings), centre, scale, null, tuple(combined),
                        dict(provenance or {}))
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """A calibrated verdict on one model.
-
-    Attributes:
-        status: "clean" or "backdoored" (p_value <= alpha).
-        target: the suspected target class (None when clean).
-        p_value: conformal p-value against the clean calibration models.
-        confidence: 1 - p_value (how unlike the clean models the scan looks).
-        detector: the detector with the smallest p-value (what fired, when flagged).
-        reason: one line for people.
-        detectors: detector -> {"statistic", "p_value", "target", "seconds"}.
-        per_class: detector -> class -> that detector's evidence and its "z".
-    """
-
-    status: Literal["clean", "backdoored"]
-    target: int | None
-    p_value: float
-    confidence: float
-    detector: str
-    reason: str
-    detectors: dict[str, dict[str, float]]
-    per_class: dict[str, dict[int, dict[str, float]]]
 
 
 def decide(scores: Mapping[str, DetectorScore], calibration: Calibration) -> Verdict:

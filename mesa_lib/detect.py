@@ -12,7 +12,9 @@ the target. Breadth (k-NN entropy, mean pairwise distance) is reported per class
 scores chunks of classes in parallel and decides once over all of them.
 
 Decision: margin_k = min(anomaly_k - anomaly_threshold, (asr_k - min_asr) / confidence_scale);
-"backdoored" iff max_k margin_k > 0, target = argmax; confidence = sigmoid(|max margin|).
+"backdoored" iff max_k margin_k > 0, target = argmax; confidence = sigmoid(|max margin|). The
+result is mesa_lib.verdict.Verdict, uncalibrated (no p-value), its evidence under
+`per_class["mesa"]`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +31,7 @@ from mesa_lib.evaluate import predict
 from mesa_lib.mesa import MesaConfig, autocast_for, fit_mesa, frozen
 from mesa_lib.metrics import anomaly_index, knn_entropy, mean_pairwise_distance
 from mesa_lib.triggers import random_locations, stamp
+from mesa_lib.verdict import Verdict
 
 
 @dataclass(frozen=True)
@@ -57,33 +59,6 @@ class DetectConfig:
     min_asr: float = 0.3
     confidence_scale: float = 0.1
     seed: int = 0
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """Outcome of `decide` (and `detect`).
-
-    Attributes:
-        status: "clean" or "backdoored".
-        target: the named target class, None when clean.
-        confidence: in [0, 1], confidence in `status`.
-        scores: class -> {"asr", "anomaly", "margin"} plus the evidence given to `decide`
-            (`detect`: "entropy", "mean_pairwise_distance").
-    """
-
-    status: Literal["clean", "backdoored"]
-    target: int | None
-    confidence: float
-    scores: dict[int, dict[str, float]]
-
-    @property
-    def reason(self) -> str:
-        """Why the model was flagged, in one line ("" when clean)."""
-        if self.target is None:
-            return ""
-        s = self.scores[self.target]
-        return (f"class {self.target} is hijacked by {s['asr']:.0%} of its recovered triggers "
-                f"(anomaly index {s['anomaly']:.1f})")
 
 
 @dataclass(frozen=True)
@@ -219,7 +194,8 @@ def decide(scores: Mapping[int, Mapping[str, float]], config: DetectConfig) -> V
         config: the thresholds.
 
     Returns:
-        A `Verdict` whose scores are the given ones plus "anomaly" and "margin".
+        A `Verdict` (no p-value) whose `per_class["mesa"]` holds the given scores plus
+        "anomaly" and "margin".
     """
     classes = sorted(scores)
     asr = torch.tensor([float(scores[c]["asr"]) for c in classes])
@@ -231,8 +207,12 @@ def decide(scores: Mapping[int, Mapping[str, float]], config: DetectConfig) -> V
     confidence = 1 / (1 + math.exp(-abs(float(margin[best]))))
     out = {c: {**scores[c], "anomaly": float(anomaly[i]), "margin": float(margin[i])}
            for i, c in enumerate(classes)}
+    top = out[classes[best]]
+    reason = (f"class {classes[best]} is hijacked by {top['asr']:.0%} of its recovered triggers "
+              f"(anomaly index {top['anomaly']:.1f})") if flagged else "no class stands out"
+    summary = {"statistic": float(margin[best]), "target": classes[best]}
     return Verdict("backdoored" if flagged else "clean", classes[best] if flagged else None,
-                   confidence, out)
+                   None, confidence, "mesa", reason, {"mesa": summary}, {"mesa": out})
 
 
 def detect(
@@ -255,7 +235,7 @@ def detect(
         labels: optional int64 (N,) true labels of `images` (else the model's predictions).
 
     Returns:
-        A `Verdict`; its scores hold "asr", "anomaly", "margin", "entropy" and
+        A `Verdict`; its `per_class["mesa"]` holds "asr", "anomaly", "margin", "entropy" and
         "mean_pairwise_distance" of each candidate class.
     """
     classes = config.candidates or tuple(range(_num_classes(model, images, device)))

@@ -67,6 +67,12 @@ def augment(x: Tensor, generator: torch.Generator, pad: int = 4) -> Tensor:
     return torch.where(flip[:, None, None, None], out.flip(-1), out)
 
 
+def index_batches(n: int, size: int, gen: torch.Generator) -> Iterator[Tensor]:
+    """Indices of n items in `size`-sized batches of one seeded random order."""
+    order = torch.randperm(n, generator=gen)
+    yield from (order[s : s + size] for s in range(0, n, size))
+
+
 def batches(
     images: Tensor,
     labels: Tensor,

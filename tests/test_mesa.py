@@ -14,10 +14,11 @@ import torch
 from backdoor_fixture import CPU, TARGET, TRIGGER, Lab, build_lab
 from torch import nn
 
-from mesa_lib.baselines import CleanseConfig, PointConfig, fit_point, neural_cleanse
+from mesa_lib.baselines import PointConfig, fit_point
 from mesa_lib.detect import DetectConfig, decide, detect, split_holdout
 from mesa_lib.distribution import ConstantSampler, PointDistribution, TriggerDistribution
 from mesa_lib.generator import TriggerGenerator
+from mesa_lib.masksearch import CleanseConfig, neural_cleanse
 from mesa_lib.mesa import MesaConfig, fit_mesa, target_probability
 from mesa_lib.metrics import (
     anomaly_index,
@@ -232,10 +233,11 @@ def test_detection_names_the_target_and_clears_a_clean_model(lab, clean_lab):
     bad = detect(lab.model, lab.defender_x, SHAPE, cfg, CPU, labels=lab.defender_y)
     good = detect(clean_lab.model, clean_lab.defender_x, SHAPE, cfg, CPU,
                   labels=clean_lab.defender_y)
-    assert (bad.status, bad.target) == ("backdoored", TARGET), bad.scores
-    assert (good.status, good.target) == ("clean", None), good.scores
+    assert (bad.status, bad.target) == ("backdoored", TARGET), bad.per_class
+    assert (good.status, good.target) == ("clean", None), good.per_class
     assert 0.5 < bad.confidence <= 1 and 0.5 < good.confidence <= 1
-    assert set(bad.scores) == set(range(6)) and "entropy" in bad.scores[0]
+    assert bad.p_value is None and bad.detector == "mesa"  # uncalibrated
+    assert set(bad.per_class["mesa"]) == set(range(6)) and "entropy" in bad.per_class["mesa"][0]
 
 
 def test_decide_flags_only_a_high_outlier_and_keeps_the_evidence():
@@ -243,13 +245,15 @@ def test_decide_flags_only_a_high_outlier_and_keeps_the_evidence():
     others = {c: {"asr": 0.01, "entropy": -1.0} for c in range(1, 6)}
     hijacked = decide({0: {"asr": 0.9, "entropy": 2.0}, **others}, cfg)
     assert (hijacked.status, hijacked.target) == ("backdoored", 0) and hijacked.confidence > 0.9
-    assert hijacked.scores[0]["entropy"] == 2.0 and set(hijacked.scores) == set(range(6))
-    assert set(hijacked.scores[3]) == {"asr", "entropy", "anomaly", "margin"}
+    scores = hijacked.per_class["mesa"]
+    assert scores[0]["entropy"] == 2.0 and set(scores) == set(range(6))
+    assert set(scores[3]) == {"asr", "entropy", "anomaly", "margin"}
+    assert "class 0 is hijacked by 90%" in hijacked.reason
     for asr in ([0.0] * 6,  # nothing fires
                 [0.9] * 6,  # everything fires: no outlier
                 [0.2] + [0.0] * 5):  # an outlier, but below min_asr
         verdict = decide({c: {"asr": a} for c, a in enumerate(asr)}, cfg)
-        assert (verdict.status, verdict.target) == ("clean", None), verdict.scores
+        assert (verdict.status, verdict.target) == ("clean", None), verdict.per_class
 
 
 def test_split_holdout_mixes_class_sorted_data_and_is_seeded():

@@ -11,8 +11,8 @@ import yaml
 from backdoor_fixture import CPU, TARGET, build_lab
 from pipeline_fixture import write_archive
 
-from mesa_lib.baselines import CleanseConfig, neural_cleanse
 from mesa_lib.distribution import UniformPatch
+from mesa_lib.masksearch import CleanseConfig, neural_cleanse
 from mesa_lib.repair import repair_hook
 from mesa_lib.stats import bootstrap_mean, paired_difference
 from tasks.common.settings import ConfigError

@@ -28,10 +28,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from mesa_lib.baselines import CleanseConfig, PointConfig, fit_point, neural_cleanse
+from mesa_lib.baselines import PointConfig, fit_point
 from mesa_lib.data import ImageSet
 from mesa_lib.distribution import ConstantSampler, PointDistribution, UniformPatch
 from mesa_lib.evaluate import accuracy, attack_success_rate
+from mesa_lib.masksearch import CleanseConfig, neural_cleanse
 from mesa_lib.mesa import MesaConfig, fit_mesa
 from mesa_lib.metrics import knn_entropy, mean_pairwise_distance
 from mesa_lib.poison import build_attack

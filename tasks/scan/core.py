@@ -21,9 +21,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mesa_lib.calibration import Calibration, CalibrationError, Verdict, decide
+from mesa_lib.calibration import Calibration, CalibrationError, decide
 from mesa_lib.detectors import ScanSettings, measure, reduce
 from mesa_lib.modelio import Manifest, ModelFileError, load_model
+from mesa_lib.verdict import Verdict
 from tasks.common.escape import escape
 
 

@@ -73,7 +73,7 @@ def _scan_model(stem: Path, images: torch.Tensor, labels: torch.Tensor, params: 
         v = detect(model, images[sub], (images.shape[1], 3, 3),
                    replace(BEFORE, seed=params.base.seed), device,
                    labels[sub])
-        margin = max(s["margin"] for s in v.scores.values())
+        margin = max(s["margin"] for s in v.per_class["mesa"].values())
         out["before"] = {"status": v.status, "target": v.target, "margin": margin,
                          "seconds": time.perf_counter() - start}
     return out
