@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.common import quality
+from tasks.pipeline import quality
 from tasks.pipeline.poison import poison_training_set
 from tasks.pipeline.stage import main, open_stage, publish
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.common import quality
+from tasks.pipeline import quality
 from tasks.pipeline.registry import register
 from tasks.pipeline.stage import main, open_stage, publish
 from tasks.pipeline.train import train_backdoored

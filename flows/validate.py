@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.common import catalog, quality
+from tasks.common import catalog
 from tasks.common.rawdata import resolve_archive
+from tasks.pipeline import quality
 from tasks.pipeline.stage import main, open_stage, publish
 from tasks.pipeline.validate import gate_metrics, validate_data
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from tasks.common.codedeps import RECORD_ONLY, closure, missing_deps, stage_code_deps
+from tasks.dev.codedeps import RECORD_ONLY, closure, missing_deps, stage_code_deps
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]

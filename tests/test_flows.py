@@ -146,7 +146,7 @@ def test_pipeline_flow_runs_every_stage(project: Path, prefect_harness: None) ->
 
 def test_failed_expectation_stops_validate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                            prefect_harness: None) -> None:
-    from tasks.common.quality import QualityError
+    from tasks.pipeline.quality import QualityError
 
     root = make_project(tmp_path / "skewed", overrides={"validate.class_balance": 0.1},
                         counts={"cat": 4})

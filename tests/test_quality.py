@@ -10,8 +10,8 @@ import torch
 
 from mesa_lib.poison import build_attack
 from mesa_lib.triggers import DEMO_PATTERN, pattern_trigger
-from tasks.common import quality
-from tasks.common.quality import QualityError
+from tasks.pipeline import quality
+from tasks.pipeline.quality import QualityError
 
 
 def _data(n: int = 200, classes: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

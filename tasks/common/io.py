@@ -1,6 +1,6 @@
 """Readers and writers of the catalog's formats (npz, json, csv, png); no pickles.
 
-Trigger samplers (MESA and point distributions) have their own module, tasks.common.samplers.
+Trigger samplers (MESA and point distributions) have their own module, tasks.pipeline.samplers.
 """
 
 from __future__ import annotations

@@ -20,9 +20,9 @@ from tasks.common import catalog
 from tasks.common.configs import point_config, trigger_shape
 from tasks.common.io import load_npz, save_grid
 from tasks.common.params import Params
-from tasks.common.samplers import save_sampler
 from tasks.common.tracking import StageRun
 from tasks.pipeline.repair import repair_with
+from tasks.pipeline.samplers import save_sampler
 
 
 @task

@@ -13,9 +13,10 @@ from typing import Any
 import torch
 from prefect import task
 
-from tasks.common import catalog, configs, quality
+from tasks.common import catalog, configs
 from tasks.common.io import load_npz, save_grid, save_npz
 from tasks.common.params import Params
+from tasks.pipeline import quality
 
 
 @task

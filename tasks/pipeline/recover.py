@@ -16,8 +16,8 @@ from tasks.common import catalog, tracking
 from tasks.common.configs import mesa_config, trigger_shape
 from tasks.common.io import CsvLog, load_npz, save_grid
 from tasks.common.params import Params
-from tasks.common.samplers import save_sampler
 from tasks.common.tracking import StageRun
+from tasks.pipeline.samplers import save_sampler
 
 
 def _sink(run: StageRun, betas: tuple[float, ...], csv: CsvLog):

@@ -20,8 +20,8 @@ from tasks.common import catalog
 from tasks.common.configs import repair_config
 from tasks.common.io import CsvLog, load_npz
 from tasks.common.params import Params
-from tasks.common.samplers import load_sampler
 from tasks.common.tracking import StageRun
+from tasks.pipeline.samplers import load_sampler
 from tasks.pipeline.train import epoch_sink
 
 

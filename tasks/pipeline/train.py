@@ -20,12 +20,13 @@ from mesa_lib.models import CIFAR10_MEAN, CIFAR10_STD, build_model
 from mesa_lib.poison import Attack, BatchHook
 from mesa_lib.train import EpochStats, train
 from mesa_lib.triggers import corner_location
-from tasks.common import catalog, configs, quality, tracking
+from tasks.common import catalog, configs, tracking
 from tasks.common.configs import arch_kwargs, train_config
 from tasks.common.dvcgraph import data_md5
 from tasks.common.io import CsvLog, load_npz, write_json
 from tasks.common.params import Params
 from tasks.common.tracking import StageRun
+from tasks.pipeline import quality
 
 
 def eval_locations(params: Params, trigger: Tensor) -> Tensor | str:

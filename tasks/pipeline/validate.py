@@ -9,10 +9,11 @@ import torch
 from prefect import task
 
 from mesa_lib.data import load_cifar
-from tasks.common import catalog, quality
+from tasks.common import catalog
 from tasks.common.env import CACHE_DIR
 from tasks.common.io import load_npz
 from tasks.common.params import NUM_CLASSES, Params
+from tasks.pipeline import quality
 
 
 @task

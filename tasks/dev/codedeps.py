@@ -6,7 +6,7 @@ change to, say, the one `stamp` in mesa_lib/triggers.py would leave every stampe
 `stage_code_deps` walks the `import` statements (anywhere in a file, lazy imports included) from
 the command's module; tests/test_dvc_deps.py checks every dvc.yaml against it, and
 
-    python -m tasks.common.codedeps dvc.yaml [reproduce/dvc.yaml ...]
+    python -m tasks.dev.codedeps dvc.yaml [reproduce/dvc.yaml ...]
 
 rewrites the code deps (the `- mesa_lib/...`, `- tasks/...`, `- flows/...` lines) of each stage
 in place, leaving every other line and comment as it is. The only files left out are those in

@@ -1,8 +1,8 @@
 """Run a DVC pipeline's missing stages in N parallel single-thread shards.
 
-    python -m tasks.common.shards zoo/dvc.yaml 2 [--match cal-]
-    python -m tasks.common.shards reproduce/dvc.yaml 2
-    python -m tasks.common.shards reproduce/dvc.yaml 2 --first tuned@0-9 tuned@1-9 tuned@2-9
+    python -m tasks.dev.shards zoo/dvc.yaml 2 [--match cal-]
+    python -m tasks.dev.shards reproduce/dvc.yaml 2
+    python -m tasks.dev.shards reproduce/dvc.yaml 2 --first tuned@0-9 tuned@1-9 tuned@2-9
 
 `dvc repro` runs one stage at a time, and two `dvc repro` processes would fight over the repo
 lock. This runs the stages DVC reports as changed, level by level of DVC's own graph (a stage
@@ -93,7 +93,7 @@ def _rank(address: str, first: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run every missing stage of the pipeline; exit 1 if any failed."""
-    ap = argparse.ArgumentParser(prog="python -m tasks.common.shards")
+    ap = argparse.ArgumentParser(prog="python -m tasks.dev.shards")
     ap.add_argument("dvcfile", type=Path)
     ap.add_argument("shards", type=int, nargs="?", default=2)
     ap.add_argument("--match", default="", help="only stages whose name contains this")
