@@ -4,13 +4,16 @@ A model on disk is a *stem* (``a/b``) and the files of its format. The one forma
 ``<stem>.safetensors`` (weights) + ``<stem>.json`` (manifest), read and written safely by
 mesa_lib.modelio. Everything that names, groups, copies, signs or discovers model files (the
 scanner's CLI, its drop folder and registry discovery, signing, the pipeline's catalog) asks this
-module, so a new format is one `ModelFormat` registered here plus its reader.
+module, and the scanner loads a model through `load`, which hands it to its format's reader: a
+new format is one `ModelFormat` registered here and its reader (`register_reader`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -90,3 +93,36 @@ def find(folder: Path | str) -> list[Path]:
     found = {stem(p) for fmt in FORMATS.values() for p in folder.glob(f"*{fmt.suffixes[0]}")
              if p.is_file()}
     return sorted(found)
+
+
+Reader = Callable[..., tuple[Any, Any]]
+"""(model path, map_location=..., **limits) -> (nn.Module in eval mode, its Manifest)."""
+READERS: dict[str, Reader] = {}
+
+
+def register_reader(fmt: ModelFormat, reader: Reader) -> None:
+    """Make `reader` load the models of `fmt`."""
+    READERS[fmt.name] = reader
+
+
+def format_of(path: Path | str) -> ModelFormat:
+    """The format of the model at `path`: the one whose file it names, else the one whose main
+    file exists beside the stem, else safetensors (whose reader then names the missing file)."""
+    name = Path(path).name
+    for fmt in FORMATS.values():
+        if any(name.endswith(s) and len(name) > len(s) for s in fmt.suffixes):
+            return fmt
+    for fmt in FORMATS.values():
+        if fmt.paths(stem(path))[0].is_file():
+            return fmt
+    return SAFETENSORS
+
+
+def load(path: Path | str, **kwargs: Any) -> tuple[Any, Any]:
+    """Load the model at `path` with its format's reader: (model, manifest)."""
+    from mesa_lib import modelio  # noqa: F401 - registers the safetensors reader
+
+    fmt = format_of(path)
+    if fmt.name not in READERS:
+        raise ValueError(f"{path}: no reader is registered for {fmt.name} models")
+    return READERS[fmt.name](Path(path), **kwargs)

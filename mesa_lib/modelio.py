@@ -421,6 +421,8 @@ def model_fingerprint(path: Path) -> str:
     return sha256_file(weights_path(path))
 
 
+modelfiles.register_reader(modelfiles.SAFETENSORS, load_model)
+
 __all__ = [
     "sha256_file",
     "FORMAT_VERSION",

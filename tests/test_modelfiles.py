@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from mesa_lib import modelfiles
 from mesa_lib.modelfiles import ModelFormat
 
@@ -34,5 +36,19 @@ def test_a_registered_format_is_known_everywhere(tmp_path: Path) -> None:
         assert modelfiles.find(tmp_path) == [tmp_path / "m"]
         assert modelfiles.role("m.toyw") == "weights" and modelfiles.stem("m.toyw") == Path("m")
         assert fmt.paths(Path("m")) == (Path("m.toyw"),)
+        assert modelfiles.format_of(tmp_path / "m") == fmt  # its main file is there
+        with pytest.raises(ValueError, match=r"m: no reader is registered for toy models"):
+            modelfiles.load(tmp_path / "m")
+        modelfiles.register_reader(fmt, lambda path, **kw: (f"model of {path.name}", kw))
+        assert modelfiles.load(tmp_path / "m.toyw", map_location="cpu") == (
+            "model of m.toyw", {"map_location": "cpu"})
     finally:
         del modelfiles.FORMATS["toy"]
+        modelfiles.READERS.pop("toy", None)
+
+
+def test_our_own_models_load_through_the_registry() -> None:
+    fixture = Path(__file__).parent / "fixtures" / "scan_models" / "clean"
+    assert modelfiles.format_of(fixture) == modelfiles.SAFETENSORS
+    model, manifest = modelfiles.load(fixture)
+    assert manifest.num_classes == 6 and not model.training

@@ -33,7 +33,7 @@ from mesa_lib import modelfiles
 from mesa_lib.data import DataError
 from mesa_lib.detectors import trigger_source
 from mesa_lib.modelfiles import MANIFEST_SUFFIX, SAFETENSORS, WEIGHTS_SUFFIX
-from mesa_lib.modelio import ModelFileError, load_model, save_model
+from mesa_lib.modelio import ModelFileError, save_model
 from mesa_lib.repair import repair
 from mesa_lib.seed import resolve_device
 from tasks.common.configs import repair_config, scan_settings
@@ -194,7 +194,7 @@ def scan_chunk(checked: Checked, classes: tuple[int, ...], params: Params) -> Ch
 def fit_chunk(checked: Checked, classes: tuple[int, ...], params: Params) -> ChunkResult:
     """The body of `scan_chunk` (also the re-scan after a repair)."""
     start, device = time.perf_counter(), resolve_device(params.base.device)
-    model, _ = load_model(checked.stem, map_location=device)
+    model, _ = modelfiles.load(checked.stem, map_location=device)
     images, labels = _batch(params, checked)
     result = measure_chunk(model, images, labels, tuple(classes), scan_settings(params), device,
                            params.scan.grid_samples)
@@ -216,7 +216,7 @@ def repair_model(checked: Checked, target: int, detector: str, params: Params,
         logger().warning("%s: no labels in the reference data, cannot repair",
                          checked.candidate.label)
         return None
-    model, manifest = load_model(checked.stem, map_location=device)
+    model, manifest = modelfiles.load(checked.stem, map_location=device)
     source = trigger_source(detector, model, images, labels, target, scan_settings(params),
                             device)
     repair(model, images, labels, source, repair_config(params), device)

@@ -21,9 +21,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mesa_lib import modelfiles
 from mesa_lib.calibration import Calibration, CalibrationError, decide
 from mesa_lib.detectors import ScanSettings, measure, reduce
-from mesa_lib.modelio import Manifest, ModelFileError, load_model
+from mesa_lib.modelio import Manifest, ModelFileError
 from mesa_lib.verdict import Verdict
 from tasks.common.escape import escape
 
@@ -64,7 +65,7 @@ def inspect(stem: Path, n_classes: int, image_shape: tuple[int, ...], probe: Ten
         Rejected: never a pickle, never a bad shape: the reason names the file.
     """
     try:
-        model, manifest = load_model(stem, map_location=device)
+        model, manifest = modelfiles.load(stem, map_location=device)
     except ModelFileError as err:
         raise Rejected(str(err)) from None
     if manifest.num_classes != n_classes:
