@@ -193,7 +193,12 @@ class Calibration:
         if not isinstance(combined, list) or len(combined) != n or \
                 not all(_number(v) and 0 < v <= 1 for v in combined):
             raise bad("combined_null", f"{n} p-values in (0, 1]", combined)
-        settings = raw["settings"] if raw["version"] == VERSION else settings_v1(raw["settings"])
+        try:
+            settings = raw["settings"] if raw["version"] == VERSION \
+                else settings_v1(raw["settings"])
+        except (KeyError, TypeError, IndexError) as err:
+            raise bad("settings", "version 1 scan settings", f"{raw['settings']} ({err})") \
+                from None
         return cls(float(raw["alpha"]), float(raw["floor"]), settings, centre, scale,
                    null, tuple(map(float, combined)), raw.get("provenance") or {})
 

@@ -81,7 +81,7 @@ class MesaDetectorConfig:
     hidden: int = field(default=512, metadata={"ge": 1})
     alpha: float = field(default=0.1, metadata={"ge": 0})
     trigger_noise: float = field(default=0.1, metadata={"ge": 0})
-    eval_images: int = field(default=200, metadata={"ge": 2})
+    eval_images: int = field(default=100, metadata={"ge": 2})
     trigger_size: int = field(default=3, metadata={"ge": 1, "le": 16})
     seed: int = 0
 

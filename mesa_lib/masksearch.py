@@ -7,7 +7,7 @@ mask m_k (1, H, W) and pattern p_k (C, H, W) with
 
 and raises lambda_k while the mask succeeds, lowers it while it fails. A backdoored target is
 reached by a mask the size of its trigger (a 3x3 patch: |m|_1 about 9), a clean class needs a
-mask of tens to hundreds of pixels. `mesa_lib.baselines.neural_cleanse` follows the authors in
+mask of tens to hundreds of pixels. `neural_cleanse` below follows the authors in
 adjusting lambda once per epoch; with the scanner's budget (about 16,000 image passes for ten
 classes, 15 s on 2 CPU cores) that is six adjustments, and the masks were still shrinking when it
 stopped: a 5x5 random-place backdoor of the calibration zoo (ASR 100%) left its target's mask at

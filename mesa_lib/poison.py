@@ -69,6 +69,20 @@ class PatchConfig:
 
 
 @dataclass(frozen=True)
+class BadNetsConfig(PatchConfig):
+    """BadNets' defaults: 10% of the non-target images, the patch at the bottom-right corner."""
+
+    location: str = field(default="corner", metadata={"pattern": LOCATION})
+
+
+@dataclass(frozen=True)
+class InjectionConfig(PatchConfig):
+    """The authors' injection defaults: each batch image poisoned with probability 1%."""
+
+    rate: float = field(default=0.01, metadata={"ge": 0, "le": 1})
+
+
+@dataclass(frozen=True)
 class PoisonedSet:
     """A training set after static poisoning.
 
@@ -193,7 +207,7 @@ class Attack(ABC):
         return float((predict(model, stamped, device) == self.target).float().mean())
 
 
-@register("badnets")
+@register("badnets", BadNetsConfig)
 @dataclass(frozen=True)
 class BadNets(Attack):
     """Stamp the trigger on `rate` of the non-target images and relabel them to the target.
@@ -229,7 +243,7 @@ class BadNets(Attack):
         return PoisonedSet(images, labels, idx)
 
 
-@register("finetune_injection")
+@register("finetune_injection", InjectionConfig)
 @dataclass(frozen=True)
 class FineTuneInjection(Attack):
     """The MESA authors' injection: per image probability `prob`, one random place per batch

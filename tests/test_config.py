@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from tasks.common import params as cfg
 from tasks.common.params import ConfigError, apply_overrides, load_params, params_from_dict
+from tasks.common.settings import read_params_file
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -49,7 +50,10 @@ def test_paper_profile_loads() -> None:
     ({"repair.rate": 1.5}, "repair.rate: Input should be less than or equal to 1, got 1.5"),
     ({"train.momentum": 1.0}, "train.momentum: Input should be less than 1, got 1.0"),
     ({"train.model": "vgg"}, "train.model: Input should be 'preact_resnet18', 'resnet18'"),
-    ({"poison.settings.badnets.trigger": "pattern:51"}, "poison.settings.badnets.trigger: "),
+    ({"poison.settings.badnets.trigger": "pattern:51"},
+     "poison.settings.badnets.trigger: pattern:K needs K in 0..50"),
+    ({"poison.settings.badnets.alpha": 0.2},
+     "poison.settings.badnets: the demo pipeline plants full-strength patches"),
     ({"poison.settings.badnets.trigger": "wanet"},
      "poison.settings.badnets.trigger: unknown trigger 'wanet'"),
     ({"poison.attack": "finetune_injection", "poison.settings": {"badnets": {}}},
@@ -143,3 +147,40 @@ def test_set_args_turn_a_profile_into_dvc_overrides(tmp_path: Path) -> None:
     assert "-S" in args and "train.model=resnet18" in args
     assert all(a == "-S" or "=" in a for a in args)
     assert cfg.set_args(ROOT / "params.yaml", ROOT / "params.yaml") == []
+    assert cfg.set_args(ROOT / "params-paper.yaml") == args  # its own overlay_of
+    # a key the base lacks (a plug-in block) is added with Hydra's `+`
+    overlay = tmp_path / "mesa.yaml"
+    overlay.write_text(f"overlay_of: {ROOT / 'params.yaml'}\n"
+                       "scan: {detectors: {mesa: {beta: 0.9}}}\n")
+    (flag, arg), = [cfg.set_args(overlay)]
+    assert flag == "-S" and arg.endswith("+scan.detectors.mesa.beta=0.9")
+    gpu = cfg.set_args(ROOT / "reproduce" / "params-gpu.yaml")
+    assert f"{ROOT / 'reproduce' / 'params.yaml'}:model.arch=resnet18" in gpu
+
+
+def test_an_overlay_names_its_base_and_its_errors(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text("overlay_of: b.yaml\nx: 1\n")
+    (tmp_path / "b.yaml").write_text("overlay_of: a.yaml\ny: 2\n")
+    with pytest.raises(ConfigError, match="makes a cycle"):
+        read_params_file(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("overlay_of: missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: its base: .*missing.yaml: params file not"):
+        read_params_file(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("overlay_of:\n")
+    with pytest.raises(ConfigError, match="overlay_of must name the base params file, got None"):
+        read_params_file(tmp_path / "d.yaml")
+    (tmp_path / "base.yaml").write_text("g: {k: 1, blocks: {m: {a: 1, b: 2}}}\n")
+    (tmp_path / "e.yaml").write_text("overlay_of: base.yaml\ng: {blocks: {m: {b: 3}}}\n")
+    assert read_params_file(tmp_path / "e.yaml") == {"g": {"k": 1, "blocks": {"m": {"a": 1,
+                                                                                  "b": 3}}}}
+
+
+def test_equal_params_hash_alike_and_plug_in_settings_are_logged_one_by_one() -> None:
+    a = load_params(ROOT / "params.yaml")
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["poison"]["settings"] = dict(reversed(list(raw["poison"]["settings"].items())))
+    b = cfg.params_from_dict(raw)
+    assert a == b and hash(a) == hash(b)
+    logged = a.section("scan", "poison")
+    assert logged["scan.detectors.mask.steps"] == 200
+    assert logged["poison.settings.badnets.trigger"] == "demo"

@@ -93,7 +93,9 @@ def test_a_detector_defined_in_a_test_scans_end_to_end(shift_detector, tmp_path,
     code = main([str(tmp_path / "clean"), "--params", str(params_path), "--reference",
                  str(tmp_path / "reference.npz"), "--format", "json"])
     (record,) = json.loads(capsys.readouterr().out)
-    assert code in (0, 1) and record["verdict"] in ("clean", "backdoored")
+    assert code == {"clean": 0, "backdoored": 1}[record["verdict"]]
+    # the verdict pools both detectors' statistics against the calibration's null
+    assert record["detector"] in ("mask", "shift") and 0 < record["p_value"] <= 1
     assert set(record["detectors"]) == {"mask", "shift"}
     assert set(record["scores"]["shift"]) == {str(c) for c in range(6)}
     assert CALLS == [((0, 1, 2, 3, 4, 5), 3, 7)]  # its config, with the scan's seed
@@ -197,7 +199,12 @@ def test_an_attack_defined_in_a_test_builds_a_zoo_model(tint_attack, tmp_path: P
     truth = json.loads(build.run(params, "c-tint").read_text())
     assert truth["backdoored"] and truth["target"] == 2 and truth["base"] is None
     assert truth["attack"] == {"name": "tint", "strength": 0.5, "rate": 0.3}
-    assert 0 <= truth["asr"] <= 1  # measured by the attack's own `success`
+    # the ASR is the attack's own `success`, on the truth images with its own `apply`
+    model, _ = load_model(tmp_path / build.stem_of(params, "c-tint"))
+    data = build.load_data(params)
+    own = build.attack_of(params.backdoors["c-tint"]).success(
+        model, data.truth.images, data.truth.labels, torch.device("cpu"))
+    assert truth["asr"] == own
     bad = tiny_zoo(tmp_path, backdoors={"c-tint": {**entry, "strength": 2.0}})
     with pytest.raises(ConfigError, match=r"backdoors.c-tint.strength: Input should be less "
                                           r"than or equal to 1, got 2.0"):

@@ -86,7 +86,7 @@ class PoisonParams(Group):
                                   "out take the attack's defaults)")
 
     def __hash__(self) -> int:  # the settings blocks are dicts: hash the group as JSON
-        return hash(self.model_dump_json())
+        return hash(json.dumps(self.model_dump(mode="json"), sort_keys=True))
 
 
 class TrainParams(Group):
@@ -183,8 +183,9 @@ class ScanParams(Group):
     settle_s: int = Field(ge=0, description="drop files changed more recently wait a run")
 
 
-    def __hash__(self) -> int:  # the detector blocks are dicts: hash the settings as JSON
-        return hash(self.model_dump_json())
+    def __hash__(self) -> int:  # the detector blocks are dicts: hash the settings as JSON,
+        # key order ignored as == ignores it
+        return hash(json.dumps(self.model_dump(mode="json"), sort_keys=True))
 
 
 class PlatformParams(Group):
@@ -233,9 +234,17 @@ class Params(Group):
         if self.poison.target >= classes:
             errors.append(f"poison.target: expected int < {classes} ({self.data.name}), "
                           f"got {self.poison.target}")
-        if self.poison.attack not in self.poison.settings:
+        planted = self.poison.settings.get(self.poison.attack)
+        if planted is None:
             errors.append(f"poison.attack: expected one of poison.settings "
                           f"{sorted(self.poison.settings)}, got {self.poison.attack!r}")
+        elif planted.get("alpha", 1.0) != 1.0 or planted.get("location", "random") not in (
+                "random", "corner"):
+            # the stages measure ASR and recover triggers as full-strength patches, at the
+            # corner or at random places (the zoo plants blends and fixed places)
+            errors.append(f"poison.settings.{self.poison.attack}: the demo pipeline plants "
+                          f"full-strength patches at 'random' or 'corner', got alpha "
+                          f"{planted.get('alpha')}, location {planted.get('location')!r}")
         if self.recover.n_images and self.recover.n_images < self.recover.batch_size:
             errors.append(f"recover.n_images: expected 0 or >= recover.batch_size "
                           f"({self.recover.batch_size}), got {self.recover.n_images}")
@@ -260,7 +269,7 @@ class Params(Group):
     def section(self, *names: str) -> dict[str, Any]:
         """Flat {"group.key": value} of the named groups, for logging as run params."""
         full = self.to_dict()
-        return {f"{g}.{k}": v for g in names for k, v in full[g].items()}
+        return leaves({g: full[g] for g in names})  # plug-in blocks: one param per setting
 
     def digest(self, *names: str) -> str:
         """sha256 of the named groups (all groups if none), canonical JSON: the params hash."""
@@ -370,11 +379,20 @@ def describe_params() -> str:
             rules = {k: v for k, v in spec.items() if k not in ("title", "description")}
             lines.append(f"| `{group}.{key}` | `{json.dumps(rules, sort_keys=True)}` | "
                          f"{spec.get('description', '')} |")
+    blocks = {f"scan.detectors.{n}": d.config for n, d in detectors.DETECTORS.items()}
+    blocks |= {f"poison.settings.{n}": a.config for n, a in poison.ATTACKS.items()}
+    for where, config in blocks.items():  # the plug-ins' blocks, from their dataclasses
+        for key, spec in plugins.block_schema(config)["properties"].items():
+            rules = {k: v for k, v in spec.items() if k not in ("title", "description")}
+            lines.append(f"| `{where}.{key}` | `{json.dumps(rules, sort_keys=True)}` | "
+                         f"{spec.get('description', '')} |")
     return "\n".join(lines)
 
 
 def _hydra_value(value: Any) -> str:
     """A value as `dvc exp run -S key=value` (Hydra override syntax) expects it."""
+    if value is None:
+        return "null"
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, list | tuple):
@@ -401,7 +419,9 @@ def set_args(profile: Path | str, base: Path | str | None = None) -> list[str]:
     prefix = "" if ours else f"{base}:"
     args = []
     for key, value in new.items():
-        if old.get(key) != value:
+        if key not in old:  # Hydra's `+key=value` adds a key the base lacks (a plug-in block)
+            args += ["-S", f"{prefix}+{key}={_hydra_value(value)}"]
+        elif old[key] != value:
             args += ["-S", f"{prefix}{key}={_hydra_value(value)}"]
     return args
 

@@ -88,7 +88,10 @@ def overlay_base(path: Path | str) -> Path | None:
     raw = read_yaml(path)
     if not isinstance(raw, Mapping) or OVERLAY_KEY not in raw:
         return None
-    return Path(path).parent / str(raw[OVERLAY_KEY])
+    base = raw[OVERLAY_KEY]
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{path}: {OVERLAY_KEY} must name the base params file, got {base!r}")
+    return Path(path).parent / base
 
 
 def read_params_file(path: Path | str, _seen: tuple[Path, ...] = ()) -> Any:
@@ -96,6 +99,8 @@ def read_params_file(path: Path | str, _seen: tuple[Path, ...] = ()) -> Any:
 
     A variant of a params file (params-paper.yaml, reproduce/params-gpu.yaml) holds only what
     differs, under `overlay_of: <base file>`, so a key added to the base is written once.
+    Mappings merge key by key (a plug-in block of the base stays unless the overlay gives its
+    keys); any other value is replaced.
     """
     path = Path(path)
     raw = read_yaml(path)
@@ -105,7 +110,11 @@ def read_params_file(path: Path | str, _seen: tuple[Path, ...] = ()) -> Any:
     if base.resolve() in _seen or base.resolve() == path.resolve():
         raise ConfigError(f"{path}: {OVERLAY_KEY} {raw[OVERLAY_KEY]!r} makes a cycle")
     changes = {k: v for k, v in raw.items() if k != OVERLAY_KEY}
-    return merged(read_params_file(base, (*_seen, path.resolve())) or {}, changes)
+    try:
+        parent = read_params_file(base, (*_seen, path.resolve()))
+    except ConfigError as err:
+        raise ConfigError(f"{path}: its base: {err}") from None
+    return merged(parent or {}, changes)
 
 
 def leaves(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

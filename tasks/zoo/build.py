@@ -1,11 +1,11 @@
 """`python -m tasks.zoo.build NAME`: train one zoo model and write its truth record.
 
-The model goes to zoo/models/<zoo>/NAME.{safetensors,json} (DVC cache, not git) in the safe
-format; its manifest says nothing about the attack (the scanner must not be told). The truth
-record zoo/truth/<zoo>/NAME.json (in git) says what it is: clean or backdoored with its target,
-the attack, its attack success rate (ASR) and clean accuracy, measured on the test images the
-scanner never gets (`data.n_reference` of the test set are the scanner's reference; the rest
-are for truth).
+The model goes to zoo/models/<zoo>/NAME.{safetensors,json} (a base model to zoo/models/<zoo>/bases/;
+DVC cache, not git) in the safe format; its manifest says nothing about the attack (the scanner must
+not be told). The truth record zoo/truth/<zoo>/NAME.json (in git) says what it is: clean or
+backdoored with its target, the attack, its attack success rate (ASR) and clean accuracy, measured
+on the test images the scanner never gets (`data.n_reference` of the test set are the scanner's
+reference; the rest are for truth).
 """
 
 from __future__ import annotations

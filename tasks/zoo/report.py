@@ -73,8 +73,8 @@ def families(truth: Truth) -> dict[str, Callable[[dict[str, Any]], bool]]:
              "rate <= 3%": lambda t: patch(t) and setting(t, "rate") <= 0.03,
              "rate 5%": lambda t: patch(t) and setting(t, "rate") == 0.05,
              "rate >= 10%": lambda t: patch(t) and setting(t, "rate") >= 0.10,
-             "fine-tune injection": lambda t: patch(t) and t.get("base") is not None,
-             "BadNets from scratch": lambda t: patch(t) and t.get("base") is None,
+             "planted while fine-tuning a base": lambda t: patch(t) and t.get("base") is not None,
+             "planted while training from scratch": lambda t: patch(t) and t.get("base") is None,
              "ResNet-20": lambda t: patch(t) and t["arch"] == "resnet20",
              "blended (whole image)": lambda t: setting(t, "size") == 32,
              "all backdoors": lambda t: True}
