@@ -215,7 +215,10 @@ class Calibration:
 
 
 def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"a.b": leaf} of a nested mapping; a mapping's absence shows as its own key."""
+    """{"a.b": leaf} of a nested mapping; a mapping's absence shows as its own key.
+
+    (tasks.common.settings.leaves does the same for params files; mesa_lib may not import
+    tasks, and reading params may not import this module's torch-bound neighbours.)"""
     out: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, Mapping) and value:

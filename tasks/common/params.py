@@ -281,50 +281,14 @@ class Params(Group):
 # --------------------------------------------------------------------------- loading
 
 
-def check_detectors(raw: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """`raw` with each `scan.detectors` block checked against its detector's config (defaults
-    filled in), and the problems found, each naming its key."""
-    scan = raw.get("scan")
-    blocks = scan.get("detectors") if isinstance(scan, Mapping) else None
-    if not isinstance(blocks, Mapping):
-        return dict(raw), []  # the model's own check names the missing or mistyped key
-    checked, errors = {}, []
-    for name, block in blocks.items():
-        if name not in detectors.DETECTORS:
-            errors.append(f"scan.detectors.{name}: unknown detector; known: "
-                          f"{sorted(detectors.DETECTORS)}")
-            continue
-        checked[name], problems = plugins.check_block(detectors.DETECTORS[name].config, block,
-                                                      f"scan.detectors.{name}")
-        errors += problems
-    return {**raw, "scan": {**scan, "detectors": checked}}, errors
-
-
-def check_attacks(raw: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """`raw` with each `poison.settings` block checked against its attack's config (defaults
-    filled in), and the problems found, each naming its key."""
-    group = raw.get("poison")
-    blocks = group.get("settings") if isinstance(group, Mapping) else None
-    if not isinstance(blocks, Mapping):
-        return dict(raw), []
-    checked, errors = {}, []
-    for name, block in blocks.items():
-        if name not in poison.ATTACKS:
-            errors.append(f"poison.settings.{name}: unknown attack; known: "
-                          f"{sorted(poison.ATTACKS)}")
-            continue
-        checked[name], problems = plugins.check_block(poison.ATTACKS[name].config, block,
-                                                      f"poison.settings.{name}")
-        errors += problems
-    return {**raw, "poison": {**group, "settings": checked}}, errors
-
-
 def params_from_dict(raw: Any) -> Params:
     """Validate a decoded params mapping; every problem found is named in one ConfigError."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"params: expected a mapping of groups, got {type(raw).__name__}")
-    raw, lines = check_detectors(raw)
-    raw, more = check_attacks(raw)
+    raw, lines = plugins.check_blocks(raw, "scan", "detectors", "detector",
+                                      {n: d.config for n, d in detectors.DETECTORS.items()})
+    raw, more = plugins.check_blocks(raw, "poison", "settings", "attack",
+                                     {n: a.config for n, a in poison.ATTACKS.items()})
     lines += more
     if not lines:
         try:

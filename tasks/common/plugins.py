@@ -66,6 +66,29 @@ def check_block(config: type, raw: Any, where: str) -> tuple[dict[str, Any], lis
     return json.loads(model.model_dump_json()), []
 
 
+def check_blocks(raw: Mapping[str, Any], group: str, key: str, kind: str,
+                 configs: Mapping[str, type]) -> tuple[dict[str, Any], list[str]]:
+    """`raw` with each block of `raw[group][key]` (plug-in name -> settings) checked against its
+    plug-in's config (defaults filled in), and the problems found, each naming its key.
+
+    Args:
+        kind: what the plug-ins are ("detector", "attack"), for messages.
+        configs: plug-in name -> its config dataclass (the registry).
+    """
+    section = raw.get(group)
+    blocks = section.get(key) if isinstance(section, Mapping) else None
+    if not isinstance(blocks, Mapping):
+        return dict(raw), []  # the params model's own check names the missing or mistyped key
+    checked, errors = {}, []
+    for name, block in blocks.items():
+        if name not in configs:
+            errors.append(f"{group}.{key}.{name}: unknown {kind}; known: {sorted(configs)}")
+            continue
+        checked[name], problems = check_block(configs[name], block, f"{group}.{key}.{name}")
+        errors += problems
+    return {**raw, group: {**section, key: checked}}, errors
+
+
 def build(config: type, block: Mapping[str, Any]) -> Any:
     """The config dataclass from a checked block (tuples restored)."""
     values = block_model(config).model_validate(dict(block)).model_dump()
