@@ -89,7 +89,7 @@ def train_backdoored(params: Params, device: torch.device, run: StageRun) -> dic
     if hook is not None:  # poisons batches: a clean model first, then the injection
         train(model, poisoned["images"], poisoned["labels"], train_config(params), device,
               callback=epoch_sink(run, "clean", curve))
-        hook = recorder = InjectionRecorder(attack, attack.batch_hook())
+        hook = recorder = InjectionRecorder(attack, hook)  # its draws start after the clean run
     t = params.train
     epochs, offset = (t.inject_epochs, t.epochs) if recorder else (t.epochs, 0)
     cfg = train_config(params, epochs=epochs, lr=t.inject_lr, schedule="constant") if recorder \

@@ -167,7 +167,7 @@ def _verify_signature(cand: Candidate, copies: dict[str, Path], work: Path,
         return ""
     staged = work / "arrived"
     staged.mkdir(exist_ok=True)
-    own = modelfiles.stem(Path(cand.file(WEIGHTS_SUFFIX) or MODEL_STEM).name).name
+    own = modelfiles.stem(cand.file(WEIGHTS_SUFFIX) or MODEL_STEM).name
     for suffix in SAFETENSORS.suffixes:
         if suffix in copies:
             shutil.copyfile(copies[suffix], staged / f"{own}{suffix}")
