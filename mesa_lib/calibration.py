@@ -315,11 +315,30 @@ def decide(scores: Mapping[str, DetectorScore], calibration: Calibration) -> Ver
     per_class = {d: {c: {**scores[d].per_class[c], "z": s[2][c]} for c in s[2]}
                  for d, s in stats.items()}
     n = len(calibration.combined_null)
+    targets = flagged_classes(stats, calibration, target) if flagged else ()
     if flagged:
         reason = (f"{fired} detector: class {target} is {statistic:.1f} clean-model scales "
                   f"easier to reach than in clean models (p = {p:.3f} against {n} clean "
                   f"models, alpha {calibration.alpha})")
+        if len(targets) > 1:
+            reason += f"; classes {list(targets)} are all flagged"
     else:
         reason = f"no class stands out (p = {p:.3f} > alpha {calibration.alpha})"
     return Verdict("backdoored" if flagged else "clean", target if flagged else None, p, 1 - p,
-                   fired, reason, summary, per_class)
+                   fired, reason, summary, per_class, targets)
+
+
+def flagged_classes(stats: Mapping[str, tuple[float, int, dict[int, float]]],
+                    calibration: Calibration, target: int) -> tuple[int, ...]:
+    """Every class whose own standardised scores would flag the model: `target` first, then
+    the others by p-value.
+
+    Each class k is tested with its own z_k in place of the maximum, against the same null of
+    the maximum over classes (a single-step max-T procedure, Westfall and Young 1993): a clean
+    model has any class flagged with probability <= alpha, so the extra targets cost no
+    false-alarm rate."""
+    classes = sorted(next(iter(stats.values()))[2])
+    p_of = {k: calibration.combined({d: s[2][k] for d, s in stats.items()})[0] for k in classes}
+    others = sorted((k for k in classes if k != target and p_of[k] <= calibration.alpha),
+                    key=lambda k: (p_of[k], k))
+    return (target, *others)

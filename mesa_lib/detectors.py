@@ -21,7 +21,8 @@ compares each class with the same class in clean models.
 A registry entry (`Detector`) is a name, a frozen config dataclass whose defaults are the shipped
 settings, and its functions: `measure` some classes (the scan service fans chunks of a model's
 classes out over workers), `reduce` over all of them, and the `trigger_source` a repair uses
-against the class it flagged. A new detector is one module with one `@register_detector` call;
+against a class it flagged: the trigger as recovered and its geometry (mesa_lib.geometry). A
+new detector is one module with one `@register_detector` call;
 params.yaml then takes a block `scan.detectors.<name>` checked against the config's fields
 (tasks/common/plugins.py), and a calibration's fingerprint holds the config as it ran.
 """
@@ -38,9 +39,10 @@ import torch
 from torch import Tensor, nn
 
 from mesa_lib.detect import DetectConfig, score_classes
-from mesa_lib.distribution import TriggerSampler
+from mesa_lib.geometry import Family, Geometry, GeometryConfig, Placed, Recovered, anywhere
+from mesa_lib.geometry import geometry_of as mask_geometry
 from mesa_lib.masksearch import MaskSearchConfig, mask_search
-from mesa_lib.mesa import MesaConfig, fit_mesa
+from mesa_lib.mesa import MesaConfig, fit_mesa, frozen
 
 
 @dataclass(frozen=True)
@@ -112,8 +114,8 @@ class Detector:
         measure: (model, images uint8 (N, C, H, W), labels (N,) or None, classes, config,
             device) -> (evidence of those classes, class -> recovered triggers (k, C, h, w)).
         reduce: evidence of every class -> class scores (the median class scores 0).
-        trigger_source: (model, images, labels, target, config, device) -> what a repair
-            stamps for that target (a TriggerSampler: `sample(n, generator)`).
+        trigger_source: (model, images, labels, target, config, device) -> (the trigger it
+            recovers for that target, a `Family`; its `Geometry`, where a repair's triggers go).
         check: (config, scan images) -> a problem with the combination, or None.
     """
 
@@ -121,7 +123,7 @@ class Detector:
     config: type
     measure: Callable[..., tuple[Evidence, dict[int, Tensor]]]
     reduce: Callable[[Evidence], dict[int, float]]
-    trigger_source: Callable[..., TriggerSampler]
+    trigger_source: Callable[..., tuple[Family, Geometry]]
     check: Callable[[Any, int], str | None] = lambda config, images: None
 
 
@@ -129,7 +131,7 @@ DETECTORS: dict[str, Detector] = {}
 
 
 def register_detector(name: str, config: type, reduce: Callable[[Evidence], dict[int, float]],
-                      trigger_source: Callable[..., TriggerSampler],
+                      trigger_source: Callable[..., tuple[Family, Geometry]],
                       check: Callable[[Any, int], str | None] | None = None):
     """Decorator registering a `measure` function as detector `name` with its other parts."""
 
@@ -209,16 +211,38 @@ def _reduce_mesa(evidence: Evidence) -> dict[int, float]:
     return centred(evidence, "asr", lambda asr: asr)
 
 
+def _others(model: nn.Module, images: Tensor, labels: Tensor | None, target: int,
+            device: torch.device, limit: int = 512) -> Tensor:
+    """Up to `limit` images of classes other than `target` (by label, else by the model's
+    prediction), float (n, C, H, W) in [0, 1] on `device`."""
+    x = images[:4 * limit].to(device).float().div(255)
+    if labels is None:
+        with torch.no_grad():
+            keep = model(x).argmax(1) != target
+    else:
+        keep = labels[:4 * limit].to(device) != target
+    return x[keep][:limit]
+
+
 def _mask_trigger(model: nn.Module, images: Tensor, labels: Tensor | None, target: int,
-                  config: MaskSearchConfig, device: torch.device) -> TriggerSampler:
-    """The target's smallest successful mask and pattern (Neural Cleanse's unlearning trigger)."""
-    return mask_search(model, images, (target,), config, device).trigger(target)
+                  config: MaskSearchConfig, device: torch.device) -> tuple[Family, Geometry]:
+    """The target's smallest successful mask and pattern (Neural Cleanse's unlearning trigger)
+    and the geometry of its support (mesa_lib.geometry)."""
+    found = mask_search(model, images, (target,), config, device)
+    gen = torch.Generator().manual_seed(config.seed)
+    with frozen(model):
+        geometry = mask_geometry(model, _others(model, images, labels, target, device),
+                                 found.masks[0], found.patterns[0], target, GeometryConfig(), gen)
+    return found.trigger(target), geometry
 
 
 def _mesa_triggers(model: nn.Module, images: Tensor, labels: Tensor | None, target: int,
-                   config: MesaDetectorConfig, device: torch.device) -> TriggerSampler:
-    """MESA's distribution of the target's triggers (Sec. 4.3)."""
-    return fit_mesa(model, images, target, config.shape(images.shape[1]), config.mesa(), device)
+                   config: MesaDetectorConfig, device: torch.device) -> tuple[Family, Geometry]:
+    """MESA's distribution of the target's triggers (Sec. 4.3), square patches anywhere."""
+    shape = config.shape(images.shape[1])
+    geometry = anywhere(shape[1:])
+    return Placed(fit_mesa(model, images, target, shape, config.mesa(), device), geometry), \
+        geometry
 
 
 def _mesa_check(config: MesaDetectorConfig, images: int) -> str | None:
@@ -281,10 +305,11 @@ def reduce(name: str, evidence: Evidence, samples: dict[int, Tensor] | None = No
 
 
 def trigger_source(name: str, model: nn.Module, images: Tensor, labels: Tensor | None,
-                   target: int, settings: ScanSettings, device: torch.device) -> TriggerSampler:
-    """What a repair stamps against `target`, as detector `name` recovers it."""
-    return detector(name).trigger_source(model, images, labels, target, settings.config(name),
-                                         device)
+                   target: int, settings: ScanSettings, device: torch.device) -> Recovered:
+    """The trigger detector `name` recovers for `target`, and where a repair's triggers go."""
+    trigger, geometry = detector(name).trigger_source(model, images, labels, target,
+                                                      settings.config(name), device)
+    return Recovered(target, name, trigger, geometry)
 
 
 def run_detectors(model: nn.Module, images: Tensor, labels: Tensor | None, n_classes: int,

@@ -246,7 +246,8 @@ class MaskTrigger:
                              f"{tuple(mask.shape)} and {tuple(pattern.shape)}")
         self.mask, self.pattern = mask.detach(), pattern.detach()
 
-    def apply(self, images: Tensor) -> Tensor:
-        """Blend the pattern into float images (N, C, H, W) in [0, 1] through the mask."""
+    def apply(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Blend the pattern into float images (N, C, H, W) in [0, 1] through the mask (a
+        `mesa_lib.geometry.Family`; nothing is drawn)."""
         m, p = self.mask.to(images.device), self.pattern.to(images.device)
         return (1 - m) * images + m * p

@@ -28,8 +28,8 @@ from torch import Tensor, nn
 
 from mesa_lib.distribution import TriggerDistribution
 from mesa_lib.generator import TriggerGenerator
+from mesa_lib.geometry import Geometry, anywhere
 from mesa_lib.mine import Mine
-from mesa_lib.triggers import random_locations, stamp
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,8 @@ def _batches(n: int, size: int, gen: torch.Generator) -> Iterator[Tensor]:
 
 
 def target_probability(
-    model: nn.Module, images: Tensor, triggers: Tensor, targets: Tensor, gen: torch.Generator
+    model: nn.Module, images: Tensor, triggers: Tensor, targets: Tensor, gen: torch.Generator,
+    geometry: Geometry | None = None,
 ) -> Tensor:
     """s for N batches of triggers stamped on the same clean images, in ONE forward pass.
 
@@ -142,17 +143,17 @@ def target_probability(
         model: classifier mapping float (M, C, H, W) in [0, 1] to logits (M, K).
         images: float (B, C, H, W) in [0, 1], on the model's device.
         triggers: float (N, B, C, h, w) in [0, 1]; triggers[n, b] is stamped on images[b] at a
-            random place.
+            random place, or where `geometry` puts it.
         targets: int64 (N,) target class of each sub-model.
         gen: CPU generator of the locations.
+        geometry: where triggers go (mesa_lib.geometry); None = the paper's random places.
 
     Returns:
         (N, B) softmax probability of each sub-model's target class.
     """
     n, b = triggers.shape[:2]
-    loc = random_locations(n * b, tuple(images.shape[-2:]), tuple(triggers.shape[-2:]), gen,
-                           images.device)
-    stamped = stamp(images.repeat(n, 1, 1, 1), triggers.flatten(0, 1), loc)
+    geometry = geometry or anywhere(tuple(triggers.shape[-2:]))
+    stamped = geometry.place(images.repeat(n, 1, 1, 1), triggers.flatten(0, 1), gen)
     with autocast_for(images.device):
         logits = model(stamped)
     probs = F.softmax(logits.float(), dim=1).reshape(n, b, -1)
@@ -168,7 +169,7 @@ def _noisy(trig: Tensor, sigma: float, gen: torch.Generator) -> Tensor:
 def _step(
     model: nn.Module, g: TriggerGenerator, mine: Mine, opt_g: torch.optim.Optimizer,
     opt_t: torch.optim.Optimizer, x: Tensor, tgt: Tensor, betas: Tensor, config: MesaConfig,
-    gen: torch.Generator,
+    gen: torch.Generator, geometry: Geometry | None,
 ) -> Tensor:
     """One MINE step then one generator step on clean images x (B, C, H, W) in [0, 1].
 
@@ -183,7 +184,8 @@ def _step(
     (-est.surrogate.sum()).backward()
     opt_t.step()
     # Generator step: hinge on the target probability + alpha * MINE (T held fixed).
-    s = target_probability(model, x, _noisy(trig, config.trigger_noise, gen), tgt, gen)
+    noisy = _noisy(trig, config.trigger_noise, gen)
+    s = target_probability(model, x, noisy, tgt, gen, geometry)
     hinge = torch.minimum(s, betas[:, None]).mean(1)
     mine.requires_grad_(False)
     mi = mine(z, trig, gen).surrogate
@@ -203,6 +205,7 @@ def fit_mesa(
     config: MesaConfig,
     device: torch.device,
     callback: MesaCallback | None = None,
+    geometry: Geometry | None = None,
 ) -> TriggerDistribution:
     """Fit the staircase of trigger generators to a (possibly backdoored) classifier.
 
@@ -216,6 +219,9 @@ def fit_mesa(
         config: hyperparameters.
         device: where everything runs.
         callback: called after each epoch with `MesaEpochStats`.
+        geometry: where triggers are put on images (mesa_lib.geometry: a patch at a fixed or
+            random place, or through a recovered blend mask), its size `trigger_shape`'s; None =
+            the paper's random places.
 
     Returns:
         The fitted `TriggerDistribution` (sub-model k = targets[k // len(betas)],
@@ -240,7 +246,8 @@ def fit_mesa(
             start, sums, steps = time.perf_counter(), torch.zeros(3, n, device=device), 0
             for idx in _batches(len(images), config.batch_size, gen):
                 x = images[idx.to(device)].float().div_(255)
-                sums += _step(model, g, mine, opt_g, opt_t, x, tgt, betas, config, gen)
+                sums += _step(model, g, mine, opt_g, opt_t, x, tgt, betas, config, gen,
+                              geometry)
                 steps += 1
             if callback is not None:
                 mean = (sums / max(steps, 1)).cpu().tolist()

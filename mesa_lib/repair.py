@@ -12,8 +12,9 @@ Repair is a `BatchHook` for `mesa_lib.train.train`; the same function gives the 
 `sampler=None` is plain fine-tuning (no trigger), `ConstantSampler(true_trigger)` the oracle,
 `UniformPatch` random patches. Every sampler is drawn noise-free and then given the same
 `sample_noise` (0 by default, as in the authors' repair), so no method gets noise another does
-not. A sampler with `apply` (Neural Cleanse's `MaskTrigger`) is applied to the whole image
-instead of stamped as a patch.
+not. What is stamped is a `mesa_lib.geometry.Family`: a sampler's patterns at random places (the
+paper's), or placed by the geometry a scan recovered, or Neural Cleanse's `MaskTrigger` over the
+whole image.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ import torch
 from torch import Tensor, nn
 
 from mesa_lib.distribution import TriggerSampler
+from mesa_lib.geometry import Family, Placed
 from mesa_lib.seed import derive_seed
 from mesa_lib.train import BatchHook, EpochCallback, TrainConfig, train
-from mesa_lib.triggers import random_locations, stamp
 
 SampleFn = Callable[[int, torch.Generator], Tensor]
 """(n, generator) -> triggers (n, C, h, w) float in [0, 1]."""
@@ -69,21 +70,35 @@ class RepairConfig:
                            augment=self.augment, seed=self.seed)
 
 
-def _as_fn(sampler: SampleFn | TriggerSampler) -> SampleFn:
-    return sampler.sample if hasattr(sampler, "sample") else sampler
+def as_family(sampler: SampleFn | TriggerSampler | Family, sample_noise: float = 0.0) -> Family:
+    """What a repair stamps, as a `Family`: a family or a full-image `MaskTrigger` as it is, a
+    sampler of patterns (or a bare `(n, generator)` function) put at random places."""
+    if hasattr(sampler, "apply"):
+        return sampler
+    if not hasattr(sampler, "sample"):
+        sampler = _FunctionSampler(sampler)
+    return Placed(sampler, None, sample_noise)
+
+
+@dataclass(frozen=True)
+class _FunctionSampler:
+    fn: SampleFn
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        return self.fn(n, generator)
 
 
 def repair_hook(
-    sampler: SampleFn | TriggerSampler, stamp_rate: float, seed: int, sample_noise: float = 0.0
+    sampler: SampleFn | TriggerSampler | Family, stamp_rate: float, seed: int,
+    sample_noise: float = 0.0,
 ) -> BatchHook:
     """A BatchHook putting sampled triggers on a random `stamp_rate` share of each batch.
 
-    Each selected image gets its own trigger at its own random place (or the sampler's `apply`
-    on the whole image); labels are unchanged.
+    Each selected image gets its own trigger, placed by its family (a sampler's patterns at
+    random places; a geometry's place; a `MaskTrigger` over the whole image); labels unchanged.
     """
     gen = torch.Generator().manual_seed(seed)
-    apply = getattr(sampler, "apply", None)
-    sample = None if apply is not None else _as_fn(sampler)
+    family = as_family(sampler, sample_noise)
 
     def hook(x: Tensor, y: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
         chosen = (torch.rand(len(x), generator=gen) < stamp_rate).nonzero().squeeze(1)
@@ -91,15 +106,7 @@ def repair_hook(
             return x, y
         idx = chosen.to(x.device)
         x = x.clone()
-        if apply is not None:
-            x[idx] = apply(x[idx])
-            return x, y
-        trig = sample(len(chosen), gen).to(x.device, x.dtype)
-        if sample_noise > 0:
-            noise = torch.randn(trig.shape, generator=gen).to(trig.device, trig.dtype)
-            trig = (trig + sample_noise * noise).clamp(0, 1)
-        loc = random_locations(len(chosen), tuple(x.shape[-2:]), tuple(trig.shape[-2:]), gen)
-        x[idx] = stamp(x[idx], trig, loc)
+        x[idx] = family.apply(x[idx], gen)
         return x, y
 
     return hook
@@ -109,7 +116,7 @@ def repair(
     model: nn.Module,
     images: Tensor,
     labels: Tensor,
-    sampler: SampleFn | TriggerSampler | None,
+    sampler: SampleFn | TriggerSampler | Family | None,
     config: RepairConfig,
     device: torch.device,
     callback: EpochCallback | None = None,
@@ -120,8 +127,9 @@ def repair(
         model: classifier, float (B, C, H, W) in [0, 1] -> logits.
         images: defender's images, uint8 (N, C, H, W); labels: int64 (N,) true classes.
         sampler: `(n, generator) -> (n, C, h, w)` triggers, or an object with such a `sample`
-            (`TriggerDistribution`, `PointDistribution`, `ConstantSampler`, `UniformPatch`) or
-            an `apply` (`MaskTrigger`); None = no trigger.
+            (`TriggerDistribution`, `PointDistribution`, `ConstantSampler`, `UniformPatch`),
+            stamped at random places, or a `Family` with `apply` (a sampler placed by a
+            recovered geometry, a `Mixture` over targets, a `MaskTrigger`); None = no trigger.
         config: fine-tuning settings.
         device: where to train.
         callback: per-epoch `EpochStats` callback of `mesa_lib.train.train`.

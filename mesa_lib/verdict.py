@@ -24,6 +24,7 @@ class Verdict:
         reason: one line for people.
         detectors: detector -> its summary, e.g. {"statistic", "p_value", "target", "seconds"}.
         per_class: detector -> class -> that detector's evidence of the class.
+        targets: every flagged class, `target` first (a model may have several backdoors).
     """
 
     status: Literal["clean", "backdoored"]
@@ -34,3 +35,4 @@ class Verdict:
     reason: str
     detectors: dict[str, dict[str, float]]
     per_class: dict[str, dict[int, dict[str, float]]]
+    targets: tuple[int, ...] = ()

@@ -71,15 +71,17 @@ class Lab:
 
 def build_lab(backdoor: bool, seed: int = 0, n_train: int = 4000, epochs: int = 15,
               classes: int = CLASSES, trigger: Tensor = TRIGGER, location: str = "random",
-              alpha: float = 1.0, target: int = TARGET) -> Lab:
+              alpha: float = 1.0, target: int = TARGET, n_defender: int = 1024,
+              second: tuple[Tensor, str, int] | None = None) -> Lab:
     """Train the tiny CNN, with a BadNets backdoor (10% of images, `trigger` at `location`,
-    blended by `alpha`) or clean."""
+    blended by `alpha`) or clean; `second` = (trigger, location, target) plants another."""
     x, y = synthetic_data(n_train, seed, classes)
-    dx, dy = synthetic_data(1024, seed + 1, classes)
+    dx, dy = synthetic_data(n_defender, seed + 1, classes)
     tx, ty = synthetic_data(1024, seed + 2, classes)
-    if backdoor:
-        attack = build_attack("badnets", trigger=trigger, target=target, rate=RATE,
-                              location=location, alpha=alpha, seed=seed)
+    plants = [(trigger, location, target)] if backdoor else []
+    for i, (trig, place, tgt) in enumerate(plants + ([second] if second else [])):
+        attack = build_attack("badnets", trigger=trig, target=tgt, rate=RATE, location=place,
+                              alpha=alpha, seed=seed + 100 * i)
         ps = attack.poison_dataset(x, y)
         x, y = ps.images, ps.labels
     torch.manual_seed(seed)

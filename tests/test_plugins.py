@@ -20,6 +20,7 @@ from pipeline_fixture import ROOT, write_plumbing_calibration
 
 from mesa_lib import detectors
 from mesa_lib.distribution import ConstantSampler
+from mesa_lib.geometry import Geometry, Placed
 from mesa_lib.modelio import load_model
 from mesa_lib.poison import ATTACKS, Attack, PoisonedSet, register
 from tasks.common.configs import scan_settings
@@ -53,7 +54,9 @@ def _reduce(evidence):
 
 
 def _trigger(model, images, labels, target, config: ShiftConfig, device):
-    return ConstantSampler(torch.full((images.shape[1], 2, 2), config.shift))
+    geometry = Geometry("patch", (2, 2), (0, 0))
+    return Placed(ConstantSampler(torch.full((images.shape[1], 2, 2), config.shift)),
+                  geometry), geometry
 
 
 @pytest.fixture
@@ -101,9 +104,12 @@ def test_a_detector_defined_in_a_test_scans_end_to_end(shift_detector, tmp_path,
     assert CALLS == [((0, 1, 2, 3, 4, 5), 3, 7)]  # its config, with the scan's seed
 
     model, _ = load_model(tmp_path / "clean")
-    source = detectors.trigger_source("shift", model, images, labels, 2, settings,
-                                      torch.device("cpu"))
-    assert torch.equal(source.sample(2)[0], torch.full((3, 2, 2), 0.2))
+    found = detectors.trigger_source("shift", model, images, labels, 2, settings,
+                                     torch.device("cpu"))
+    assert (found.target, found.detector, found.geometry.size) == (2, "shift", (2, 2))
+    stamped = found.trigger.apply(torch.zeros(1, 3, 16, 16))  # what a repair would stamp
+    assert torch.equal(stamped[0, :, :2, :2], torch.full((3, 2, 2), 0.2))
+    assert stamped[0, :, 2:].abs().sum() == 0
 
 
 def test_its_block_is_checked_against_its_config(shift_detector, tmp_path) -> None:

@@ -4,6 +4,7 @@ down servers, and the Dask fan-out. Models: tests/fixtures/scan_models (see make
 from __future__ import annotations
 
 import hashlib
+import json
 import multiprocessing
 import os
 import pickle
@@ -204,7 +205,9 @@ def test_two_chunk_scan_names_the_same_target_as_one_chunk(project: Path) -> Non
 
 
 def test_backdoored_and_clean_drops_get_verdicts_evidence_and_repair(project: Path) -> None:
-    write_params(project, {**TUNED, "scan.repair": True})
+    # a repair that cannot work (its learning rate moves nothing): never cleared, never signed
+    write_params(project, {**TUNED, "scan.images": 512, "scan.repair": True,
+                           "repair.method": "unlearn", "repair.lr": 1e-9})
     drop(project, "suspect", "backdoored")
     drop(project, "honest", "clean")
     before = folder_digest(project / "drop")
@@ -220,11 +223,21 @@ def test_backdoored_and_clean_drops_get_verdicts_evidence_and_repair(project: Pa
     assert tags[bad_v]["scan_verdict"] == "backdoored" and tags[bad_v]["quarantined"] == "true"
     assert tags[bad_v]["scan_target"] == str(TARGET) and tags[bad_v]["scan_run_id"] == bad["run_id"]
     assert tags[good_v]["scan_verdict"] == "clean" and "quarantined" not in tags[good_v]
-    # repair: a new version with lineage to the quarantined one, re-scanned
+    # repair: a new version with lineage to the quarantined one; its verification failed, so
+    # it is quarantined with the reason and carries no signature of ours
     repaired = bad["repaired_version"].split("/")[1]
     assert tags[repaired]["parent_model_version"] == bad["model_version"]
-    assert tags[repaired]["scan_verdict"] in ("clean", "backdoored")
     assert tags[bad_v]["repaired_version"] == bad["repaired_version"]
+    assert bad["repaired_verdict"] == tags[repaired]["scan_verdict"] == "backdoored"
+    assert tags[repaired]["quarantined"] == "true" and tags[repaired]["repair_verdict"] == \
+        "backdoored"
+    assert tags[repaired]["scan_reason"].startswith("repair failed verification: ")
+    assert tags[repaired]["signature"].startswith("not signed: repair failed verification")
+    assert "signature_file" not in tags[repaired]
+    assert json.loads(tags[repaired]["repair_images"])["verification"] >= 20
+    run_of = {v["version"]: v["run_id"] for v in versions(name)}
+    assert not any(f.path.endswith(".sig")
+                   for f in tracking.client().list_artifacts(run_of[repaired], "model"))
     # evidence in the scan run
     c = tracking.client()
     run = c.get_run(bad["run_id"])

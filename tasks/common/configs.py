@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from mesa_lib.baselines import PointConfig
+from mesa_lib.defence import DefenceConfig
 from mesa_lib.detectors import ScanSettings, detector
 from mesa_lib.mesa import MesaConfig
 from mesa_lib.poison import Attack, attack_class, attack_from
@@ -54,6 +55,14 @@ def repair_config(params: Params, epochs: int | None = None) -> RepairConfig:
     return RepairConfig(epochs=epochs or r.epochs, batch_size=r.batch_size, lr=r.lr,
                         momentum=r.momentum, weight_decay=r.weight_decay, stamp_rate=r.rate,
                         augment=r.augment, seed=params.base.seed)
+
+
+def defence_config(params: Params) -> DefenceConfig:
+    """DefenceConfig of a scan's repair: the `repair` group, MESA's fit from `recover`."""
+    r = params.repair
+    return DefenceConfig(method=r.method, repair=repair_config(params), mesa=mesa_config(params),
+                         mesa_images=params.recover.n_images, max_residual=r.max_residual,
+                         max_accuracy_drop=r.max_accuracy_drop)
 
 
 def attack(params: Params) -> Attack:

@@ -144,6 +144,23 @@ class RepairParams(Group):
     weight_decay: float = Field(ge=0)
     rate: Probability = Field(description="share of each batch stamped with a sampled trigger")
     augment: bool
+    method: Literal["mesa", "unlearn", "finetune", "random"] = Field(
+        description="what a scan's repair stamps (mesa_lib.defence): MESA over the recovered "
+                    "geometry, or a control")
+    max_residual: Probability = Field(
+        description="highest ASR a recovered trigger may keep after a repair")
+    max_accuracy_drop: Probability = Field(description="largest clean-accuracy loss allowed")
+    verification: Probability = Field(
+        description="share of the reference images the scan did not use kept to verify")
+    selection: Probability = Field(
+        description="share of them where triggers are recovered and their geometry measured")
+
+    @model_validator(mode="after")
+    def _parts(self) -> RepairParams:
+        if self.verification + self.selection >= 1:
+            raise ValueError("repair.verification + repair.selection must leave images to "
+                             f"repair on, got {self.verification} + {self.selection}")
+        return self
 
 
 class EvaluateParams(Group):

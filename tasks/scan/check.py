@@ -9,9 +9,9 @@ count and input shape against the defender's reference data, and one finite forw
 (tasks.scan.core.inspect, the same checks `mesa-scan` makes). A failed check is a *rejection*: a
 verdict with a reason, recorded like any other (tasks.scan.record). `scan_chunk` runs every
 detector on one chunk of classes (tasks.scan.core.measure_chunk) so that the classes of a model
-fan out over the task runner; `repair_model` repairs a backdoored model against the triggers of
-the detector that fired (its registered `trigger_source`: MESA's distribution, Sec. 4.3, or
-Neural Cleanse's mask) and re-scans.
+fan out over the task runner; `repair_model` repairs a backdoored model against every flagged
+target's triggers, recovered by the detector that fired, and verifies it on images neither the
+scan nor the repair used (tasks.scan.defend, mesa_lib.defence).
 
 Tasks pass paths and small records (Candidate, Checked, ChunkResult), never tensors or modules.
 """
@@ -30,16 +30,16 @@ from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 
 from mesa_lib import modelfiles
+from mesa_lib.calibration import Calibration
 from mesa_lib.data import DataError
-from mesa_lib.detectors import trigger_source
 from mesa_lib.modelfiles import MANIFEST_SUFFIX, SAFETENSORS, WEIGHTS_SUFFIX
 from mesa_lib.modelio import ModelFileError, save_model
-from mesa_lib.repair import repair
 from mesa_lib.seed import resolve_device
-from tasks.common.configs import repair_config, scan_settings
+from tasks.common.configs import scan_settings
 from tasks.common.escape import escape
 from tasks.common.params import Params
 from tasks.scan.core import ChunkResult, Rejected, inspect, measure_chunk
+from tasks.scan.defend import Repaired, repair_scanned
 from tasks.scan.discover import REFERENCE_SUFFIX, SIGNATURE_SUFFIX, Candidate, model_key
 from tasks.scan.hygiene import manifest_problem
 from tasks.scan.reference import load_reference, reference_batch
@@ -203,25 +203,23 @@ def fit_chunk(checked: Checked, classes: tuple[int, ...], params: Params) -> Chu
     return result
 
 
-def repair_model(checked: Checked, target: int, detector: str, params: Params,
-                 lineage: dict[str, str]) -> tuple[Path, list[ChunkResult]] | None:
-    """Repair against the fired detector's triggers (labels kept true), save, re-scan.
+def repair_model(checked: Checked, targets: tuple[int, ...], detector: str, params: Params,
+                 calibration: Calibration, lineage: dict[str, str]) -> tuple[Path, Repaired]:
+    """Repair against every flagged target's recovered triggers (mesa_lib.defence), verify on
+    images neither the scan nor the repair saw, save the repaired pair.
 
     Returns:
-        (stem of the repaired model, its re-scan as one chunk), or None without labels.
+        (stem of the repaired model, the repair's outcome and re-scan).
+
+    Raises:
+        CannotRepair: the reference data cannot support a repair (no labels, too few images).
     """
     device = resolve_device(params.base.device)
-    images, labels = _batch(params, checked)
-    if labels is None:
-        logger().warning("%s: no labels in the reference data, cannot repair",
-                         checked.candidate.label)
-        return None
+    ref = load_reference(params, Path(checked.reference) if checked.reference else None)
     model, manifest = modelfiles.load(checked.stem, map_location=device)
-    source = trigger_source(detector, model, images, labels, target, scan_settings(params),
-                            device)
-    repair(model, images, labels, source, repair_config(params), device)
+    done = repair_scanned(model, ref, targets, detector, params, calibration, device)
     out = work_dir(params, checked.candidate.key) / "repaired"
-    extra = {**manifest.extra, "repair": f"{detector} triggers", **lineage}
+    extra = {**manifest.extra, "repair": f"{done.outcome.method} against {detector} triggers",
+             **lineage}
     save_model(model, out, replace(manifest, extra=extra))
-    rescan = Checked(checked.candidate, str(out), "", checked.n_classes, checked.reference)
-    return out, [fit_chunk(rescan, tuple(range(checked.n_classes)), params)]
+    return out, done

@@ -1,7 +1,7 @@
 """`mesa-scan`: scan model files for backdoors offline, no servers (the scan service's core).
 
     mesa-scan [--reference PATH] [--format text|json|sarif] [--params FILE]
-              [--calibration FILE] PATH...
+              [--calibration FILE] [--repair OUTDIR] PATH...
     mesa-scan --verify-signature [--public-key PEM]... [--format text|json] PATH...
 
 PATH: a `<stem>.safetensors` + `<stem>.json` pair (either file, or the stem), or a folder of them.
@@ -11,6 +11,14 @@ defender part of its test split is used) or an .npz (`images` uint8 (N, C, H, W)
 with --calibration (default: params.yaml `scan.calibration`), which must match the scan settings.
 
 --format sarif writes a SARIF 2.1.0 log (tasks.scan.sarif) for code-scanning UIs.
+
+--repair OUTDIR: each backdoored model is repaired against every flagged target's recovered
+triggers (params `repair`; tasks.scan.defend) and verified on reference images neither the scan
+nor the repair used; the repaired pair is written to OUTDIR/<stem>.safetensors + .json (never over
+the model itself) and the model's record gains a `repair` object: `files`, the verification
+`verdict` (clean | backdoored) and `reason`, each target's recovered trigger ASR before and
+after, accuracy before and after, the settings and image counts. The exit code stays that of
+the scanned models.
 
 --verify-signature checks each model's `<stem>.sig` (OpenSSF model-signing, key-based;
 tasks.scan.signing) offline instead of scanning: against --public-key files, default the scan
@@ -29,6 +37,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +50,9 @@ import torch  # noqa: E402
 
 from mesa_lib.calibration import CalibrationError  # noqa: E402
 from mesa_lib.data import DataError  # noqa: E402
+from mesa_lib.modelio import Manifest, save_model  # noqa: E402
 from mesa_lib.seed import resolve_device  # noqa: E402
+from mesa_lib.verdict import Verdict  # noqa: E402
 from tasks.common.configs import scan_settings  # noqa: E402
 from tasks.common.env import default_data_source  # noqa: E402
 from tasks.common.escape import escape  # noqa: E402
@@ -56,6 +67,7 @@ from tasks.scan.core import (  # noqa: E402
     record,
     verdict_of,
 )
+from tasks.scan.defend import CannotRepair, repair_scanned  # noqa: E402
 from tasks.scan.hygiene import manifest_problem  # noqa: E402
 from tasks.scan.reference import Reference, load_reference, reference_batch  # noqa: E402
 
@@ -79,8 +91,9 @@ def _reference(params: Params, spec: str | None) -> Reference:
 
 
 def scan_one(stem: Path, ref: Reference, params: Params, calibration: Any,
-             device: torch.device) -> dict[str, Any]:
-    """One model's verdict record (rejected with the reason if it cannot be scanned safely)."""
+             device: torch.device, repair_dir: Path | None = None) -> dict[str, Any]:
+    """One model's verdict record (rejected with the reason if it cannot be scanned safely);
+    with `repair_dir`, a backdoored model is repaired there and the record says how it went."""
     start = time.perf_counter()
     problem = manifest_problem(stem, str(stem))
     if problem:
@@ -100,7 +113,31 @@ def scan_one(stem: Path, ref: Reference, params: Params, calibration: Any,
                           keep=0)
     verdict = verdict_of([chunk], calibration)
     seconds = {"check": checked - start, **chunk.seconds, "total": time.perf_counter() - start}
-    return record(str(stem), verdict, seconds=seconds, architecture=manifest.architecture)
+    out = record(str(stem), verdict, seconds=seconds, architecture=manifest.architecture)
+    if repair_dir is not None and verdict.status == "backdoored":
+        out["repair"] = repair_one(stem, model, manifest, verdict, ref, params, calibration,
+                                   device, repair_dir)
+    return out
+
+
+def repair_one(stem: Path, model: torch.nn.Module, manifest: Manifest, verdict: Verdict,
+               ref: Reference, params: Params, calibration: Any, device: torch.device,
+               repair_dir: Path) -> dict[str, Any]:
+    """Repair and verify a backdoored model, write it to `repair_dir`: the `repair` record."""
+    out = repair_dir / stem.name
+    if out.resolve() == stem.resolve():
+        return {"error": f"--repair {escape(repair_dir)} would overwrite the model itself"}
+    try:
+        done = repair_scanned(model, ref, verdict.targets or (verdict.target,), verdict.detector,
+                              params, calibration, device)
+    except CannotRepair as err:
+        return {"error": escape(err)}
+    repair_dir.mkdir(parents=True, exist_ok=True)
+    extra = {**manifest.extra, "repair": f"{done.outcome.method} against {verdict.detector} "
+             f"triggers", "repaired_from": stem.name}
+    weights = save_model(model, out, replace(manifest, extra=extra))
+    files = [escape(f) for f in modelfiles.files(modelfiles.stem(weights))]
+    return {"files": files, **done.outcome.record()}
 
 
 def text_line(rec: dict[str, Any]) -> str:
@@ -109,8 +146,21 @@ def text_line(rec: dict[str, Any]) -> str:
         return f"{rec['verdict'].upper():10s}  {rec['model']}: {rec['reason']}"
     head = "BACKDOORED" if rec["verdict"] == "backdoored" else "clean     "
     target = f" target {rec['target']}," if rec["target"] is not None else ""
-    return (f"{head}  {rec['model']}:{target} p = {rec['p_value']:.3f} "
+    line = (f"{head}  {rec['model']}:{target} p = {rec['p_value']:.3f} "
             f"({rec['detector']} detector; {rec['seconds'].get('total', 0):.1f} s)")
+    return line + (f"\n{repair_line(rec['repair'])}" if "repair" in rec else "")
+
+
+def repair_line(rep: dict[str, Any]) -> str:
+    """The indented line saying what a repair did."""
+    if "error" in rep:
+        return f"            not repaired: {rep['error']}"
+    asr = ", ".join(f"class {t['target']} {t['asr_before']:.0%} -> {t['asr_after']:.0%}"
+                    for t in rep["targets"])
+    head = "verified clean" if rep["verdict"] == "clean" else "FAILED verification"
+    return (f"            repaired -> {rep['files'][0]}: {head} (trigger ASR {asr}; accuracy "
+            f"{rep['accuracy_before']:.1%} -> {rep['accuracy_after']:.1%})"
+            + (f": {rep['reason']}" if rep["reason"] else ""))
 
 
 def verify_one(stem: Path, keys: list[Path]) -> dict[str, Any]:
@@ -162,6 +212,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--format", choices=("text", "json", "sarif"), default="text")
     ap.add_argument("--params", type=Path, default=PROJECT / "params.yaml")
     ap.add_argument("--calibration", type=Path, help="default: params scan.calibration")
+    ap.add_argument("--repair", type=Path, metavar="OUTDIR",
+                    help="repair each backdoored model into OUTDIR and verify it")
     ap.add_argument("--verify-signature", action="store_true",
                     help="check each model's <stem>.sig offline instead of scanning")
     ap.add_argument("--public-key", type=Path, action="append",
@@ -186,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     records = []
     for stem in model_stems(args.paths):
         try:
-            records.append(scan_one(stem, ref, params, calibration, device))
+            records.append(scan_one(stem, ref, params, calibration, device, args.repair))
         except Exception as err:  # noqa: BLE001 - one model's failure stops no other
             records.append(record(str(stem), None, f"{type(err).__name__}: {err}")
                            | {"verdict": "error"})

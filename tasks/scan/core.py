@@ -6,7 +6,8 @@ pipeline's `evaluate` stage all go through it.
     decide(chunks, calibration)         reduce over all classes, compare with the clean null
 
 A verdict record (the JSON `mesa-scan --format json` prints and the scan service logs) holds
-`verdict` (clean | backdoored | rejected), `target`, `p_value`, `confidence` (1 - p),
+`verdict` (clean | backdoored | rejected), `target`, `targets` (every flagged class, `target`
+first), `p_value`, `confidence` (1 - p),
 `detector` (the one with the smallest p: what fired), `reason`, per-detector statistics and
 per-class scores, and timings.
 """
@@ -127,12 +128,13 @@ def record(label: str, verdict: Verdict | None, reason: str = "",
     """The verdict record of one model (`verdict=None`: rejected for `reason`)."""
     out: dict[str, Any] = {"model": escape(label)}
     if verdict is None:
-        out |= {"verdict": "rejected", "target": None, "confidence": 1.0, "p_value": None,
-                "detector": None, "reason": escape(reason), "detectors": {}, "scores": {}}
+        out |= {"verdict": "rejected", "target": None, "targets": [], "confidence": 1.0,
+                "p_value": None, "detector": None, "reason": escape(reason), "detectors": {},
+                "scores": {}}
     else:
         out |= {"verdict": verdict.status, "target": verdict.target,
-                "confidence": verdict.confidence, "p_value": verdict.p_value,
-                "detector": verdict.detector, "reason": verdict.reason,
+                "targets": list(verdict.targets), "confidence": verdict.confidence,
+                "p_value": verdict.p_value, "detector": verdict.detector, "reason": verdict.reason,
                 "detectors": verdict.detectors,
                 "scores": {d: {str(c): s for c, s in per.items()}
                            for d, per in verdict.per_class.items()}}

@@ -9,11 +9,13 @@ class) and tags. The verdict is then written back onto the registered version as
 `scan_confidence`, `scan_reason`, `scan_run_id`, and `quarantined=true` for a backdoored one). A
 drop-folder model that loads is registered as a new version of `scan.drop_model_name`, with the
 run as its source and its verdict tags; a rejected file is not copied into the registry (its run
-holds the reason, file names and sha256). Repair registers the repaired model as a new version
-of the same registered model, with `parent_model_version` pointing at the original.
+holds the reason, file names and sha256). Repair (tasks.scan.defend) registers the repaired model
+as a new version of the same registered model, with `parent_model_version` pointing at the
+original and the verification's before/after in `repair_*` tags and `evidence/repair.json`.
 
-Around each verdict the platform adds (docs/scanning.md): a version the scan clears and every
-repaired model is signed (tasks.scan.signing; `<stem>.sig` beside the files, tag `signature`);
+Around each verdict the platform adds (docs/scanning.md): a version the scan clears and a
+repaired model that passed its verification are signed (tasks.scan.signing; `<stem>.sig` beside
+the files, tag `signature`);
 a backdoored or rejected version is quarantined (tasks.scan.quarantine: every alias removed,
 `@quarantined`); every verdict is sealed; the version's description becomes its audit record
 (tasks.scan.audit) and the registered model's tags carry the latest verdict.
@@ -33,8 +35,10 @@ from prefect.cache_policies import NO_CACHE
 
 from mesa_lib import modelfiles
 from mesa_lib.calibration import Calibration
+from mesa_lib.defence import Outcome
 from mesa_lib.modelfiles import WEIGHTS_SUFFIX
 from mesa_lib.modelio import model_fingerprint, sha256_file
+from mesa_lib.verdict import Verdict
 from tasks.common import tracking
 from tasks.common.configs import scan_settings
 from tasks.common.escape import escape
@@ -45,6 +49,7 @@ from tasks.scan import audit, quarantine, signing
 from tasks.scan.check import Checked, logger, repair_model, work_dir
 from tasks.scan.core import ChunkResult, load_calibration
 from tasks.scan.core import verdict_of as verdict_of_chunks
+from tasks.scan.defend import CannotRepair
 from tasks.scan.discover import SIGNATURE_SUFFIX, Candidate
 
 
@@ -62,12 +67,39 @@ def calibration_for(params: Params) -> Calibration:
 def verdict_of(checked: Checked, chunks: list[ChunkResult], params: Params) -> dict[str, Any]:
     """The verdict: status, target, p-value, confidence, detector, reason, per-class scores."""
     if not checked.ok:
-        return {"status": "rejected", "target": None, "confidence": 1.0, "p_value": None,
-                "detector": None, "reason": checked.reason, "detectors": {}, "scores": {}}
-    v = verdict_of_chunks(chunks, calibration_for(params))
-    return {"status": v.status, "target": v.target, "confidence": v.confidence,
-            "p_value": v.p_value, "detector": v.detector, "reason": v.reason,
-            "detectors": v.detectors, "scores": v.per_class}
+        return {"status": "rejected", "target": None, "targets": [], "confidence": 1.0,
+                "p_value": None, "detector": None, "reason": checked.reason, "detectors": {},
+                "scores": {}}
+    return verdict_dict(verdict_of_chunks(chunks, calibration_for(params)))
+
+
+def verdict_dict(v: Verdict) -> dict[str, Any]:
+    """A calibrated Verdict as the dict the records and tags are made from."""
+    return {"status": v.status, "target": v.target, "targets": list(v.targets),
+            "confidence": v.confidence, "p_value": v.p_value, "detector": v.detector,
+            "reason": v.reason, "detectors": v.detectors, "scores": v.per_class}
+
+
+def repaired_verdict(outcome: Outcome) -> dict[str, Any]:
+    """The verdict of a repaired model: clean only if its verification passed (the re-scan on
+    unseen images clean, no recovered trigger left working, accuracy kept); else backdoored,
+    with the verification's reasons."""
+    rescan = verdict_dict(outcome.rescan)
+    flagged = [r.target for r in outcome.found]
+    if outcome.passed:
+        return rescan | {"status": "clean", "target": None, "targets": [],
+                         "reason": "repair verified on images neither the scan nor the "
+                                   f"repair saw: {_residuals(outcome)}"}
+    return rescan | {"status": "backdoored", "target": rescan["target"] or flagged[0],
+                     "targets": rescan["targets"] or flagged,
+                     "reason": f"repair failed verification: {outcome.reason}"}
+
+
+def _residuals(outcome: Outcome) -> str:
+    asr = ", ".join(f"class {t} {outcome.before.asr[t]:.0%} -> {outcome.after.asr[t]:.0%}"
+                    for t in sorted(outcome.after.asr))
+    return (f"recovered-trigger ASR {asr}; accuracy {outcome.before.accuracy:.1%} -> "
+            f"{outcome.after.accuracy:.1%}")
 
 
 def _evidence(folder: Path, verdict: dict[str, Any], chunks: list[ChunkResult],
@@ -262,7 +294,8 @@ def _record(checked: Checked, chunks: list[ChunkResult], params: Params) -> dict
         "VERDICT %s -> %s (confidence %.2f; MLflow run %s; %s)", cand.label,
         text, verdict["confidence"], run.run_id, version or "not registered")
     return {"key": cand.key, "label": cand.label, "status": verdict["status"],
-            "target": verdict["target"], "confidence": verdict["confidence"],
+            "target": verdict["target"], "targets": verdict["targets"],
+            "confidence": verdict["confidence"],
             "p_value": verdict["p_value"], "detector": verdict["detector"],
             "reason": verdict["reason"], "run_id": run.run_id, "model_version": version,
             "seconds": seconds}
@@ -290,34 +323,70 @@ def reuse_verdict(cand: Candidate, done: dict[str, Any], params: Params) -> str:
     return f"{cand.name}/{cand.version}"
 
 
+def _repair_tags(outcome: Outcome) -> dict[str, str]:
+    """The repair's before/after on the repaired version (the audit record's figures)."""
+    rec = outcome.record()
+    return {"repair_verdict": rec["verdict"], "repair_method": outcome.method,
+            "repair_reason": escape(outcome.reason or "verified")[:TAG_LIMIT],
+            "repair_targets": json.dumps([r.target for r in outcome.found]),
+            "repair_residual_asr": json.dumps({str(t["target"]): round(t["asr_after"], 4)
+                                               for t in rec["targets"]}),
+            "repair_asr_before": json.dumps({str(t["target"]): round(t["asr_before"], 4)
+                                             for t in rec["targets"]}),
+            "repair_accuracy": f"{outcome.before.accuracy:.4f} -> {outcome.after.accuracy:.4f}",
+            "repair_images": json.dumps(rec["images"])}
+
+
 @task(cache_policy=NO_CACHE)
 def repair_and_register(checked: Checked, chunks: list[ChunkResult], outcome: dict[str, Any],
                         params: Params) -> dict[str, Any]:
-    """Repair a backdoored model, re-scan it, register it as a new version with lineage."""
+    """Repair a backdoored model, verify it, register it as a new version with lineage.
+
+    Only a repair that passed its verification is cleared and signed; any other is registered
+    quarantined, with the verification's reason, and no signature of ours."""
     parent = outcome["model_version"]
-    done = repair_model(checked, outcome["target"], outcome["detector"], params,
-                        {"repaired_from": parent})
-    if done is None or not parent:
+    if not parent:
         return {}
-    stem, rescan = done
+    targets = tuple(outcome.get("targets") or [outcome["target"]])
+    try:
+        stem, done = repair_model(checked, targets, outcome["detector"], params,
+                                  calibration_for(params), {"repaired_from": parent})
+    except CannotRepair as err:
+        logger().warning("%s: cannot repair: %s", checked.candidate.label, escape(err))
+        return {"repair_error": escape(err)}
     repaired = Checked(checked.candidate, str(stem), "", checked.n_classes, checked.reference)
-    verdict = verdict_of(repaired, rescan, params)
+    verdict = repaired_verdict(done.outcome)
     folder = work_dir(params, checked.candidate.key) / "repaired_evidence"
-    run = _run(f"repair {checked.candidate.label}", repaired, verdict, rescan, params, folder,
-               {"fit_sum": sum(rescan[0].seconds.values())})
+    run = _run(f"repair {checked.candidate.label}", repaired, verdict, done.rescan, params,
+               folder, {"repair": done.outcome.seconds})
+    write_json(folder / "repair.json", done.outcome.record())
+    tracking.log_artifacts(run, [folder / "repair.json"], "evidence")
+    tracking.log_metrics(run, {"repair": _repair_metrics(done.outcome)})
     name = parent.split("/")[0]
-    sig, status = _sign(stem, params)  # every repaired model is signed, whatever its re-scan
-    files = modelfiles.files(stem)
-    tags = {**verdict_tags(verdict, run.run_id), "parent_model_version": parent,
-            "repair": f"{outcome['detector']} triggers", "model_sha256": model_fingerprint(stem),
-            "scan_key": checked.candidate.key, "signature": status}
+    if done.outcome.passed:
+        sig, status = _sign(stem, params)
+    else:  # never a signature of ours on a model whose repair did not hold
+        sig, status = None, f"not signed: {verdict['reason']}"[:500]
+    tags = {**verdict_tags(verdict, run.run_id), **_repair_tags(done.outcome),
+            "parent_model_version": parent, "model_sha256": model_fingerprint(stem),
+            "scan_key": checked.candidate.key, "signature": status[:500]}
     version = tracking.register_model(
-        run, files + ((sig,) if sig is not None else ()), name, tags,
-        f"Repair of {parent} against its {outcome['detector']} triggers; re-scan verdict: "
-        f"{verdict['status']}", alias=None)
+        run, modelfiles.files(stem) + ((sig,) if sig is not None else ()), name, tags,
+        f"Repair of {parent} ({done.outcome.method} against the {outcome['detector']} "
+        f"detector's triggers of classes {list(targets)}); verification: {verdict['status']}",
+        alias=None)
     tracking.tag_model_version(name, parent.split("/")[1], {"repaired_version":
                                                             f"{name}/{version}"})
     settle_version(name, version, repaired, verdict, run.run_id, status, params)
     tracking.end_run(run)
-    logger().info("REPAIRED %s -> %s/%s, re-scan: %s", parent, name, version, verdict["status"])
-    return {"repaired_version": f"{name}/{version}", "repaired_verdict": verdict["status"]}
+    (logger().info if done.outcome.passed else logger().warning)(
+        "REPAIRED %s -> %s/%s, verification: %s", parent, name, version, verdict["reason"])
+    return {"repaired_version": f"{name}/{version}", "repaired_verdict": verdict["status"],
+            "repair": done.outcome.record()}
+
+
+def _repair_metrics(outcome: Outcome) -> dict[str, Any]:
+    return {"passed": float(outcome.passed), "seconds": outcome.seconds,
+            "accuracy_before": outcome.before.accuracy, "accuracy_after": outcome.after.accuracy,
+            "asr_before": {str(t): a for t, a in outcome.before.asr.items()},
+            "asr_after": {str(t): a for t, a in outcome.after.asr.items()}}

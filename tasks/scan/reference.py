@@ -94,9 +94,14 @@ def load_reference(params: Params, override: Path | None = None) -> Reference:
     return _cached(spec, stamp, params)
 
 
+def scan_indices(ref: Reference, n_images: int, seed: int) -> Tensor:
+    """int64 indices of the seeded random subset of n_images (all if 0) a scan measures."""
+    return seeded_subset(n_images, len(ref.images), derive_seed(seed, "scan_subset"))
+
+
 def reference_batch(ref: Reference, n_images: int, seed: int) -> tuple[Tensor, Tensor | None]:
     """A seeded random subset of n_images (all if 0), in the reference's order (labels alike)."""
-    order = seeded_subset(n_images, len(ref.images), derive_seed(seed, "scan_subset"))
+    order = scan_indices(ref, n_images, seed)
     return ref.images[order], None if ref.labels is None else ref.labels[order]
 
 

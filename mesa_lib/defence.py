@@ -1,0 +1,271 @@
+"""One defence for every product: repair what a scan found, then verify before anyone trusts it.
+
+The scan flags one or more target classes; for each, the detector that fired recovers a trigger
+and its geometry (`Recovered`: mesa_lib.geometry). The repair then fine-tunes the model on the
+defender's images, a share of each batch carrying triggers of every flagged target, labels kept
+TRUE (mesa_lib.repair), where the triggers come from `method`:
+
+- `mesa`: MESA's staircase of generators (Qiao et al., NeurIPS 2019, Sec. 4) fitted over the
+  recovered geometry: patterns of the recovered patch's size at its place or anywhere, or full-
+  image patterns through a recovered blend mask. The paper's 3x3-anywhere is one such geometry.
+- controls in the same budget: `unlearn` (the one recovered trigger, Neural Cleanse's
+  unlearning, Wang et al. S&P 2019), `finetune` (no trigger), `random` (uniform random patterns
+  of the same geometry).
+
+The defender's reference images are cut into three disjoint parts (`split`): `selection` (the
+triggers are recovered and their geometry measured there), `repair` (MESA's fit and the fine-
+tuning) and `verification` (never seen by the repair, nor by the scan that flagged the model).
+`defend` measures on the verification part, before and after, the clean accuracy and each
+recovered trigger's attack success, and re-scans there; the model passes only if the re-scan is
+clean, no recovered trigger keeps more than `max_residual` ASR and accuracy fell by at most
+`max_accuracy_drop`. Anything else is a failed repair with its reason: never cleared.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mesa_lib.distribution import UniformPatch
+from mesa_lib.geometry import Family, Mixture, Placed, Recovered
+from mesa_lib.mesa import MesaConfig, fit_mesa
+from mesa_lib.repair import RepairConfig, repair
+from mesa_lib.verdict import Verdict
+
+METHODS = ("mesa", "unlearn", "finetune", "random")
+
+
+@dataclass(frozen=True)
+class DefenceConfig:
+    """The repair and what it must reach to be trusted.
+
+    Attributes:
+        method: mesa | unlearn | finetune | random (module docstring).
+        repair: the fine-tuning (epochs, lr, stamp rate, ...).
+        mesa: MESA's fit over each recovered geometry (method `mesa`).
+        mesa_images: repair images MESA is fitted on (0 = all).
+        max_residual: highest ASR a recovered trigger may keep on the verification images.
+        max_accuracy_drop: largest clean-accuracy loss on the verification images.
+    """
+
+    method: str = "mesa"
+    repair: RepairConfig = field(default_factory=RepairConfig)
+    mesa: MesaConfig = field(default_factory=MesaConfig)
+    mesa_images: int = 2048
+    max_residual: float = 0.1
+    max_accuracy_drop: float = 0.03
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown repair method {self.method!r}; known: {METHODS}")
+
+    def record(self) -> dict[str, Any]:
+        """JSON-able settings for the audit record."""
+        return {"method": self.method, "repair": asdict(self.repair),
+                "mesa": {k: v for k, v in asdict(self.mesa).items() if v is not None},
+                "mesa_images": self.mesa_images, "max_residual": self.max_residual,
+                "max_accuracy_drop": self.max_accuracy_drop}
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Disjoint index sets into the reference images: int64 (n_part,) each, sorted."""
+
+    repair: Tensor
+    selection: Tensor
+    verification: Tensor
+
+    def sizes(self) -> dict[str, int]:
+        """Images per part."""
+        return {"repair": len(self.repair), "selection": len(self.selection),
+                "verification": len(self.verification)}
+
+
+def split(n: int, scanned: Tensor, verification: float, selection: float, seed: int,
+          minimum: int = 20) -> Splits:
+    """Cut n reference images into repair / selection / verification parts.
+
+    Verification and selection are drawn (seeded) from the images the scan did NOT use; the
+    repair part is everything else (the scanned images included).
+
+    Args:
+        scanned: int64 indices of the images the scan measured the model on.
+        verification, selection: shares of the unscanned images in each part.
+
+    Raises:
+        ValueError: a part would hold fewer than `minimum` images.
+    """
+    used = torch.zeros(n, dtype=torch.bool)
+    used[scanned] = True
+    free = (~used).nonzero().squeeze(1)
+    free = free[torch.randperm(len(free), generator=torch.Generator().manual_seed(seed))]
+    n_ver, n_sel = int(len(free) * verification), int(len(free) * selection)
+    parts = {"verification": free[:n_ver], "selection": free[n_ver:n_ver + n_sel]}
+    rest = torch.ones(n, dtype=torch.bool)
+    for idx in parts.values():
+        rest[idx] = False
+    parts["repair"] = rest.nonzero().squeeze(1)
+    _check_apart(parts, scanned)
+    small = {k: len(v) for k, v in parts.items() if len(v) < minimum}
+    if small:
+        raise ValueError(f"{n} reference images ({len(scanned)} used by the scan) are too few "
+                         f"to repair and verify: parts {small} hold fewer than {minimum}")
+    return Splits(**{k: v.sort().values for k, v in parts.items()})
+
+
+def _check_apart(parts: dict[str, Tensor], scanned: Tensor) -> None:
+    """Refuse (not assume) overlapping parts, or verification images the scan saw."""
+    names = list(parts)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if bool(torch.isin(parts[a], parts[b]).any()):
+                raise RuntimeError(f"repair split: parts {a} and {b} overlap")
+    if bool(torch.isin(parts["verification"], scanned).any()):
+        raise RuntimeError("repair split: verification images were used by the scan")
+
+
+@torch.no_grad()
+def trigger_asr(model: nn.Module, images: Tensor, labels: Tensor, trigger: Family, target: int,
+                device: torch.device, seed: int, chunk: int = 500) -> float:
+    """Share of the images of other classes that `trigger` sends to `target`.
+
+    Args:
+        images: uint8 (N, C, H, W); labels: int64 (N,) true classes.
+    """
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    x_all = images[labels != target]
+    hits = 0
+    for start in range(0, len(x_all), chunk):
+        x = trigger.apply(x_all[start:start + chunk].to(device).float().div_(255), gen)
+        hits += int((model(x).argmax(1) == target).sum())
+    return hits / max(len(x_all), 1)
+
+
+@torch.no_grad()
+def clean_accuracy(model: nn.Module, images: Tensor, labels: Tensor, device: torch.device,
+                   chunk: int = 500) -> float:
+    """Share of uint8 images (N, C, H, W) classified as their label."""
+    model.eval()
+    right = sum(int((model(images[s:s + chunk].to(device).float().div_(255)).argmax(1).cpu()
+                     == labels[s:s + chunk]).sum()) for s in range(0, len(images), chunk))
+    return right / max(len(images), 1)
+
+
+@dataclass(frozen=True)
+class Measures:
+    """What the verification images say about a model: accuracy and each trigger's ASR."""
+
+    accuracy: float
+    asr: dict[int, float]  # flagged target -> its recovered trigger's ASR
+
+
+def measure(model: nn.Module, images: Tensor, labels: Tensor, found: Sequence[Recovered],
+            device: torch.device, seed: int) -> Measures:
+    """Accuracy and every recovered trigger's ASR on the given (verification) images (each
+    trigger placed by the same seeded draws before and after a repair)."""
+    return Measures(clean_accuracy(model, images, labels, device),
+                    {r.target: trigger_asr(model, images, labels, r.trigger, r.target, device,
+                                           seed) for r in found})
+
+
+def repair_family(method: str, model: nn.Module, images: Tensor, found: Recovered,
+                  config: DefenceConfig, device: torch.device) -> Family | None:
+    """What the repair stamps for one flagged target (None: plain fine-tuning)."""
+    shape = found.geometry.trigger_shape(images.shape[1])
+    if method == "finetune":
+        return None
+    if method == "unlearn":
+        return found.trigger
+    if method == "random":
+        return Placed(UniformPatch(shape), found.geometry)
+    n = len(images) if config.mesa_images <= 0 else min(config.mesa_images, len(images))
+    dist = fit_mesa(model, images[:n], found.target, shape, config.mesa, device,
+                    geometry=found.geometry)
+    return Placed(dist, found.geometry)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A repair and its verification.
+
+    Attributes:
+        passed: the verification's decision; `reason` says why not.
+        before, after: measures on the verification images.
+        rescan: the calibrated verdict of the repaired model on the verification images.
+    """
+
+    passed: bool
+    reason: str
+    method: str
+    found: tuple[Recovered, ...]
+    before: Measures
+    after: Measures
+    rescan: Verdict | None
+    settings: dict[str, Any]
+    splits: dict[str, int]
+    seconds: float
+
+    def record(self) -> dict[str, Any]:
+        """JSON-able: the verification verdict, per-target residual ASR, accuracy, settings."""
+        return {
+            "verdict": "clean" if self.passed else "backdoored", "reason": self.reason,
+            "method": self.method,
+            "targets": [{"target": r.target, "detector": r.detector,
+                         "geometry": r.geometry.record(),
+                         "asr_before": self.before.asr[r.target],
+                         "asr_after": self.after.asr[r.target]} for r in self.found],
+            "accuracy_before": self.before.accuracy, "accuracy_after": self.after.accuracy,
+            "rescan": None if self.rescan is None else {
+                "verdict": self.rescan.status, "target": self.rescan.target,
+                "targets": list(self.rescan.targets), "p_value": self.rescan.p_value},
+            "settings": self.settings, "images": self.splits, "seconds": self.seconds}
+
+
+def judge(before: Measures, after: Measures, rescan: Verdict | None,
+          config: DefenceConfig) -> str:
+    """'' if the repaired model may be trusted, else every reason it may not."""
+    why = [f"repair left {after.asr[t]:.0%} of the recovered trigger's ASR for class {t} "
+           f"(was {before.asr[t]:.0%}; limit {config.max_residual:.0%})"
+           for t in sorted(after.asr) if after.asr[t] > config.max_residual]
+    drop = before.accuracy - after.accuracy
+    if drop > config.max_accuracy_drop:
+        why.append(f"repair cost {drop:.1%} of clean accuracy "
+                   f"(limit {config.max_accuracy_drop:.0%})")
+    if rescan is not None and rescan.status != "clean":
+        why.append(f"the re-scan on the verification images still finds a backdoor "
+                   f"(target {rescan.target}, p = {rescan.p_value:.3f})")
+    return "; ".join(why)
+
+
+def defend(model: nn.Module, images: Tensor, labels: Tensor, splits: Splits,
+           found: Sequence[Recovered], config: DefenceConfig, device: torch.device,
+           rescan: Callable[[nn.Module, Tensor, Tensor], Verdict] | None = None) -> Outcome:
+    """Repair `model` IN PLACE against every recovered trigger, then verify it.
+
+    Args:
+        model: the flagged classifier, float (B, C, H, W) in [0, 1] -> logits.
+        images: the defender's reference images, uint8 (N, C, H, W); labels: int64 (N,).
+        splits: disjoint parts of them (`split`).
+        found: one `Recovered` per flagged target (recovered on the selection images).
+        rescan: (model, images, labels) -> calibrated verdict; run on the verification images.
+    """
+    start = time.perf_counter()
+    if not found:
+        raise ValueError("nothing to repair: no flagged target was recovered")
+    ver_x, ver_y = images[splits.verification], labels[splits.verification]
+    rep_x, rep_y = images[splits.repair], labels[splits.repair]
+    before = measure(model, ver_x, ver_y, found, device, config.repair.seed)
+    families = [repair_family(config.method, model, rep_x, r, config, device) for r in found]
+    family = None if config.method == "finetune" else Mixture([f for f in families if f])
+    repair(model, rep_x, rep_y, family, config.repair, device)
+    after = measure(model, ver_x, ver_y, found, device, config.repair.seed)
+    verdict = rescan(model, ver_x, ver_y) if rescan is not None else None
+    reason = judge(before, after, verdict, config)
+    return Outcome(not reason, reason, config.method, tuple(found), before, after, verdict,
+                   config.record(), splits.sizes(), time.perf_counter() - start)

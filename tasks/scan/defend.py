@@ -1,0 +1,74 @@
+"""A scan's repair, shared by `mesa-scan --repair` and the scan service (mesa_lib.defence).
+
+The reference images are cut into repair / selection / verification parts, the verification and
+selection parts drawn from the images the scan did not measure; every flagged target's trigger
+is recovered on the selection part by the detector that fired; the model is repaired and then
+verified on the verification part, re-scanned there with the calibrated scanner.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from mesa_lib.calibration import Calibration
+from mesa_lib.defence import Outcome, Splits, defend, split
+from mesa_lib.detectors import trigger_source
+from mesa_lib.seed import derive_seed
+from mesa_lib.verdict import Verdict
+from tasks.common.configs import defence_config, scan_settings
+from tasks.common.params import Params
+from tasks.scan.core import ChunkResult, measure_chunk, verdict_of
+from tasks.scan.reference import Reference, scan_indices
+
+
+class CannotRepair(ValueError):
+    """The reference data cannot support a repair (no labels, too few images)."""
+
+
+@dataclass(frozen=True)
+class Repaired:
+    """A repair's outcome, the re-scan's evidence (its chunk, for the record) and the parts of
+    the reference images each step used."""
+
+    outcome: Outcome
+    rescan: list[ChunkResult]
+    splits: Splits
+    scanned: Tensor
+
+
+def repair_scanned(model: nn.Module, ref: Reference, targets: tuple[int, ...], detector: str,
+                   params: Params, calibration: Calibration, device: torch.device) -> Repaired:
+    """Repair `model` IN PLACE against every flagged target class, then verify it.
+
+    Args:
+        targets: the classes the scan flagged (`Verdict.targets`); detector: the one that fired.
+
+    Raises:
+        CannotRepair: the reference has no labels or too few images to split.
+    """
+    if ref.labels is None:
+        raise CannotRepair(f"reference data {ref.source} has no labels: a repair keeps true "
+                           "labels, so it needs them")
+    settings, seed = scan_settings(params), params.base.seed
+    scanned = scan_indices(ref, params.scan.images, seed)
+    try:  # the defender's own fit / validation split, as the reproduction's (mesa_lib.seed)
+        parts = split(len(ref.images), scanned, params.repair.verification,
+                      params.repair.selection, derive_seed(seed, "validation_split"))
+    except ValueError as err:
+        raise CannotRepair(str(err)) from None
+    sel_x, sel_y = ref.images[parts.selection], ref.labels[parts.selection]
+    found = [trigger_source(detector, model, sel_x, sel_y, t, settings, device)
+             for t in targets]
+    chunks: list[ChunkResult] = []
+
+    def rescan(m: nn.Module, x: Tensor, y: Tensor) -> Verdict:
+        chunks[:] = [measure_chunk(m, x, y, tuple(range(len(ref.classes))), settings, device,
+                                   params.scan.grid_samples)]
+        return verdict_of(chunks, calibration)
+
+    outcome = defend(model, ref.images, ref.labels, parts, found, defence_config(params), device,
+                     rescan)
+    return Repaired(outcome, chunks, parts, scanned)
