@@ -120,3 +120,42 @@ def test_the_benchmark_table_counts_hits_false_alarms_and_targets() -> None:
     assert "| all backdoors | 1 | 1.000 | 1/1 (100%;" in table and "| 1/1 |" in table
     assert "| mask | 1.000 | 1/1 | 0/20 | 1/1 |" in table
     assert auc([1.0, 0.5], [0.5]) == 0.75 and wilson(0, 20)[1] == pytest.approx(0.161, abs=1e-3)
+
+
+def _repaired(asr_after: dict[str, float], cleared: dict[str, bool], clean: float = 0.05,
+              budget: dict | None = None) -> dict:
+    """A repair benchmark record (tasks.zoo.repair) of one model, one row per method."""
+    truth = {"asr": 0.99, "clean_accuracy": 0.70, "attack": {"size": 3, "location": "random",
+             "trigger": "bw", "rate": 0.1}, "base": "b", "arch": "resnet8"}
+    rows = [{"budget": budget or {"epochs": 2}, "method": m, "seconds": 60.0, "asr": a,
+             "accuracy": 0.69, "reactivated_asr": 0.3 if m == "mesa" else None,
+             "outcome": {"verdict": "clean" if cleared[m] else "backdoored"}}
+            for m, a in asr_after.items()]
+    return {"truth": truth, "clean_asr": clean, "scan": {"verdict": "backdoored"},
+            "repairs": rows}
+
+
+def test_the_repair_table_counts_residuals_clearances_and_pairs() -> None:
+    from tasks.zoo.repair import choose
+    from tasks.zoo.repair_report import markdown as repair_table
+
+    records = {"m1": _repaired({"mesa": 0.05, "unlearn": 0.50}, {"mesa": True, "unlearn": True}),
+               "m2": _repaired({"mesa": 0.06, "unlearn": 0.30}, {"mesa": True, "unlearn": False})}
+    text = repair_table(records, {"epochs": 2}, "cmd")
+    rows: dict[str, str] = {}
+    for line in text.splitlines():  # the summary rows, the first per method
+        if line.startswith(("| mesa ", "| unlearn ")):
+            rows.setdefault(line.split(" | ")[0].lstrip("| "), line)
+    # mesa: residuals 0 and +1 points, both within 2 points, both cleared, no false clearance
+    assert "| +0.5 [+0.0, +1.0] | 2/2 " in rows["mesa"] and "| 2/2 | 0 |" in rows["mesa"]
+    # unlearn: m1 cleared at +45 points: a false clearance, named
+    assert "| 0/2 " in rows["unlearn"] and "| 1/2 | 1 (m1) |" in rows["unlearn"]
+    assert "| unlearn | 2 | -34.5 [-45.0, -24.0] |" in text  # paired: mesa minus unlearn
+    assert "Re-activation" in text and "+25.0 [+25.0, +25.0]" in text
+    slow = {"m1": _repaired({"mesa": 0.40}, {"mesa": True}, budget={"epochs": 2}),
+            "m2": _repaired({"mesa": 0.05}, {"mesa": True}, budget={"epochs": 5})}
+    slow["m1"]["repairs"] += _repaired({"mesa": 0.05}, {"mesa": True},
+                                       budget={"epochs": 5})["repairs"]
+    slow["m2"]["repairs"] += _repaired({"mesa": 0.50}, {"mesa": True},
+                                       budget={"epochs": 2})["repairs"]
+    assert choose(slow, [{"epochs": 2}, {"epochs": 5}])["budget"] == {"epochs": 5}
