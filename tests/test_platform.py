@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from pipeline_fixture import ROOT
 from platform_fixture import FAST, copy_model, make_project
 
@@ -40,12 +41,13 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 # --------------------------------------------------------------------------- webhook receiver
 
 
-def _signed(secret: str, body: bytes, stamp: str | None = None) -> dict[str, str]:
+def _signed(secret: str, body: bytes, stamp: str | None = None, delivery: str = "d-1"
+            ) -> dict[str, str]:
     from mlflow.webhooks.delivery import _generate_hmac_signature
 
     stamp = stamp or str(int(time.time()))
-    return {"X-MLflow-Delivery-Id": "d-1", "X-MLflow-Timestamp": stamp,
-            "X-MLflow-Signature": _generate_hmac_signature(secret, "d-1", stamp, body.decode())}
+    return {"X-MLflow-Delivery-Id": delivery, "X-MLflow-Timestamp": stamp,
+            "X-MLflow-Signature": _generate_hmac_signature(secret, delivery, stamp, body.decode())}
 
 
 def test_receiver_emits_an_event_only_for_posts_mlflow_signed() -> None:
@@ -65,13 +67,37 @@ def test_receiver_emits_an_event_only_for_posts_mlflow_signed() -> None:
     ok = app.post("/webhook", content=body, headers=_signed("s3cret", body))
     assert ok.status_code == 200 and ok.json()["version"] == "m/3" and emitted == [("m", "3")]
     other = json.dumps({"entity": "model_version_tag", "action": "set", "data": {}}).encode()
-    assert "ignored" in app.post("/webhook", content=other, headers=_signed("s3cret", other)
-                                 ).json()
+    assert "ignored" in app.post("/webhook", content=other,
+                                 headers=_signed("s3cret", other, delivery="d-2")).json()
     evil = json.dumps({"entity": "model_version", "action": "created",
                        "data": {"name": "m\n\x1b[2J", "version": "1"}}).encode()
-    bad = app.post("/webhook", content=evil, headers=_signed("s3cret", evil))
+    bad = app.post("/webhook", content=evil, headers=_signed("s3cret", evil, delivery="d-3"))
     assert bad.status_code == 400 and "\\n" in bad.json()["error"] and len(emitted) == 1
     assert app.get("/health").json() == {"status": "ok"}
+
+
+def test_a_replayed_delivery_gets_409_and_starts_nothing(tmp_path: Path) -> None:
+    from starlette.testclient import TestClient
+
+    emitted = []
+    body = json.dumps({"entity": "model_version", "action": "created",
+                       "data": {"name": "m", "version": "3"}}).encode()
+    store = tmp_path / "deliveries.sqlite"
+    app = TestClient(webhook.make_app("s3cret", lambda n, v: emitted.append((n, v)) or "e",
+                                      webhook.Deliveries(store)))
+    headers = _signed("s3cret", body, delivery="d-9")
+    assert app.post("/webhook", content=body, headers=headers).status_code == 200
+    again = app.post("/webhook", content=body, headers=headers)  # within the 5-minute window
+    assert again.status_code == 409 and "replay" in again.json()["error"]
+    # a restarted receiver remembers it too
+    restarted = TestClient(webhook.make_app("s3cret", lambda n, v: emitted.append((n, v)) or "e",
+                                            webhook.Deliveries(store)))
+    assert restarted.post("/webhook", content=body, headers=headers).status_code == 409
+    assert emitted == [("m", "3")]
+    # ids are forgotten after twice the window (the timestamp check refuses older posts)
+    old = webhook.Deliveries(store)
+    assert old.first_time("d-10", now=0.0)
+    assert old.first_time("d-10", now=2 * webhook.MAX_SKEW_S + 1)
 
 
 def test_the_event_trigger_runs_the_scan_of_the_version_the_event_names(project: Path) -> None:
@@ -121,6 +147,38 @@ def test_a_signed_model_verifies_and_one_altered_byte_is_rejected(project: Path,
         signing.verify(fresh, Path(f"{fresh}.sig"), [keys.public])
     assert mesa_scan(["--verify-signature", "--params", str(project),
                       str(project.parent / "ship2" / "none")]) == 2  # no signature at all
+
+
+def test_verify_signature_works_from_any_folder_and_says_what_is_missing(
+        project: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = yaml.safe_load(project.read_text())
+    raw["scan"]["state_folder"] = "state-rel"  # relative: to the params file's folder
+    params_path = project.parent / "rel.yaml"
+    params_path.write_text(yaml.safe_dump(raw))
+    keys = signing.ensure_key(load_params(params_path))  # made from the project folder
+    stem = copy_model("clean", project.parent / "ship" / "m")
+    signing.sign(stem, Path(f"{stem}.sig"), keys.private)
+    elsewhere = project.parent / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert mesa_scan(["--verify-signature", "--params", str(params_path), str(stem)]) == 0
+    keys.public.unlink()
+    assert mesa_scan(["--verify-signature", "--params", str(params_path), str(stem)]) == 3
+    err = capsys.readouterr().err
+    assert f"{keys.public} not found" in err and "--public-key PEM" in err
+
+
+def test_signature_mismatches_are_sentences_naming_files_whatever_the_quoting() -> None:
+    escaped = "Signature mismatch: ['Hash mismatch for \\'m.safetensors\\': Expected \\'x\\']"
+    plain = "Signature mismatch: [\"Hash mismatch for 'm.json': Expected 'x', Actual 'y'\"]"
+    files = ("Signature mismatch: [\"Extra files found in model 'model': evil.bin\", "
+             "\"Missing files in model 'model': m.json\"]")
+    assert signing._why(ValueError(escaped)).startswith("m.safetensors differ(s)")
+    assert signing._why(ValueError(plain)).startswith("m.json differ(s)")
+    assert signing._why(ValueError(files)) == ("evil.bin not covered by the signature; m.json "
+                                               "signed but missing")
+    assert signing._why(RuntimeError("raw \x1b[2J")) == "the signature does not verify " \
+        "(RuntimeError)"
 
 
 # --------------------------------------------------------------------------- SARIF, nesting

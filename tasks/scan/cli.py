@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import replace
@@ -174,26 +175,34 @@ def verify_one(stem: Path, keys: list[Path]) -> dict[str, Any]:
     return out | {"verdict": "verified", "key": key}
 
 
-def _public_keys(args: argparse.Namespace) -> list[Path]:
-    """--public-key files, else the service's public key and params' trusted keys."""
+def _public_keys(args: argparse.Namespace) -> tuple[list[Path], list[Path]]:
+    """(--public-key files, else the service's public key and params' trusted keys; the paths
+    looked at). Relative paths in the params file are read from the params file's folder, so
+    the command works from any folder."""
     if args.public_key:
-        return list(args.public_key)
+        return list(args.public_key), list(args.public_key)
     params = load_params(args.params)
+    home = Path(args.params).resolve().parent
     own = signing.key_paths(params).public
-    return [k for k in (own, *(Path(t) for t in params.platform.trusted_keys)) if k.is_file()]
+    if not (os.environ.get(signing.KEY_ENV) or Path(params.platform.signing_key).is_absolute()
+            or Path(params.scan.state_folder).is_absolute()):
+        own = home / own.relative_to(Path.cwd().resolve())
+    wanted = [own, *(home / t for t in params.platform.trusted_keys)]
+    return [k for k in wanted if k.is_file()], wanted
 
 
 def verify_main(args: argparse.Namespace) -> int:
     """`--verify-signature`: check every model's signature offline."""
     try:
-        keys = _public_keys(args)
-    except (ConfigError, OSError) as err:
+        keys, wanted = _public_keys(args)
+    except (ConfigError, OSError, ValueError) as err:
         print(f"error: {escape(err)}", file=sys.stderr)
         return EXIT["error"]
-    missing = [k for k in keys if not k.is_file()]
-    if not keys or missing:
-        print(f"error: no public key to verify with ({escape(missing[0]) if missing else 'none'}"
-              " missing; give --public-key PEM)", file=sys.stderr)
+    missing = [k for k in wanted if not k.is_file()]
+    if not keys or (args.public_key and missing):
+        print(f"error: no public key to verify with: {', '.join(escape(k) for k in missing)} "
+              "not found (the scan service's key is made by its first start; or give "
+              "--public-key PEM)", file=sys.stderr)
         return EXIT["error"]
     records = [verify_one(stem, keys) for stem in model_stems(args.paths)]
     if args.format == "json":

@@ -112,16 +112,24 @@ def sign(stem: Path, signature: Path, private_key: Path) -> Path:
 
 
 def _why(err: Exception) -> str:
-    """model-signing's error in a sentence (the digests it quotes are left out)."""
+    """model-signing's error as a sentence naming the files (the digests it quotes are left out).
+
+    Its mismatch message is the repr of a list of strings, so the quotes around a file name
+    come escaped or not depending on the digest bytes beside them: both are read."""
     text = str(err)
     if text.startswith("Key mismatch"):
         return "not signed by this key"
-    names = re.findall(r"Hash mismatch for '([^']+)'", text)
+    quoted = r"\\?['\"]([^'\"\\]+)\\?['\"]"
+    names = re.findall(r"Hash mismatch for " + quoted, text)
     if names:
         return f"{', '.join(names)} differ(s) from what was signed (altered after signing)"
-    if "Extra files" in text or "Missing files" in text:
-        return text.split(":", 1)[-1].strip()[:300]
-    return f"{type(err).__name__}: {text[:300]}"
+    extra = re.search(r"Extra files found in model " + quoted + r": ([^'\"\\\]]+)", text)
+    missing = re.search(r"Missing files in model " + quoted + r": ([^'\"\\\]]+)", text)
+    if extra or missing:
+        parts = ([f"{extra.group(2).strip()} not covered by the signature"] if extra else []) + (
+            [f"{missing.group(2).strip()} signed but missing"] if missing else [])
+        return "; ".join(parts)
+    return f"the signature does not verify ({type(err).__name__})"
 
 
 def verify(stem: Path, signature: Path, public_keys: list[Path]) -> str:

@@ -3,9 +3,11 @@
 MLflow (3.3+, SQL backends) signs each webhook post with HMAC-SHA256: header
 `X-MLflow-Signature: v1,<base64 HMAC(secret, "<delivery id>.<timestamp>.<body>")>` beside
 `X-MLflow-Delivery-Id` and `X-MLflow-Timestamp`. The receiver (Starlette, 127.0.0.1) refuses a
-post whose signature does not hold or whose timestamp is more than 5 minutes off (a replay), and
-for each new version emits the Prefect event `mlflow.model_version.created` whose resource
-names the version; the scan deployment's DeploymentEventTrigger (flows/scan.py) runs
+post whose signature does not hold or whose timestamp is more than 5 minutes off (401), and a
+delivery id it has accepted before (409: a replay inside the window starts nothing; the ids are
+kept in the state folder's `webhook_deliveries.sqlite` for twice the window, so a restart does
+not reopen it), and for each new version emits the Prefect event `mlflow.model_version.created`
+whose resource names the version; the scan deployment's DeploymentEventTrigger (flows/scan.py) runs
 `scan-event` for it at once. Prefect's own inbound webhooks are a Prefect Cloud feature, hence
 this small receiver.
 
@@ -27,8 +29,10 @@ import hashlib
 import hmac
 import json
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from tasks.common.escape import escape
@@ -63,6 +67,41 @@ def check(secret: str, headers: dict[str, str], body: bytes, now: float | None =
     return ""
 
 
+class Deliveries:
+    """The delivery ids accepted in the last 2 x MAX_SKEW_S seconds (SQLite: one writer at a time
+    across threads and processes).
+
+    Args:
+        path: the SQLite file; ":memory:" keeps them in this object only.
+    """
+
+    def __init__(self, path: Path | str = ":memory:") -> None:
+        self.path = str(path)
+        self._memory = sqlite3.connect(":memory:", check_same_thread=False) \
+            if self.path == ":memory:" else None
+        with self._db() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS seen (id TEXT PRIMARY KEY, at REAL)")
+
+    def _db(self) -> sqlite3.Connection:
+        return self._memory or sqlite3.connect(self.path, timeout=30)
+
+    def first_time(self, delivery_id: str, now: float | None = None) -> bool:
+        """Remember `delivery_id`; False if it was accepted before (a replay)."""
+        now = time.time() if now is None else now
+        with self._db() as db:
+            db.execute("DELETE FROM seen WHERE at < ?", (now - 2 * MAX_SKEW_S,))
+            try:
+                db.execute("INSERT INTO seen VALUES (?, ?)", (delivery_id, now))
+            except sqlite3.IntegrityError:
+                return False
+        return True
+
+    def forget(self, delivery_id: str) -> None:
+        """Drop a delivery that was refused or failed after it was remembered."""
+        with self._db() as db:
+            db.execute("DELETE FROM seen WHERE id = ?", (delivery_id,))
+
+
 def version_of(payload: Any) -> tuple[str, str] | None:
     """(name, version) of a model_version.created payload, None for other events."""
     if not isinstance(payload, dict) or (payload.get("entity"), payload.get("action")) != (
@@ -87,8 +126,9 @@ def emit(name: str, version: str) -> str:
     return str(event.id) if event is not None else ""
 
 
-def make_app(secret: str, emitter: Callable[[str, str], str] = emit) -> Any:
-    """The receiver: POST /webhook (signed), GET /health."""
+def make_app(secret: str, emitter: Callable[[str, str], str] = emit,
+             deliveries: Deliveries | None = None) -> Any:
+    """The receiver: POST /webhook (signed, each delivery once), GET /health."""
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse
@@ -102,6 +142,11 @@ def make_app(secret: str, emitter: Callable[[str, str], str] = emit) -> Any:
         if why:
             log.warning("refused a webhook post: %s", why)
             return JSONResponse({"error": why}, status_code=401)
+        delivery = request.headers["x-mlflow-delivery-id"]
+        if not seen.first_time(delivery):
+            log.warning("refused a replayed webhook delivery %s", escape(delivery)[:80])
+            return JSONResponse({"error": f"delivery {escape(delivery)[:80]} was received "
+                                 "before (a replay)"}, status_code=409)
         try:
             found = version_of(json.loads(body))
         except (ValueError, RecursionError) as err:
@@ -109,10 +154,16 @@ def make_app(secret: str, emitter: Callable[[str, str], str] = emit) -> Any:
             return JSONResponse({"error": escape(err)[:300]}, status_code=400)
         if found is None:
             return JSONResponse({"ignored": "not a model_version.created event"})
-        event_id = emitter(*found)
+        try:
+            event_id = emitter(*found)
+        except Exception:
+            seen.forget(delivery)  # not acted on: MLflow's retry of it must get through
+            raise
         log.info("model version %s/%s created: event %s emitted", escape(found[0]), found[1],
                  event_id)
         return JSONResponse({"emitted": event_id, "version": f"{found[0]}/{found[1]}"})
+
+    seen = deliveries or Deliveries()
 
     async def health(_: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
@@ -150,7 +201,9 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    uvicorn.run(make_app(secret), host="127.0.0.1", port=params.platform.webhook_port,
+    deliveries = Deliveries(state_folder(params) / "webhook_deliveries.sqlite")
+    uvicorn.run(make_app(secret, deliveries=deliveries), host="127.0.0.1",
+                port=params.platform.webhook_port,
                 log_level="warning")
 
 
