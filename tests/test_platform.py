@@ -22,9 +22,11 @@ from platform_fixture import FAST, copy_model, make_project
 
 from tasks.common import tracking
 from tasks.common.params import load_params
-from tasks.common.verdicts import verdict_tags
-from tasks.scan import audit, auth, quarantine, sarif, signing, webhook
+from tasks.common.verdicts import seal, verdict_tags
+from tasks.scan import audit, auth, quarantine, sarif, service, signing, webhook
+from tasks.scan.auth import seal_secret
 from tasks.scan.cli import main as mesa_scan
+from tasks.scan.discover import files_key
 
 
 @pytest.fixture
@@ -220,10 +222,11 @@ def _version(tmp: Path, name: str, variant: str, alias: str | None = None) -> st
                                    name, {"scan_verdict": "not scanned"}, "someone's", alias)
 
 
-def _scan_verdict(name: str, version: str, status: str, params) -> str:
+def _scan_verdict(name: str, version: str, status: str, params, files_key: str = "") -> str:
     """What the service does after a scan: a scan run, the tags, quarantine, seal."""
     run = tracking.start_run(f"scan {name}/{version}", {"mesa.role": "scan",
-                                                        "scan_verdict": status})
+                                                        "scan_verdict": status,
+                                                        "scan.files_key": files_key})
     verdict = {"status": status, "target": 0 if status == "backdoored" else None,
                "confidence": 0.9, "p_value": 0.1, "detector": "mesa", "reason": "test"}
     tags = {**verdict_tags(verdict, run.run_id), "scan_key": "ab" * 32}
@@ -271,6 +274,35 @@ def test_quarantine_takes_every_alias_and_the_audit_undoes_hand_edits(project: P
     assert "quarantined" not in tracking.model_version_tags("model", v1)
     _scan_verdict("model", v2, "clean", params)
     assert tracking.model_aliases("model") == {}
+
+
+def test_a_resealed_verdict_of_another_models_scan_is_caught(project: Path) -> None:
+    """An insider holding the seal secret copies a clean model's verdict (its real scan run)
+    onto a backdoored version, re-seals it and moves @current there: the audit sees that the
+    run scanned other files, quarantines the version and marks it for a new scan."""
+    params, tmp = load_params(project), project.parent
+    good, bad = _version(tmp, "model", "g"), _version(tmp, "model", "h")
+
+    def key(variant: str) -> str:
+        return files_key([tmp / "up" / variant / "m.safetensors", tmp / "up" / variant / "m.json"])
+
+    clean_run = _scan_verdict("model", good, "clean", params, key("g"))
+    _scan_verdict("model", bad, "backdoored", params, key("h"))
+    assert quarantine.audit(params) == []  # each verdict backed by a scan of its own files
+    forged = {k: v for k, v in tracking.model_version_tags("model", good).items()
+              if k.startswith("scan_") and k != "scan_seal"}
+    assert forged["scan_run_id"] == clean_run
+    tracking.delete_model_version_tags("model", bad, ("quarantined",))
+    tracking.tag_model_version("model", bad, forged)
+    tags = tracking.model_version_tags("model", bad)
+    tracking.tag_model_version("model", bad, {"scan_seal": seal(seal_secret(params), "model",
+                                                                  bad, tags)})
+    tracking.set_alias("model", "current", bad)
+    (found,) = quarantine.audit(params)
+    assert found["kind"] == "unbacked-verdict" and found["version"] == bad
+    assert "scanned other files" in found["text"] and "@current" in found["text"]
+    assert tracking.model_version_tags("model", bad)["scan_verdict"] == "not scanned"
+    assert "current" not in tracking.model_aliases("model")
 
 
 def test_the_pipeline_evaluate_verdicts_hold_without_a_seal(project: Path) -> None:
@@ -322,7 +354,7 @@ def test_hostile_names_are_escaped_and_a_nesting_bomb_is_named(project: Path,
     for run in runs:
         texts = [run.info.run_name, *run.data.tags.values(), *run.data.params.values()]
         assert not any(c in t for t in texts for c in "\n\x1b"), run.info.run_name
-    state = project.parent / "state"
+    state = service.store_folder(load_params(project))  # this tracking store's records
     records = [json.loads(line) for line in (state / "ledger.jsonl").read_text().splitlines()]
     records += [json.loads(p.read_text()) for p in state.glob("done/*.json")]
     assert len(records) == 4 and not any("\n" in s or "\x1b" in s for s in _strings(records))
@@ -372,3 +404,16 @@ def test_credentials_are_made_once_and_the_environment_wins(tmp_path: Path,
     assert auth.credentials(tmp_path)["mlflow_password"] == "from-env"
     ini = auth.mlflow_ini(tmp_path, first).read_text()
     assert "auth_cache_ttl_seconds" in ini and "users.db" in ini and "password" not in ini
+
+
+def test_the_client_env_holds_no_service_secret(project: Path) -> None:
+    """What clients `source` (client.env) lets them call MLflow and Prefect, never seal a
+    verdict, sign a webhook or read MLflow's stored webhook secrets."""
+    params = load_params(project)
+    client = auth.shell_env(params)
+    server = auth.shell_env(params, server=True)
+    creds = auth.credentials(auth.state_folder(params))
+    for key in ("seal_secret", "webhook_secret", "flask_secret", "webhook_key"):
+        assert creds[key] not in client and creds[key] in server, key
+    for key in auth.CLIENT:
+        assert f"export {auth.ENV[key]}=" in client

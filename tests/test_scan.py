@@ -404,8 +404,7 @@ def test_down_mlflow_server_is_a_clear_error_and_nothing_is_claimed(
     with pytest.raises(SystemExit, match=f"MLflow tracking server {uri} is not reachable"):
         scan_flows.main(["once", "--params", str(project / "params.yaml")])
     assert time.perf_counter() - start < 10
-    assert not (project / "state" / "claims").exists() or not any(
-        (project / "state" / "claims").iterdir())
+    assert not list((project / "state").rglob("*.claim"))
 
 
 def test_down_prefect_server_is_a_clear_error(project: Path) -> None:
@@ -428,9 +427,10 @@ def test_server_dying_mid_scan_leaves_the_model_unscanned(project: Path,
     monkeypatch.setattr(tracking, "register_model", down)
     with pytest.raises(RuntimeError, match="stay unscanned for the next run: drop:m: Tracking"):
         scan_flows.discover_and_scan(params_path=params_path)
-    store = ClaimStore(project / "state")
-    assert store.held() == [] and not list((project / "state").glob("done/*.json"))
-    assert Ledger(project / "state" / "ledger.jsonl").entries() == []
+    state = service.store_folder(load_params(params_path))
+    store = ClaimStore(state)
+    assert store.held() == [] and not list((project / "state").rglob("done/*.json"))
+    assert Ledger(state / "ledger.jsonl").entries() == []
     monkeypatch.undo()
     monkeypatch.chdir(project)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
@@ -454,3 +454,18 @@ def test_dask_runner_fans_out_the_classes_of_a_model(project: Path,
     assert {f"class.mask.{k}.mask_l1" for k in range(6)} <= set(run.data.metrics)
     assert outcome["status"] in ("clean", "backdoored")
 
+
+
+def test_each_tracking_store_keeps_its_own_scan_records(project: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model scanned into a local store (`python -m flows.scan model`, ./mlflow.db) is not
+    "scanned" for a server: its done record, naming a run of the local store, stays there."""
+    params = load_params(project / "params.yaml")
+    local = service.claim_store(params)
+    local.finish("ab" * 32, {"status": "backdoored", "run_id": "local-run"})
+    assert local.done("ab" * 32)["run_id"] == "local-run"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://svc:secret@127.0.0.1:5000")
+    server = service.claim_store(params)
+    assert server.done("ab" * 32) is None and server.root != local.root
+    text = (Path(server.root) / "store.txt").read_text()
+    assert text == "http://127.0.0.1:5000\n"  # which store, without its password

@@ -15,8 +15,12 @@ Each value comes from the environment if set, else from `<state_folder>/auth/cre
 
     python -m tasks.scan.auth env [--params params.yaml] [--server]
 
-prints `export ...` lines for a shell (scripts/scan_services.sh evals them); `--server` adds the
-servers' own variables and writes `<state>/auth/basic_auth.ini` for MLflow's basic-auth app.
+prints `export ...` lines for a shell: without `--server` only the clients' (the MLflow and
+Prefect credentials: what `<state>/auth/client.env` holds, the file users `source`); `--server`
+adds every secret above and the servers' own variables and writes `<state>/auth/basic_auth.ini`
+for MLflow's basic-auth app (scripts/scan_services.sh evals them for the services only). The
+secrets that seal verdicts and verify webhooks never leave the service's 0600 files and
+environment.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ ENV = {"mlflow_user": "MLFLOW_TRACKING_USERNAME", "mlflow_password": "MLFLOW_TRA
        "prefect_auth": "PREFECT_API_AUTH_STRING", "webhook_secret": "MESA_WEBHOOK_SECRET",
        "seal_secret": "MESA_SEAL_SECRET", "flask_secret": "MLFLOW_FLASK_SERVER_SECRET_KEY",
        "webhook_key": "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY"}
+CLIENT = ("mlflow_user", "mlflow_password", "prefect_auth")  # all a client is given
 
 
 def state_folder(params: Params) -> Path:
@@ -98,10 +103,11 @@ def mlflow_ini(state: Path, creds: dict[str, str]) -> Path:
 
 
 def shell_env(params: Params, server: bool = False) -> str:
-    """`export` lines of the clients' (and with `server`, the servers') variables."""
+    """`export` lines of the clients' variables (with `server`, also every secret and the
+    servers' own variables)."""
     state = state_folder(params)
     creds = credentials(state)
-    values = {ENV[k]: creds[k] for k in ENV}
+    values = {ENV[k]: creds[k] for k in (ENV if server else CLIENT)}
     if server:
         values |= {"PREFECT_SERVER_API_AUTH_STRING": creds["prefect_auth"],
                    "MLFLOW_AUTH_CONFIG_PATH": str(mlflow_ini(state, creds)),

@@ -10,7 +10,8 @@ only removes the claim, so the next run scans the model again. A claim left by a
 first renamed away (atomic, one winner), then claimed again with O_EXCL.
 
 The claims folder must be on one filesystem shared by every process that scans (a local disk for
-one machine; NFS or similar with a Dask cluster whose workers claim).
+one machine; NFS or similar with a Dask cluster whose workers claim). `<state>` here is the state
+folder's part for one tracking store (tasks.scan.service.store_folder).
 
 The ledger (`<state>/ledger.jsonl`) records each drop-folder file pair once processed: path, size,
 mtime, key and verdict, so a later discovery skips it without hashing it again. The drop folder

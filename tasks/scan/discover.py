@@ -81,6 +81,13 @@ def model_key(files: list[Path]) -> tuple[str, str]:
     return hashlib.sha256(text.encode()).hexdigest(), digests.get("weights", "")
 
 
+def files_key(files: list[Path] | tuple[str, ...]) -> str:
+    """The key of a model's own files only (weights and manifest): what a scan run records and
+    the registry audit compares with a version's files (a signature added later, or a
+    reference file beside it, leaves it unchanged)."""
+    return model_key([Path(f) for f in files if _role(Path(f)) in ("weights", "manifest")])[0]
+
+
 def _role(path: Path) -> str:
     name = Path(path).name
     if name.endswith(REFERENCE_SUFFIX):

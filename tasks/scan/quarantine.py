@@ -10,7 +10,8 @@ lifts the quarantine (tag removed, `@quarantined` removed if it pointed there); 
 (flow log, flow result, `<state>/findings.jsonl`) and undoes:
 - an alias pointing at a quarantined version (moved there by hand): the alias is removed;
 - a verdict no scan wrote: its `scan_run_id` run does not exist or recorded another verdict, or
-  the service's seal (tasks.common.verdicts.seal) does not match (a tag edited by hand). The
+  the service's seal (tasks.common.verdicts.seal) does not match (a tag edited by hand), or the
+  run scanned other files (its `scan.files_key` is not the key of this version's files). The
   version is quarantined and its verdict reset to `not scanned`, so the same run scans it again
   (or re-applies the verdict recorded for its exact files in the state folder).
 Verdicts of the pipeline's `evaluate` stage carry no seal; they hold when their run is that
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +87,14 @@ def _evaluate_backs(run: dict[str, Any], tags: dict[str, str]) -> bool:
     return False
 
 
-def unbacked(name: str, version: str, tags: dict[str, str], secret: str) -> str:
-    """Why the version's verdict was not written by a scan ('' if it was)."""
+def unbacked(name: str, version: str, tags: dict[str, str], secret: str,
+             files_key: Callable[[], str] | None = None) -> str:
+    """Why the version's verdict was not written by a scan of its files ('' if it was).
+
+    Args:
+        files_key: the key of the version's own files (tasks.scan.discover.files_key); a scan
+            run that recorded another key scanned other files.
+    """
     run_id = tags.get("scan_run_id", "")
     run = tracking.run_record(run_id) if run_id else None
     if run is None:
@@ -98,6 +106,10 @@ def unbacked(name: str, version: str, tags: dict[str, str], secret: str) -> str:
                     f"{run_id} recorded {escape(recorded)}")
         if not seal_holds(secret, name, version, tags):
             return "its verdict tags do not match the scan service's seal (edited by hand)"
+        scanned = run["tags"].get("scan.files_key", "")
+        if files_key is not None and scanned and scanned != files_key():
+            return (f"its scan run {run_id} scanned other files (model key {scanned[:12]}, "
+                    "not this version's)")
         return ""
     if _evaluate_backs(run, tags):
         return ""
@@ -120,16 +132,42 @@ def _reset(name: str, version: str, why: str) -> str:
     return f"quarantined{f' (aliases {aliases} removed)' if removed else ''} and scanned again"
 
 
+class FileKeys:
+    """The model key of each registry version's files, computed once per version and source
+    (a version's source never changes; its files are a run's artifacts, and a cleared version's
+    signature covers them) and kept in `<state>/version_keys.json`."""
+
+    def __init__(self, params: Params) -> None:
+        self.state = Path(params.scan.state_folder)
+        self.path = self.state / "version_keys.json"
+        try:
+            self.known: dict[str, str] = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            self.known = {}
+
+    def of(self, version: dict[str, Any]) -> str:
+        """The key of `version`'s files (downloaded into the state folder the first time)."""
+        from tasks.scan.discover import fetch_version, files_key
+
+        ref = f"{version['name']}/{version['version']}@{version['source']}"
+        if ref not in self.known:
+            self.known[ref] = files_key(fetch_version.fn(version, self.state / "work").files)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(self.known, sort_keys=True), encoding="utf-8")
+        return self.known[ref]
+
+
 def audit(params: Params) -> list[dict[str, Any]]:
     """Check every watched version's verdict and every alias; fix and report what is wrong."""
     secret = seal_secret(params)
     versions = tracking.model_versions(params.scan.registry_models)
+    keys = FileKeys(params)
     findings = []
     for v in versions:
         tags, name, version = v["tags"], v["name"], v["version"]
         if tags.get("scan_verdict") not in VERDICTS:
             continue
-        why = unbacked(name, version, tags, secret)
+        why = unbacked(name, version, tags, secret, lambda v=v: keys.of(v))
         if why:
             done = _reset(name, version, why)
             findings.append(_finding("unbacked-verdict", name, version, f"{why}; {done}"))

@@ -50,7 +50,7 @@ from tasks.scan.check import Checked, logger, repair_model, work_dir
 from tasks.scan.core import ChunkResult, load_calibration
 from tasks.scan.core import verdict_of as verdict_of_chunks
 from tasks.scan.defend import CannotRepair
-from tasks.scan.discover import SIGNATURE_SUFFIX, Candidate
+from tasks.scan.discover import SIGNATURE_SUFFIX, Candidate, files_key
 
 
 @lru_cache(maxsize=4)
@@ -135,11 +135,16 @@ def _metrics(verdict: dict[str, Any], seconds: dict[str, float]) -> dict[str, An
 
 def _run(label: str, checked: Checked, verdict: dict[str, Any], chunks: list[ChunkResult],
          params: Params, folder: Path, seconds: dict[str, float]) -> tracking.StageRun:
-    """Open a scan run and log params, metrics and evidence (the caller ends it)."""
+    """Open a scan run and log params, metrics and evidence (the caller ends it). The run
+    records `scan.files_key`, the key of exactly the files it scanned (the registry audit
+    compares it with the version's own files)."""
     cand = checked.candidate
+    scanned = modelfiles.files(checked.stem) if checked.stem else tuple(cand.files)
     run = tracking.start_run(label, {  # labels are escaped when made
         "mesa.role": "scan", "scan.source": cand.source, "scan.label": cand.label,
-        "scan.key": cand.key, "model_sha256": cand.weights_sha256,
+        "scan.key": cand.key, "scan.files_key": files_key([f for f in scanned
+                                                           if Path(f).is_file()]),
+        "model_sha256": cand.weights_sha256,
         "scan_verdict": verdict["status"], "scan_reason": verdict["reason"][:TAG_LIMIT],
         "scan.files": json.dumps([escape(Path(f).name) for f in cand.files])[:TAG_LIMIT]})
     tracking.log_params(run, {**params.section("scan"), "model.label": cand.label,

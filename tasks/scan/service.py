@@ -11,6 +11,8 @@ claim of every model that was not scanned to the end, so the next run finds it a
 from __future__ import annotations
 
 import argparse
+import hashlib
+import re
 import sys
 import time
 import urllib.error
@@ -63,14 +65,31 @@ def task_runner(params: Params) -> Any:
     return ThreadPoolTaskRunner(max_workers=s.workers)
 
 
+def store_folder(params: Params) -> Path:
+    """The part of the state folder that belongs to this tracking store:
+    `<state>/stores/<sha256 of the tracking URI, 16 hex>/` (the URI in its `store.txt`).
+
+    Claims, done records and the ledger say "these files were scanned, here is the run": a run
+    that lives in another store (a local `python -m flows.scan model` writes to ./mlflow.db) must
+    never stand in for a scan on the server, so each store has its own."""
+    uri = tracking.tracking_uri()
+    folder = Path(params.scan.state_folder) / "stores" / hashlib.sha256(
+        uri.encode()).hexdigest()[:16]
+    if not (folder / "store.txt").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        shown = re.sub(r"//[^/@]*@", "//", uri)  # never a password on disk
+        (folder / "store.txt").write_text(escape(shown) + "\n", encoding="utf-8")
+    return folder
+
+
 def claim_store(params: Params) -> ClaimStore:
-    """Claims and done records under `scan.state_folder`."""
-    return ClaimStore(Path(params.scan.state_folder), params.scan.claim_timeout_s)
+    """Claims and done records of this tracking store (`store_folder`)."""
+    return ClaimStore(store_folder(params), params.scan.claim_timeout_s)
 
 
 def ledger(params: Params) -> Ledger:
-    """The drop-folder ledger under `scan.state_folder`."""
-    return Ledger(Path(params.scan.state_folder) / "ledger.jsonl")
+    """The drop-folder ledger of this tracking store (`store_folder`)."""
+    return Ledger(store_folder(params) / "ledger.jsonl")
 
 
 # --------------------------------------------------------------------------- servers
