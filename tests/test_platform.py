@@ -305,6 +305,29 @@ def test_a_resealed_verdict_of_another_models_scan_is_caught(project: Path) -> N
     assert "current" not in tracking.model_aliases("model")
 
 
+def test_no_alias_points_at_a_version_while_it_is_scanned(project: Path) -> None:
+    params, tmp = load_params(project), project.parent
+    v1 = _version(tmp, "model", "p", alias="current")
+    tracking.set_alias("model", "champion", v1)
+    assert sorted(quarantine.hold("model", v1)) == ["champion", "current"]
+    assert tracking.model_aliases("model") == {}  # scan pending: nothing loads it by alias
+    assert tracking.model_version_tags("model", v1)["scan_status"] == "pending"
+    _scan_verdict("model", v1, "clean", params)  # cleared: the aliases come back
+    assert tracking.model_aliases("model") == {"champion": v1, "current": v1}
+    tags = tracking.model_version_tags("model", v1)
+    assert tags["scan_status"] == "done" and quarantine.HELD_TAG not in tags
+    v2 = _version(tmp, "model", "q", alias="staging")
+    quarantine.hold("model", v2)
+    _scan_verdict("model", v2, "backdoored", params)  # quarantined: they stay off
+    assert "staging" not in tracking.model_aliases("model")
+    v3 = _version(tmp, "model", "r", alias="next")
+    quarantine.hold("model", v3)
+    tracking.set_alias("model", "next", v1)  # someone else took the alias meanwhile
+    _scan_verdict("model", v3, "clean", params)
+    assert tracking.model_aliases("model")["next"] == v1  # not taken back from v1
+    assert quarantine.audit(params) == []
+
+
 def test_the_pipeline_evaluate_verdicts_hold_without_a_seal(project: Path) -> None:
     params = load_params(project)
     v = _version(project.parent, "mesa-backdoored", "e", alias="current")

@@ -62,11 +62,55 @@ def lift(name: str, version: str) -> None:
         tracking.delete_alias(name, QUARANTINE_ALIAS)
 
 
+HELD_TAG = "scan_held_aliases"
+
+
+def hold(name: str, version: str) -> list[str]:
+    """Scan pending: take every alias off a version about to be scanned (kept in the tag
+    `scan_held_aliases`, given back if it is cleared), so no consumer loads an unscanned
+    version by alias. Returns the aliases taken."""
+    taken = [a for a, v in tracking.model_aliases(name).items()
+             if v == version and a != QUARANTINE_ALIAS]
+    for alias in taken:
+        tracking.delete_alias(name, alias)
+    tags = {"scan_status": "pending"}
+    if taken:
+        held = tracking.model_version_tags(name, version).get(HELD_TAG, "[]")
+        tags[HELD_TAG] = json.dumps(sorted(set(_aliases(held)) | set(taken)))
+        logger().info("scan pending for %s/%s: aliases %s held until it is cleared",
+                      escape(name), version, ", ".join("@" + escape(a) for a in taken))
+    tracking.tag_model_version(name, version, tags)
+    return taken
+
+
+def _aliases(text: str) -> list[str]:
+    try:
+        found = json.loads(text)
+    except ValueError:
+        return []
+    return [a for a in found if isinstance(a, str)] if isinstance(found, list) else []
+
+
+def give_back(name: str, version: str, tags: dict[str, str]) -> list[str]:
+    """A cleared version gets back the aliases held while it was scanned (those nobody has
+    put on another version meanwhile); returns them."""
+    taken = tracking.model_aliases(name)
+    back = [a for a in _aliases(tags.get(HELD_TAG, "[]")) if a not in taken]
+    for alias in back:
+        tracking.set_alias(name, alias, version)
+    if HELD_TAG in tags:
+        tracking.delete_model_version_tags(name, version, (HELD_TAG,))
+    return back
+
+
 def apply(name: str, version: str, tags: dict[str, str], params: Params) -> list[str]:
-    """Seal a verdict just written by a scan, quarantine or clear the version; aliases removed."""
+    """Seal a verdict just written by a scan, quarantine or clear the version; aliases removed
+    (a quarantined version keeps no alias, held ones included; a cleared one gets them back)."""
     removed = quarantine(name, version) if tags["scan_verdict"] in QUARANTINED else []
     if tags["scan_verdict"] == "clean":
         lift(name, version)
+        give_back(name, version, tags)
+    tracking.tag_model_version(name, version, {"scan_status": "done"})
     secret = seal_secret(params)
     tracking.tag_model_version(name, version, {"scan_seal": seal(secret, name, version, tags)})
     summarise(name)

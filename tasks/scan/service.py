@@ -132,7 +132,10 @@ def discover(params: Params, book: Ledger) -> list[Candidate]:
     """New drop-folder groups, then registry versions without a verdict (downloaded)."""
     work = Path(params.scan.state_folder) / "work"
     found = drop_candidates(params, book)
-    return found + [fetch_version(v, work) for v in unscanned_versions(params)]
+    pending = unscanned_versions(params)
+    for v in pending:  # before the scan: no alias on an unscanned version
+        quarantine.hold(v["name"], v["version"])
+    return found + [fetch_version(v, work) for v in pending]
 
 
 @dataclass
@@ -240,6 +243,7 @@ def event_candidate(model: str, params: Params) -> Candidate | None:
         raise FileNotFoundError(f"{escape(model)}: no such registered model version")
     if match[0]["tags"].get("scan_verdict", "") not in UNSCANNED:
         return None
+    quarantine.hold(name, version)  # before the scan: no alias on an unscanned version
     return fetch_version(match[0], Path(params.scan.state_folder) / "work")
 
 
