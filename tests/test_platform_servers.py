@@ -9,6 +9,7 @@ no browser can be had the test is skipped, saying so."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -171,6 +172,7 @@ def test_a_browser_reads_the_quarantined_versions_verdict_and_lineage(
     assert name in listing
     assert "quarantined" in body  # the alias and the tag
     assert "Scan verdict: REJECTED: quarantined" in body and "NaN" in body
-    assert "parent version: none" in body and "scanner code commit" in body
+    assert "parent version: none" in body and "scanner: mesa-pipeline" in body
+    assert re.search(r"reference data sha256 [0-9a-f]{16} \(\d+ images of ", body), body
     assert "evidence: scan run" in body and "training data hash" in body
     assert "signature: not signed: verdict rejected" in body

@@ -159,6 +159,12 @@ def git_state() -> tuple[str, bool]:
     return commit, dirty
 
 
+def changed_files(paths: tuple[str, ...]) -> list[str]:
+    """Tracked files under `paths` that differ from the checked-out commit."""
+    out = _git("status", "--porcelain", "--untracked-files=no", "--", *paths) or ""
+    return [line[3:] for line in out.splitlines() if line.strip()]
+
+
 def package_versions() -> dict[str, str]:
     """Installed versions of the packages that shape results."""
     out = {}

@@ -2,14 +2,17 @@
 
 The description (Markdown, rendered on the version's page) says in a few lines what was found
 and on what evidence: verdict, target, p-value and confidence, the detector that fired, a link
-to the scan run holding the trigger grid and per-class scores, the parent version, the data
-hashes, the code commit of the scanner and the signature's status. The registered model's tags
+to the scan run holding the trigger grid and per-class scores, a link straight to the recovered
+trigger of the target (served by the MLflow server the UI runs on), the parent version, the
+training data's hash and the reference images' sha256, the scanner's version and commit (and
+whether its own code had local changes) and the signature's status. The registered model's tags
 carry the latest verdict (tasks.scan.quarantine.summarise).
 """
 
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 from tasks.common import tracking
 from tasks.common.escape import escape
@@ -41,12 +44,17 @@ def record(verdict: dict[str, Any], run_id: str, lineage: dict[str, str]) -> str
              f"- target: {target}; {stats}; detector: {_md(verdict.get('detector') or 'none')}",
              f"- evidence: [scan run {run_id[:12]}]({link}) (trigger grid "
              "`evidence/triggers.png`, per-class scores `evidence/scores.csv`)"]
+    if verdict.get("target") is not None and verdict["status"] == "backdoored":
+        image = f"evidence/trigger_class_{int(verdict['target'])}.png"
+        lines.append(f"- recovered trigger of class {int(verdict['target'])} (what the "
+                     f"{_md(verdict.get('detector') or 'scan')} detector found): "
+                     f"[{image}](get-artifact?path={quote(image, safe='')}&run_uuid={run_id})")
     if verdict.get("reason"):
         lines.append(f"- reason: {_md(verdict['reason'])[:600]}")
     lines += [f"- parent version: {_md(lineage.get('parent', 'none'))}",
               f"- data: training data hash {_md(lineage.get('data_hash') or 'unknown')}; "
               f"reference data sha256 {_md(lineage.get('reference') or 'unknown')}",
-              f"- scanner code commit: {_md(lineage.get('commit', 'unknown'))}",
+              f"- scanner: {_md(lineage.get('commit', 'unknown'))}",
               f"- signature: {_md(lineage.get('signature', 'none'))}"]
     return "\n".join(lines)
 

@@ -23,6 +23,7 @@ a backdoored or rejected version is quarantined (tasks.scan.quarantine: every al
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from functools import lru_cache
@@ -37,7 +38,7 @@ from mesa_lib import modelfiles
 from mesa_lib.calibration import Calibration
 from mesa_lib.defence import Outcome
 from mesa_lib.modelfiles import WEIGHTS_SUFFIX
-from mesa_lib.modelio import model_fingerprint, sha256_file
+from mesa_lib.modelio import model_fingerprint
 from mesa_lib.verdict import Verdict
 from tasks.common import tracking
 from tasks.common.configs import scan_settings
@@ -51,6 +52,7 @@ from tasks.scan.core import ChunkResult, load_calibration
 from tasks.scan.core import verdict_of as verdict_of_chunks
 from tasks.scan.defend import CannotRepair
 from tasks.scan.discover import SIGNATURE_SUFFIX, Candidate, files_key
+from tasks.scan.reference import load_reference
 
 
 @lru_cache(maxsize=4)
@@ -119,7 +121,18 @@ def _evidence(folder: Path, verdict: dict[str, Any], chunks: list[ChunkResult],
             width = max(len(g) for g in grid)
             save_grid(folder / "triggers.png", torch.cat(grid), nrow=width)
             files.append(folder / "triggers.png")
+        target = verdict.get("target")
+        mine = [s for ch in chunks for c, s in ch.samples.get(verdict["detector"], {}).items()
+                if c == target]
+        if target is not None and mine:  # the audit record links it, labelled
+            save_grid(folder / trigger_file(target), torch.tensor(mine[0]), nrow=len(mine[0]))
+            files.append(folder / trigger_file(target))
     return files
+
+
+def trigger_file(target: int) -> str:
+    """The evidence file of the recovered trigger of class `target`."""
+    return f"trigger_class_{int(target)}.png"
 
 
 def _metrics(verdict: dict[str, Any], seconds: dict[str, float]) -> dict[str, Any]:
@@ -156,9 +169,41 @@ def _run(label: str, checked: Checked, verdict: dict[str, Any], chunks: list[Chu
     return run
 
 
-def _commit() -> str:
-    commit, dirty = tracking.git_state()
-    return commit[:12] + ("-dirty" if dirty else "")
+SCANNER_PATHS = ("mesa_lib", "tasks", "flows", "calibration", "params.yaml", "pyproject.toml")
+
+
+def scanner_version() -> str:
+    """The scanner that wrote a verdict: the package version and commit, and whether its own code
+    (not, say, a re-run pipeline's dvc.lock) differs from that commit."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version("mesa-pipeline")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    commit, _ = tracking.git_state()
+    changed = tracking.changed_files(SCANNER_PATHS)
+    tail = f", with local changes to {', '.join(changed[:3])}" if changed else ""
+    return f"mesa-pipeline {version}, commit {commit[:12]}{tail}"
+
+
+@lru_cache(maxsize=8)
+def _reference_digest(spec: str, stamp: int, params: Params) -> str:
+    ref = load_reference(params, Path(spec) if spec else None)
+    h = hashlib.sha256(ref.images.numpy().tobytes())
+    if ref.labels is not None:
+        h.update(ref.labels.numpy().tobytes())
+    return f"{h.hexdigest()[:16]} ({len(ref.images)} images of {escape(Path(ref.source).name)})"
+
+
+def reference_digest(checked: Checked, params: Params) -> str:
+    """sha256 of the reference images (and labels) the scan used, whatever their source."""
+    source = Path(checked.reference or params.scan.reference)
+    stamp = source.stat().st_mtime_ns if source.is_file() else 0
+    try:
+        return _reference_digest(checked.reference, stamp, params)
+    except Exception as err:  # noqa: BLE001 - the record says why, the verdict stands
+        return f"unknown ({escape(err)[:120]})"
 
 
 def _lineage(checked: Checked, tags: dict[str, str], signature: str,
@@ -171,11 +216,9 @@ def _lineage(checked: Checked, tags: dict[str, str], signature: str,
             data_hash = str(json.loads(manifest.read_text()).get("data_hash", ""))
         except (OSError, ValueError, RecursionError):
             data_hash = ""
-    ref = Path(checked.reference) if checked.reference else None
     return {"parent": tags.get("parent_model_version", "none"), "data_hash": data_hash,
-            "reference": (sha256_file(ref)[:16] if ref and ref.is_file()
-                          else f"of scan.reference {escape(params.scan.reference)}"),
-            "commit": _commit(), "signature": signature}
+            "reference": reference_digest(checked, params), "commit": scanner_version(),
+            "signature": signature}
 
 
 def _sign(stem: Path, params: Params) -> tuple[Path | None, str]:
