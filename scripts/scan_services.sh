@@ -124,6 +124,12 @@ status() {
   done
   healthy "$PREFECT_HEALTH" && echo "Prefect UI: http://127.0.0.1:$PREFECT_PORT" || true
   healthy "$MLFLOW_HEALTH" && echo "MLflow UI:  $MLFLOW_TRACKING_URI" || true
+  if [ "$AUTH" = true ] && [ -f "$CLIENT_ENV" ]; then
+    local user
+    user=$(sed -n "s/^export MLFLOW_TRACKING_USERNAME=//p" "$CLIENT_ENV" | tr -d "'")
+    echo "UI login:   MLflow user '$user', password: the MLFLOW_TRACKING_PASSWORD line of $CLIENT_ENV;"
+    echo "            Prefect: PREFECT_API_AUTH_STRING (user:password) of the same file"
+  fi
   echo "logs: $LOGS/  drop folder: $DROP/"
   echo "to run flows by hand against these servers:"
   echo "  export PREFECT_API_URL=$PREFECT_API_URL MLFLOW_TRACKING_URI=$MLFLOW_TRACKING_URI"

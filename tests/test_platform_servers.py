@@ -82,6 +82,9 @@ def quarantined(services: Services, tmp_path_factory: pytest.TempPathFactory) ->
 def test_unauthenticated_writes_and_flow_runs_are_refused(services: Services,
                                                          quarantined: dict) -> None:
     creds = services.credentials()
+    shown = services.run("status").stdout
+    assert f"UI login:   MLflow user '{creds['mlflow_user']}'" in shown
+    assert creds["mlflow_password"] not in shown  # where it is, not the password itself
     body = {"name": "sneaky"}
     url = f"{services.mlflow}/api/2.0/mlflow/registered-models/create"
     assert http("POST", url, body)[0] == 401
