@@ -9,8 +9,8 @@ models through the API as a client does (`@current` set right after the version 
 and measures, per version, the seconds from the alias being set until the service has taken it
 off (the registry webhook -> Prefect event -> `scan-event` run -> `quarantine.hold`), and
 from then until the version has a verdict. The poll (every `scan.interval_s`) is the backstop;
-whichever path comes first holds the alias. The models are the tests' tiny clean ResNet-8 (the verdict does not
-matter here). Nothing else should run while it is timed.
+whichever path comes first holds the alias. The models are the tests' tiny clean ResNet-8 (the
+verdict does not matter here). Nothing else should run while it is timed.
 """
 
 from __future__ import annotations
