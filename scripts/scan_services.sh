@@ -60,6 +60,24 @@ wait_healthy() {  # name url seconds
   return 1
 }
 
+wait_served() {  # seconds: until the deployments and their event trigger exist. Returning
+  # earlier let a version registered in the first seconds raise an event no trigger was there
+  # to see: it then waited for the poll (benchmarks/results/alias_hold_latency.md).
+  local i
+  for ((i = 0; i < $1; i++)); do
+    if grep -q "deployments are being served" "$LOGS/deployment.log" 2>/dev/null; then
+      echo "deployment: serving (event trigger live) after ${i} s"; return 0
+    fi
+    if ! alive deployment; then
+      echo "deployment exited; see $LOGS/deployment.log" >&2; tail -20 "$LOGS/deployment.log" >&2
+      exit 1
+    fi
+    sleep 1
+  done
+  echo "deployment: not serving after $1 s; see $LOGS/deployment.log" >&2
+  exit 1
+}
+
 launch() {  # name command...: own session (process group), so stop can end it whole
   local name=$1
   shift
@@ -110,9 +128,7 @@ from tasks.scan.signing import ensure_key; print('signing key:', ensure_key(load
     "$PY" -m tasks.scan.webhook register --params "$PARAMS"
   if [ "${1:-}" != servers ]; then
     launch deployment "$PY" -m flows.scan serve --params "$PARAMS"
-    sleep 3
-    alive deployment || { echo "deployment exited; see $LOGS/deployment.log" >&2;
-                          tail -20 "$LOGS/deployment.log" >&2; exit 1; }
+    wait_served 180
   fi
   status
 }
