@@ -101,3 +101,17 @@ def test_the_console_script_is_installed() -> None:
     assert script.exists(), "pip install -e . installs the mesa-scan console script"
     done = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "--reference" in done.stdout
+
+
+def test_a_folder_holding_no_model_is_an_error_not_clean(setup, capsys) -> None:
+    """A CI gate must not read "nothing scanned" as clean (exit 0)."""
+    empty = setup["root"] / "empty"
+    empty.mkdir(exist_ok=True)
+    pickles = setup["root"] / "pickles"
+    pickles.mkdir(exist_ok=True)
+    (pickles / "model.pt").write_bytes(b"not loaded")
+    code, out = _run(setup, empty, pickles, capsys=capsys)
+    first, second = json.loads(out)
+    assert code == EXIT["error"] == 3
+    assert first["verdict"] == "error" and "no model in this folder" in first["reason"]
+    assert "(empty)" in first["reason"] and "model.pt" in second["reason"]

@@ -27,8 +27,8 @@ service's public key (params `platform.signing_key` / MESA_SIGNING_KEY / the sta
 key, missing signature); 3: no public key to check with.
 
 Exit code: the highest of its models': 0 all clean, 1 a backdoor found, 2 a file rejected,
-3 an error (no calibration, unreadable reference, a scan that crashed: its verdict is
-"error"). Names are printed escaped, in text, JSON and SARIF alike.
+3 an error (no calibration, unreadable reference, a folder holding no model, a scan that
+crashed: its verdict is "error"). Names are printed escaped, in text, JSON and SARIF alike.
 """
 
 from __future__ import annotations
@@ -83,6 +83,19 @@ def model_stems(paths: list[Path]) -> list[Path]:
         found = modelfiles.find(path) if path.is_dir() else [modelfiles.stem(path)]
         stems += [s for s in found if s not in stems]
     return stems
+
+
+def empty_folders(paths: list[Path]) -> list[tuple[Path, str]]:
+    """(folder, reason) for each folder argument holding no model: an error, never a silent
+    "nothing found" that a CI gate would read as clean."""
+    out = []
+    for path in paths:
+        if path.is_dir() and not modelfiles.find(path):
+            names = sorted(p.name for p in path.iterdir())[:8]
+            found = f"; it holds {', '.join(escape(n) for n in names)}" if names else " (empty)"
+            out.append((path, f"{escape(path)}: no model in this folder (<stem>.safetensors + "
+                              f"<stem>.json; pickled checkpoints are never loaded){found}"))
+    return out
 
 
 def _reference(params: Params, spec: str | None) -> Reference:
@@ -244,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CalibrationError, DataError, OSError) as err:
         print(f"error: {escape(err)}", file=sys.stderr)
         return EXIT["error"]
-    records = []
+    records = [record(str(folder), None, reason) | {"verdict": "error"}
+               for folder, reason in empty_folders(args.paths)]
     for stem in model_stems(args.paths):
         try:
             records.append(scan_one(stem, ref, params, calibration, device, args.repair))
