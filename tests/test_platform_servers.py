@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from platform_fixture import FAST, Services, copy_model, free_port, http, make_project
 
 from tasks.common.escape import escape
@@ -179,3 +180,36 @@ def test_a_browser_reads_the_quarantined_versions_verdict_and_lineage(
     assert re.search(r"reference data sha256 [0-9a-f]{16} \(\d+ images of ", body), body
     assert "evidence: scan run" in body and "training data hash" in body
     assert "signature: not signed: verdict rejected" in body
+
+
+def test_a_backdoored_versions_record_links_its_recovered_trigger(
+        services: Services, tmp_path: Path) -> None:
+    """The audit record's trigger link is served by the MLflow server the UI runs on."""
+    import base64
+    import urllib.request
+
+    from pipeline_fixture import write_scan_params
+    from platform_fixture import TUNED
+
+    raw = yaml.safe_load(services.params.read_text())
+    tuned = write_scan_params(tmp_path, {**TUNED, "scan.reference": raw["scan"]["reference"],
+                                         "scan.state_folder": raw["scan"]["state_folder"]})
+    stem = copy_model("backdoored", tmp_path / "up" / "m", "suspect")
+    env = services.client_env()
+    up = _python(env, "-c", _UPLOAD, "suspect", str(stem))
+    assert up.returncode == 0, up.stderr
+    version = up.stdout.split()[-1]
+    done = _python(env, "-m", "flows.scan", "model", f"suspect/{version}", "--params", str(tuned))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    creds = services.credentials()
+    user = f"{creds['mlflow_user']}:{creds['mlflow_password']}"
+    _, got = http("GET", f"{services.mlflow}/api/2.0/mlflow/model-versions/get?name=suspect"
+                  f"&version={version}", auth=user)
+    text = got["model_version"]["description"]
+    assert "BACKDOORED" in text, text
+    link = re.search(r"\[evidence/trigger_class_0\.png\]\((get-artifact\?[^)]+)\)", text)
+    assert link, text
+    req = urllib.request.Request(f"{services.mlflow}/{link.group(1)}")
+    req.add_header("Authorization", "Basic " + base64.b64encode(user.encode()).decode())
+    with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310
+        assert resp.status == 200 and resp.read(8) == b"\x89PNG\r\n\x1a\n"
