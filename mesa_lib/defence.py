@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from mesa_lib.distribution import UniformPatch
+from mesa_lib.evaluate import accuracy
 from mesa_lib.geometry import Family, Mixture, Placed, Recovered
 from mesa_lib.mesa import MesaConfig, fit_mesa
 from mesa_lib.repair import RepairConfig, repair
@@ -147,16 +148,6 @@ def trigger_asr(model: nn.Module, images: Tensor, labels: Tensor, trigger: Famil
     return hits / max(len(x_all), 1)
 
 
-@torch.no_grad()
-def clean_accuracy(model: nn.Module, images: Tensor, labels: Tensor, device: torch.device,
-                   chunk: int = 500) -> float:
-    """Share of uint8 images (N, C, H, W) classified as their label."""
-    model.eval()
-    right = sum(int((model(images[s:s + chunk].to(device).float().div_(255)).argmax(1).cpu()
-                     == labels[s:s + chunk]).sum()) for s in range(0, len(images), chunk))
-    return right / max(len(images), 1)
-
-
 @dataclass(frozen=True)
 class Measures:
     """What the verification images say about a model: accuracy and each trigger's ASR."""
@@ -169,7 +160,7 @@ def measure(model: nn.Module, images: Tensor, labels: Tensor, found: Sequence[Re
             device: torch.device, seed: int) -> Measures:
     """Accuracy and every recovered trigger's ASR on the given (verification) images (each
     trigger placed by the same seeded draws before and after a repair)."""
-    return Measures(clean_accuracy(model, images, labels, device),
+    return Measures(accuracy(model, images, labels, device),
                     {r.target: trigger_asr(model, images, labels, r.trigger, r.target, device,
                                            seed) for r in found})
 

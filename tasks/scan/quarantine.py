@@ -73,9 +73,12 @@ def hold(name: str, version: str) -> list[str]:
              if v == version and a != QUARANTINE_ALIAS]
     for alias in taken:
         tracking.delete_alias(name, alias)
+    current = tracking.model_version_tags(name, version)
+    if not taken and current.get("scan_status") == "pending":
+        return []  # held already (every poll meets a version still being scanned)
     tags = {"scan_status": "pending"}
     if taken:
-        held = tracking.model_version_tags(name, version).get(HELD_TAG, "[]")
+        held = current.get(HELD_TAG, "[]")
         tags[HELD_TAG] = json.dumps(sorted(set(_aliases(held)) | set(taken)))
         logger().info("scan pending for %s/%s: aliases %s held until it is cleared",
                       escape(name), version, ", ".join("@" + escape(a) for a in taken))

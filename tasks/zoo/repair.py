@@ -35,6 +35,7 @@ import torch
 from mesa_lib.calibration import decide
 from mesa_lib.defence import METHODS
 from mesa_lib.detectors import run_detectors
+from mesa_lib.evaluate import accuracy
 from mesa_lib.modelio import load_model
 from mesa_lib.poison import attack_from
 from mesa_lib.seed import derive_seed, resolve_device
@@ -135,7 +136,7 @@ def measure_model(name: str, zoo: ZooParams, data: ZooData, params: Params,
             row = {"budget": budget, "method": method, "seconds": seconds,
                    "outcome": done.outcome.record(),
                    "asr": attack.success(model, data.truth.images, data.truth.labels, device),
-                   "accuracy": _accuracy(model, data, device)}
+                   "accuracy": accuracy(model, data.truth.images, data.truth.labels, device)}
             if method == "mesa":
                 again = reactivation(model, zoo, name, ref, done.splits.repair, p, device)
                 row["reactivated_asr"] = None if again is None else attack.success(
@@ -145,12 +146,6 @@ def measure_model(name: str, zoo: ZooParams, data: ZooData, params: Params,
                   f"{truth['asr']:.3f} -> {row['asr']:.3f}, verified "
                   f"{done.outcome.passed} ({seconds:.0f} s)", flush=True)
     return out
-
-
-def _accuracy(model: torch.nn.Module, data: ZooData, device: torch.device) -> float:
-    from mesa_lib.evaluate import accuracy
-
-    return accuracy(model, data.truth.images, data.truth.labels, device)
 
 
 def run_zoo(which: str, params: Params, zoo: ZooParams, budgets: list[dict[str, Any]],
