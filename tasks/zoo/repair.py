@@ -60,11 +60,12 @@ GRID = [{"epochs": 2, "lr": 0.01, "rate": 0.5}, {"epochs": 5, "lr": 0.01, "rate"
 
 
 def code_key(params: Params, extra: Any) -> str:
-    """A hash of this command's source files, the settings and `extra`: a record made with
-    other code or settings is made again."""
+    """A hash of this command's source files, the released calibration, the settings and
+    `extra`: a record made with other code, calibration or settings is made again."""
     h = hashlib.sha256()
     for path in sorted(closure("tasks.zoo.repair", Path("."))):
         h.update(path.read_bytes())
+    h.update(Path(params.scan.calibration).read_bytes())  # the verdicts are made against it
     h.update(repr((params.section("scan"), params.section("repair"), params.section("recover"),
                    params.base.seed, extra)).encode())
     return h.hexdigest()[:16]
