@@ -40,7 +40,7 @@ from mesa_lib.modelio import load_model
 from mesa_lib.poison import attack_from
 from mesa_lib.seed import derive_seed, resolve_device
 from mesa_lib.train import train
-from tasks.common.configs import repair_config, scan_settings
+from tasks.common.configs import defence_config, repair_config, scan_settings
 from tasks.common.io import read_json, write_json
 from tasks.common.params import Params, load_params
 from tasks.dev.codedeps import closure
@@ -66,8 +66,11 @@ def code_key(params: Params, extra: Any) -> str:
     for path in sorted(closure("tasks.zoo.repair", Path("."))):
         h.update(path.read_bytes())
     h.update(Path(params.scan.calibration).read_bytes())  # the verdicts are made against it
-    h.update(repr((params.section("scan"), params.section("repair"), params.section("recover"),
-                   params.base.seed, extra)).encode())
+    # What the scan, the split and the defence read, not whole sections: the demo pipeline's
+    # own keys there (recover.trigger_size, ...) do not change a zoo repair.
+    h.update(repr((params.section("scan"), defence_config(params).record(),
+                   params.repair.verification, params.repair.selection, params.base.seed,
+                   extra)).encode())
     return h.hexdigest()[:16]
 
 
