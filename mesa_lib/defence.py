@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from mesa_lib.distribution import UniformPatch
 from mesa_lib.evaluate import accuracy
 from mesa_lib.geometry import Family, Mixture, Placed, Recovered
-from mesa_lib.mesa import MesaConfig, fit_mesa
+from mesa_lib.mesa import MesaCallback, MesaConfig, fit_mesa
 from mesa_lib.repair import RepairConfig, repair
 from mesa_lib.verdict import Verdict
 
@@ -166,8 +166,10 @@ def measure(model: nn.Module, images: Tensor, labels: Tensor, found: Sequence[Re
 
 
 def repair_family(method: str, model: nn.Module, images: Tensor, found: Recovered,
-                  config: DefenceConfig, device: torch.device) -> Family | None:
-    """What the repair stamps for one flagged target (None: plain fine-tuning)."""
+                  config: DefenceConfig, device: torch.device,
+                  callback: MesaCallback | None = None) -> Family | None:
+    """What the repair stamps for one flagged target (None: plain fine-tuning); `callback`
+    receives MESA's per-epoch statistics (method `mesa`)."""
     shape = found.geometry.trigger_shape(images.shape[1])
     if method == "finetune":
         return None
@@ -176,7 +178,7 @@ def repair_family(method: str, model: nn.Module, images: Tensor, found: Recovere
     if method == "random":
         return Placed(UniformPatch(shape), found.geometry)
     n = len(images) if config.mesa_images <= 0 else min(config.mesa_images, len(images))
-    dist = fit_mesa(model, images[:n], found.target, shape, config.mesa, device,
+    dist = fit_mesa(model, images[:n], found.target, shape, config.mesa, device, callback,
                     geometry=found.geometry)
     return Placed(dist, found.geometry)
 
@@ -236,7 +238,8 @@ def judge(before: Measures, after: Measures, rescan: Verdict | None,
 
 def defend(model: nn.Module, images: Tensor, labels: Tensor, splits: Splits,
            found: Sequence[Recovered], config: DefenceConfig, device: torch.device,
-           rescan: Callable[[nn.Module, Tensor, Tensor], Verdict] | None = None) -> Outcome:
+           rescan: Callable[[nn.Module, Tensor, Tensor], Verdict] | None = None,
+           families: Sequence[Family | None] | None = None) -> Outcome:
     """Repair `model` IN PLACE against every recovered trigger, then verify it.
 
     Args:
@@ -245,6 +248,8 @@ def defend(model: nn.Module, images: Tensor, labels: Tensor, splits: Splits,
         splits: disjoint parts of them (`split`).
         found: one `Recovered` per flagged target (recovered on the selection images).
         rescan: (model, images, labels) -> calibrated verdict; run on the verification images.
+        families: what each target's repair stamps, when fitted beforehand on the repair part
+            (the demo pipeline fits MESA in a stage of its own); default `repair_family`.
     """
     start = time.perf_counter()
     if not found:
@@ -252,7 +257,10 @@ def defend(model: nn.Module, images: Tensor, labels: Tensor, splits: Splits,
     ver_x, ver_y = images[splits.verification], labels[splits.verification]
     rep_x, rep_y = images[splits.repair], labels[splits.repair]
     before = measure(model, ver_x, ver_y, found, device, config.repair.seed)
-    families = [repair_family(config.method, model, rep_x, r, config, device) for r in found]
+    if families is None:
+        families = [repair_family(config.method, model, rep_x, r, config, device) for r in found]
+    elif len(families) != len(found):
+        raise ValueError(f"{len(families)} trigger families for {len(found)} flagged targets")
     family = None if config.method == "finetune" else Mixture([f for f in families if f])
     repair(model, rep_x, rep_y, family, config.repair, device)
     after = measure(model, ver_x, ver_y, found, device, config.repair.seed)

@@ -1,4 +1,5 @@
-"""A scan's repair, shared by `mesa-scan --repair` and the scan service (mesa_lib.defence).
+"""A scan's repair, shared by `mesa-scan --repair`, the scan service and the demo pipeline
+(mesa_lib.defence).
 
 The reference images are cut into repair / selection / verification parts, the verification and
 selection parts drawn from the images the scan did not measure; every flagged target's trigger
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 from mesa_lib.calibration import Calibration
 from mesa_lib.defence import Outcome, Splits, defend, split
 from mesa_lib.detectors import trigger_source
+from mesa_lib.geometry import Family, Recovered
 from mesa_lib.seed import derive_seed
 from mesa_lib.verdict import Verdict
 from tasks.common.configs import defence_config, scan_settings
@@ -39,9 +41,20 @@ class Repaired:
     scanned: Tensor
 
 
-def repair_scanned(model: nn.Module, ref: Reference, targets: tuple[int, ...], detector: str,
-                   params: Params, calibration: Calibration, device: torch.device) -> Repaired:
-    """Repair `model` IN PLACE against every flagged target class, then verify it.
+@dataclass(frozen=True)
+class Prepared:
+    """What a repair starts from: the reference's parts and every flagged target's recovered
+    trigger and geometry (recovered on the selection part)."""
+
+    found: list[Recovered]
+    splits: Splits
+    scanned: Tensor
+
+
+def prepare(model: nn.Module, ref: Reference, targets: tuple[int, ...], detector: str,
+            params: Params, device: torch.device) -> Prepared:
+    """Split the reference images and recover each flagged target's trigger (deterministic:
+    the same inputs give the same parts and triggers).
 
     Args:
         targets: the classes the scan flagged (`Verdict.targets`); detector: the one that fired.
@@ -52,7 +65,7 @@ def repair_scanned(model: nn.Module, ref: Reference, targets: tuple[int, ...], d
     if ref.labels is None:
         raise CannotRepair(f"reference data {ref.source} has no labels: a repair keeps true "
                            "labels, so it needs them")
-    settings, seed = scan_settings(params), params.base.seed
+    seed = params.base.seed
     scanned = scan_indices(ref, params.scan.images, seed)
     try:  # the defender's own fit / validation split, as the reproduction's (mesa_lib.seed)
         parts = split(len(ref.images), scanned, params.repair.verification,
@@ -60,8 +73,22 @@ def repair_scanned(model: nn.Module, ref: Reference, targets: tuple[int, ...], d
     except ValueError as err:
         raise CannotRepair(str(err)) from None
     sel_x, sel_y = ref.images[parts.selection], ref.labels[parts.selection]
+    settings = scan_settings(params)
     found = [trigger_source(detector, model, sel_x, sel_y, t, settings, device)
              for t in targets]
+    return Prepared(found, parts, scanned)
+
+
+def repair_prepared(model: nn.Module, ref: Reference, prepared: Prepared, params: Params,
+                    calibration: Calibration, device: torch.device,
+                    families: list[Family | None] | None = None) -> Repaired:
+    """Repair `model` IN PLACE against `prepared.found`, then verify it on the verification
+    part, re-scanned there with the calibrated scanner.
+
+    Args:
+        families: each target's triggers when fitted beforehand (mesa_lib.defence.defend).
+    """
+    settings = scan_settings(params)
     chunks: list[ChunkResult] = []
 
     def rescan(m: nn.Module, x: Tensor, y: Tensor) -> Verdict:
@@ -69,6 +96,17 @@ def repair_scanned(model: nn.Module, ref: Reference, targets: tuple[int, ...], d
                                    params.scan.grid_samples)]
         return verdict_of(chunks, calibration)
 
-    outcome = defend(model, ref.images, ref.labels, parts, found, defence_config(params), device,
-                     rescan)
-    return Repaired(outcome, chunks, parts, scanned)
+    outcome = defend(model, ref.images, ref.labels, prepared.splits, prepared.found,
+                     defence_config(params), device, rescan, families)
+    return Repaired(outcome, chunks, prepared.splits, prepared.scanned)
+
+
+def repair_scanned(model: nn.Module, ref: Reference, targets: tuple[int, ...], detector: str,
+                   params: Params, calibration: Calibration, device: torch.device) -> Repaired:
+    """`prepare`, then `repair_prepared`: the scan service's and `mesa-scan --repair`'s repair.
+
+    Raises:
+        CannotRepair: the reference has no labels or too few images to split.
+    """
+    return repair_prepared(model, ref, prepare(model, ref, targets, detector, params, device),
+                           params, calibration, device)
