@@ -36,6 +36,7 @@ from mesa_lib.evaluate import accuracy
 from mesa_lib.geometry import Family, Mixture, Placed, Recovered
 from mesa_lib.mesa import MesaCallback, MesaConfig, fit_mesa
 from mesa_lib.repair import RepairConfig, repair
+from mesa_lib.train import EpochCallback
 from mesa_lib.verdict import Verdict
 
 METHODS = ("mesa", "unlearn", "finetune", "random")
@@ -239,7 +240,8 @@ def judge(before: Measures, after: Measures, rescan: Verdict | None,
 def defend(model: nn.Module, images: Tensor, labels: Tensor, splits: Splits,
            found: Sequence[Recovered], config: DefenceConfig, device: torch.device,
            rescan: Callable[[nn.Module, Tensor, Tensor], Verdict] | None = None,
-           families: Sequence[Family | None] | None = None) -> Outcome:
+           families: Sequence[Family | None] | None = None,
+           callback: EpochCallback | None = None) -> Outcome:
     """Repair `model` IN PLACE against every recovered trigger, then verify it.
 
     Args:
@@ -250,6 +252,7 @@ def defend(model: nn.Module, images: Tensor, labels: Tensor, splits: Splits,
         rescan: (model, images, labels) -> calibrated verdict; run on the verification images.
         families: what each target's repair stamps, when fitted beforehand on the repair part
             (the demo pipeline fits MESA in a stage of its own); default `repair_family`.
+        callback: receives the fine-tuning's per-epoch statistics.
     """
     start = time.perf_counter()
     if not found:
@@ -262,7 +265,7 @@ def defend(model: nn.Module, images: Tensor, labels: Tensor, splits: Splits,
     elif len(families) != len(found):
         raise ValueError(f"{len(families)} trigger families for {len(found)} flagged targets")
     family = None if config.method == "finetune" else Mixture([f for f in families if f])
-    repair(model, rep_x, rep_y, family, config.repair, device)
+    repair(model, rep_x, rep_y, family, config.repair, device, callback)
     after = measure(model, ver_x, ver_y, found, device, config.repair.seed)
     verdict = rescan(model, ver_x, ver_y) if rescan is not None else None
     reason = judge(before, after, verdict, config)

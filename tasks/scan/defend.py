@@ -19,6 +19,7 @@ from mesa_lib.defence import Outcome, Splits, defend, split
 from mesa_lib.detectors import trigger_source
 from mesa_lib.geometry import Family, Recovered
 from mesa_lib.seed import derive_seed
+from mesa_lib.train import EpochCallback
 from mesa_lib.verdict import Verdict
 from tasks.common.configs import defence_config, scan_settings
 from tasks.common.params import Params
@@ -81,12 +82,14 @@ def prepare(model: nn.Module, ref: Reference, targets: tuple[int, ...], detector
 
 def repair_prepared(model: nn.Module, ref: Reference, prepared: Prepared, params: Params,
                     calibration: Calibration, device: torch.device,
-                    families: list[Family | None] | None = None) -> Repaired:
+                    families: list[Family | None] | None = None,
+                    callback: EpochCallback | None = None) -> Repaired:
     """Repair `model` IN PLACE against `prepared.found`, then verify it on the verification
     part, re-scanned there with the calibrated scanner.
 
     Args:
         families: each target's triggers when fitted beforehand (mesa_lib.defence.defend).
+        callback: the fine-tuning's per-epoch statistics.
     """
     settings = scan_settings(params)
     chunks: list[ChunkResult] = []
@@ -97,7 +100,7 @@ def repair_prepared(model: nn.Module, ref: Reference, prepared: Prepared, params
         return verdict_of(chunks, calibration)
 
     outcome = defend(model, ref.images, ref.labels, prepared.splits, prepared.found,
-                     defence_config(params), device, rescan, families)
+                     defence_config(params), device, rescan, families, callback)
     return Repaired(outcome, chunks, prepared.splits, prepared.scanned)
 
 
