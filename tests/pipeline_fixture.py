@@ -28,7 +28,7 @@ CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 
 TINY_OVERRIDES: dict[str, Any] = {
     "base.device": "cpu",
-    "data.n_train": 0, "data.n_defender": 60,
+    "data.n_train": 0, "data.n_defender": 80,
     "validate.data_docs": True,
     "poison.settings.badnets.rate": 0.2, "validate.poison_rate_tolerance": 0.02,
     "train.epochs": 1, "train.batch_size": 32, "train.model": "resnet8",
@@ -37,8 +37,10 @@ TINY_OVERRIDES: dict[str, Any] = {
     "baseline.starts": 2, "baseline.epochs": 1, "baseline.batch_size": 16,
     "baseline.n_images": 0, "baseline.repair_epochs": 1,
     "repair.epochs": 1, "repair.batch_size": 16,
+    # 80 defender images, 20 scanned: the repair's verification and selection parts need >= 20
+    "repair.verification": 0.35, "repair.selection": 0.35,
     "evaluate.variants": 2,
-    "scan.images": 40, "scan.detectors.mask.steps": 8, "scan.detectors.mask.batch_size": 8,
+    "scan.images": 20, "scan.detectors.mask.steps": 8, "scan.detectors.mask.batch_size": 8,
     "scan.calibration": "calibration.json",
 }
 # Tests of plumbing (flows, tags, claims) calibrate on a stated null: five clean "models" whose
@@ -48,22 +50,24 @@ TINY_OVERRIDES: dict[str, Any] = {
 PLUMBING_ALPHA, PLUMBING_FLOOR = 0.2, 0.1
 
 
-def plumbing_null(classes: int, detectors: tuple[str, ...] = ("mask",), models: int = 5
-                  ) -> list[dict[str, dict[int, float]]]:
+def plumbing_null(classes: int, detectors: tuple[str, ...] = ("mask",), models: int = 5,
+                  spread: float = 0.3) -> list[dict[str, dict[int, float]]]:
     """Seeded class scores of `models` stated clean models, for each of `detectors`."""
     rng = random.Random(0)
-    return [{d: {k: rng.uniform(-0.3, 0.3) for k in range(classes)} for d in detectors}
+    return [{d: {k: rng.uniform(-spread, spread) for k in range(classes)} for d in detectors}
             for _ in range(models)]
 
 
-def write_plumbing_calibration(params_path: Path, target: Path, classes: int = 10) -> Path:
-    """A calibration for exactly the scan settings of `params_path`, on `plumbing_null`."""
+def write_plumbing_calibration(params_path: Path, target: Path, classes: int = 10,
+                               spread: float = 0.3, floor: float = PLUMBING_FLOOR) -> Path:
+    """A calibration for exactly the scan settings of `params_path`, on `plumbing_null`
+    (a tiny `spread` and `floor`: a null so tight that a tiny model is flagged)."""
     from mesa_lib.calibration import fit
     from tasks.common.configs import scan_settings
     from tasks.common.params import load_params
 
     settings = scan_settings(load_params(params_path))
-    fitted = fit(plumbing_null(classes, settings.names), PLUMBING_ALPHA, PLUMBING_FLOOR,
+    fitted = fit(plumbing_null(classes, settings.names, spread=spread), PLUMBING_ALPHA, floor,
                  settings.fingerprint(), {"zoo": "plumbing test (stated null)"})
     target.write_text(json.dumps(fitted.to_dict()))
     return target

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pipeline_fixture import ROOT, make_project
+from pipeline_fixture import ROOT, make_project, write_plumbing_calibration
 from prefect.testing.utilities import prefect_test_harness
 
 from tasks.common import catalog
@@ -142,6 +142,54 @@ def test_pipeline_flow_runs_every_stage(project: Path, prefect_harness: None) ->
     assert repaired.tags["scan_verdict"] != "not scanned"  # set by evaluate
     files = {Path(f.path).name for f in c.list_artifacts(repaired.run_id, "model")}
     assert files == {"repaired.safetensors", "repaired.json"}
+
+
+@pytest.mark.parametrize("geometry", ["scan", "anywhere"])
+def test_the_pipeline_repairs_what_its_own_scan_flags(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_harness: None,
+        geometry: str) -> None:
+    """Not told the target: recover fits MESA for every class its scan flags (against a null
+    so tight that the tiny model is flagged), in the recovered geometry or the paper's 3x3
+    anywhere; repair and baseline verify on the same disjoint parts and record it; a stale
+    record is refused."""
+    from flows.pipeline import pipeline
+    from flows.repair import repair
+
+    root = make_project(tmp_path / "project", {"recover.geometry": geometry})
+    write_plumbing_calibration(root / "params.yaml", root / "calibration.json", spread=1e-3,
+                               floor=1e-3)
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    results = pipeline(params_path="params.yaml")
+
+    folder = catalog.path("recovered")
+    found = json.loads((folder / "found.json").read_text())
+    assert found["verdict"] == "backdoored" and found["targets"]
+    assert sum(found["images"].values()) == 80
+    for t in found["targets"]:
+        assert (folder / f"target_{t}.safetensors").is_file()
+        assert (folder / f"target_{t}.png").is_file()
+        g = found["geometries"][str(t)]
+        if geometry == "anywhere":
+            assert (g["kind"], g["size"], g["location"]) == ("patch", [3, 3], None)
+        else:
+            assert g["kind"] in ("patch", "blend")
+    for stage, name in (("repair", "repair_verification"), ("baseline", "baseline_verification")):
+        record = json.loads(catalog.path(name).read_text())
+        assert record["verdict"] in ("clean", "backdoored") and record["images"] == found["images"]
+        assert [x["target"] for x in record["targets"]] == found["targets"]
+        assert record["method"] == ("mesa" if stage == "repair" else "point")
+        assert (record["verdict"] == "clean") == (record["reason"] == "")
+        passed = results[stage]["verification"]["passed"]
+        assert passed == int(record["verdict"] == "clean")
+    triggers = json.loads((catalog.path("point_triggers") / "triggers.json").read_text())
+    assert triggers["targets"] == found["targets"]
+
+    g = found["geometries"][str(found["targets"][0])]  # a record the triggers no longer match
+    g["size"] = [g["size"][0] + 1, g["size"][1]]
+    (folder / "found.json").write_text(json.dumps(found))
+    with pytest.raises(RuntimeError, match="found.json: the triggers recovered now"):
+        repair(params_path="params.yaml")
 
 
 def test_failed_expectation_stops_validate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

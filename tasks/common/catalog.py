@@ -15,6 +15,8 @@ Formats:
     csv          comma-separated with a header row (DVC plots)
     png          an image (trigger grids via torchvision.utils.save_image)
     html-dir     a folder of HTML (Great Expectations Data Docs)
+    folder       one entry per flagged target: `target_<k>` samplers and PNG grids, with an
+                 index JSON (`found.json`, `triggers.json`) always present
 """
 
 from __future__ import annotations
@@ -77,19 +79,19 @@ _ENTRIES = (
     _a("injection_quality", "train", "train/injection_expectations.json", "json"),
     _a("train_metrics", "train", "metrics/train.json", "json", "metrics"),
     _a("train_curve", "train", "plots/train_epochs.csv", "csv", "plots"),
-    # recover: MESA, the staircase trigger distribution.
-    _a("distribution", "recover", "recover/distribution", "sampler"),
-    _a("recover_grid", "recover", "recover/samples.png", "png"),
+    # recover: the scan, and MESA's staircase over each flagged target's trigger geometry.
+    _a("recovered", "recover", "recover/recovered", "folder"),
     _a("recover_metrics", "recover", "metrics/recover.json", "json", "metrics"),
     _a("recover_curve", "recover", "plots/recover_epochs.csv", "csv", "plots"),
-    # baseline: single-point triggers, and the model repaired against them.
-    _a("point_triggers", "baseline", "baseline/triggers", "sampler"),
-    _a("baseline_grid", "baseline", "baseline/triggers.png", "png"),
+    # baseline: single-point triggers, and the model repaired and verified against them.
+    _a("point_triggers", "baseline", "baseline/triggers", "folder"),
     _a("baseline_repaired", "baseline", "baseline/repaired", "model"),
+    _a("baseline_verification", "baseline", "baseline/verification.json", "json"),
     _a("baseline_metrics", "baseline", "metrics/baseline.json", "json", "metrics"),
     _a("baseline_curve", "baseline", "plots/baseline_repair_epochs.csv", "csv", "plots"),
-    # repair: the model fine-tuned against MESA samples.
+    # repair: the model fine-tuned against MESA samples, and its verification.
     _a("repaired", "repair", "repair/repaired", "model"),
+    _a("repair_verification", "repair", "repair/verification.json", "json"),
     _a("repair_metrics", "repair", "metrics/repair.json", "json", "metrics"),
     _a("repair_curve", "repair", "plots/repair_epochs.csv", "csv", "plots"),
     # evaluate: held-out clean accuracy and ASR per trigger, before and after repair; scan.

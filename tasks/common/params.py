@@ -117,7 +117,10 @@ class RecoverParams(Group):
     hidden: Count
     mine_hidden: Count
     trigger_noise: float = Field(ge=0)
-    trigger_size: int = Field(ge=1, le=32, description="side of the square triggers modelled")
+    geometry: Literal["scan", "anywhere"] = Field(
+        description="where MESA models the triggers: scan = each flagged target's recovered "
+                    "geometry; anywhere = trigger_size squares at random places (the paper's)")
+    trigger_size: int = Field(ge=1, le=32, description="side of the squares of `anywhere`")
     n_images: int = Field(ge=0, description="defender images used for fitting; 0 = all")
     grid_samples: int = Field(ge=1, le=1024, description="triggers drawn for the PNG grid")
 

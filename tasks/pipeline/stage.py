@@ -27,7 +27,7 @@ from tasks.common.tracking import StageRun, TrackingError
 # Formats copied into the MLflow artifact store by `publish`. npz data sets stay in DVC only;
 # models are logged once, under the run's `model/` folder, when tasks.pipeline.registry
 # registers them.
-_LOGGED_FORMATS = ("sampler", "json", "csv", "png", "html-dir")
+_LOGGED_FORMATS = ("sampler", "json", "csv", "png", "html-dir", "folder")
 
 
 @dataclass(frozen=True)
