@@ -1,4 +1,5 @@
-"""How long an alias stands on a version nobody has scanned yet (issue 23: scan pending).
+"""How long an alias stands on a version nobody has scanned yet, or on a quarantined one
+(issue 23: scan pending, and the event path for aliases).
 
     .venv/bin/python benchmarks/alias_hold_latency.py [--models 5] \
         > benchmarks/results/alias_hold_latency.md
@@ -10,7 +11,11 @@ and measures, per version, the seconds from the alias being set until the servic
 off (the registry webhook -> Prefect event -> `scan-event` run -> `quarantine.hold`), and
 from then until the version has a verdict. The poll (every `scan.interval_s`) is the backstop;
 whichever path comes first holds the alias. The models are the tests' tiny clean ResNet-8 (the
-verdict does not matter here). Nothing else should run while it is timed.
+verdict does not matter here). Then, per model, a version whose weights hold a NaN (rejected,
+so quarantined) gets `@production` from the client, and the seconds until the service took it
+off are measured (webhook `model_version_alias.created` -> Prefect event -> `scan-alias`). The
+client is the publisher account of `client.env`, as a user's would be. Nothing else should run
+while it is timed.
 """
 
 from __future__ import annotations
@@ -33,8 +38,8 @@ def _client(services: Services):
     from mlflow import MlflowClient
 
     creds = services.credentials()
-    os.environ.update({"MLFLOW_TRACKING_USERNAME": creds["mlflow_user"],
-                       "MLFLOW_TRACKING_PASSWORD": creds["mlflow_password"]})
+    os.environ.update({"MLFLOW_TRACKING_USERNAME": creds["publisher_user"],
+                       "MLFLOW_TRACKING_PASSWORD": creds["publisher_password"]})
     return MlflowClient(tracking_uri=services.mlflow)
 
 
@@ -61,6 +66,24 @@ def _until(check, timeout: float = 300.0, step: float = 0.2) -> float | None:
     return None
 
 
+def _moved_onto_quarantined(c, root: Path, i: int) -> tuple[str, str, float | None]:
+    """A NaN-weight version (rejected, quarantined), then `@production` put on it by the
+    client: (version, verdict, seconds until the alias was gone)."""
+    from safetensors.torch import load_file, save_file
+
+    stem = copy_model("clean", root / "nan" / str(i) / "m", f"nan{i}")
+    tensors = load_file(f"{stem}.safetensors")
+    tensors["fc.weight"][0, 0] = float("nan")
+    save_file(tensors, f"{stem}.safetensors")
+    version = _register(c, "quarantine-latency", stem)
+    tags = lambda: c.get_model_version("quarantine-latency", version).tags  # noqa: E731
+    _until(lambda: tags().get("quarantined") == "true")
+    c.set_registered_model_alias("quarantine-latency", "production", version)
+    removed = _until(lambda: "production" not in c.get_registered_model(
+        "quarantine-latency").aliases, step=0.1)
+    return version, tags().get("scan_verdict", "none"), removed
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", type=int, default=5)
@@ -73,7 +96,7 @@ def main() -> None:
         started = services.run("start", timeout=600)
         if started.returncode != 0:
             sys.exit(started.stdout + started.stderr + services.logs())
-        rows = []
+        rows, moved = [], []
         try:
             c = _client(services)
             for i in range(args.models):
@@ -85,6 +108,8 @@ def main() -> None:
                 verdict = _until(lambda t=tags: t().get("scan_verdict") in
                                  ("clean", "backdoored", "rejected"))
                 rows.append((version, held, verdict, tags().get("scan_verdict", "none")))
+            for i in range(args.models):
+                moved.append(_moved_onto_quarantined(c, root, i))
         finally:
             services.run("stop", timeout=120)
     commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True,
@@ -106,6 +131,16 @@ def main() -> None:
     if held:
         print(f"\nAlias held after: median {statistics.median(held):.1f} s, max {max(held):.1f} s"
               f" over {len(held)} of {len(rows)} versions.")
+    print("\n## An alias moved onto a quarantined version\n")
+    print("| version | verdict | `@production` removed after (s) |")
+    print("|---|---|---|")
+    for version, status, removed in moved:
+        fmt = "not within 300 s" if removed is None else f"{removed:.1f}"
+        print(f"| {version} | {status} | {fmt} |")
+    gone = [r[2] for r in moved if r[2] is not None]
+    if gone:
+        print(f"\nRemoved after: median {statistics.median(gone):.1f} s, max {max(gone):.1f} s "
+              f"over {len(gone)} of {len(moved)} versions.")
 
 
 if __name__ == "__main__":

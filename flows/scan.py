@@ -11,8 +11,10 @@ then finds unscanned models, claims each exactly once and hands the claimed ones
 checks, the per-class-chunk fits and the recording of every model. `scan-event` (deployment
 `scan-on-event`) scans one registry version at once when the registry's webhook reports it
 (tasks.scan.webhook emits the Prefect event its DeploymentEventTrigger waits for); the poll
-stays as the backstop. The bookkeeping (servers, dedup, claims, ledger) is tasks.scan.service;
-this module only wires tasks.
+stays as the backstop. `scan-alias` (deployment `guard-aliases`) takes an alias off a version
+the moment the registry reports it put there, if no scan has cleared the version. The
+bookkeeping (servers, dedup, claims, ledger) is tasks.scan.service; this module only wires
+tasks.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from prefect import serve as serve_deployments
 from prefect.runtime import flow_run
 
 from tasks.common.params import Params, load_params
-from tasks.scan import service
+from tasks.scan import quarantine, service
 from tasks.scan.check import check_model, scan_chunk
 from tasks.scan.discover import Candidate
 from tasks.scan.record import record, repair_and_register
@@ -117,6 +119,16 @@ def scan_event(model: str, params_path: str = "params.yaml") -> dict[str, Any]:
     return {"scanned": outcomes, "claimed_elsewhere": plan.skipped, "reused": plan.reused}
 
 
+@flow(name="scan-alias")
+def scan_alias(model: str, alias: str, params_path: str = "params.yaml") -> dict[str, Any]:
+    """An alias was put on NAME/VERSION: take it off again unless a scan cleared the version."""
+    params = load_params(params_path)
+    service.preflight()
+    name, _, version = model.rpartition("/")
+    return {"model": model, "alias": alias,
+            "finding": quarantine.guard_alias(name, version, alias, params)}
+
+
 @flow(name="scan-model")
 def scan_model(model: str, params_path: str = "params.yaml") -> dict[str, Any]:
     """Scan one model now (even if scanned before, unless a scan of it is in progress)."""
@@ -132,8 +144,9 @@ def scan_model(model: str, params_path: str = "params.yaml") -> dict[str, Any]:
 
 
 def serve(params_path: str) -> None:
-    """Serve `scan-discover` on the schedule of `scan.interval_s` / `scan.cron` and `scan-event`
-    on the registry's `model_version.created` events (tasks.scan.webhook)."""
+    """Serve `scan-discover` on the schedule of `scan.interval_s` / `scan.cron`, `scan-event`
+    on the registry's `model_version.created` events and `scan-alias` on its
+    `model_version_alias.created` events (tasks.scan.webhook)."""
     params = load_params(params_path)
     service.sweep(params)  # runs a kill -9 left RUNNING: failed at the next start
     poll = discover_and_scan.to_deployment(name=service.DEPLOYMENT,
@@ -142,7 +155,10 @@ def serve(params_path: str) -> None:
     event = scan_event.to_deployment(name=service.EVENT_DEPLOYMENT,
                                      parameters={"params_path": params_path},
                                      triggers=[service.event_trigger(params_path)])
-    serve_deployments(poll, event, query_seconds=params.platform.runner_poll_s)
+    alias = scan_alias.to_deployment(name=service.ALIAS_DEPLOYMENT,
+                                     parameters={"params_path": params_path},
+                                     triggers=[service.alias_trigger(params_path)])
+    serve_deployments(poll, event, alias, query_seconds=params.platform.runner_poll_s)
 
 
 def main(argv: list[str] | None = None) -> None:

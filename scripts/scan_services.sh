@@ -37,16 +37,18 @@ PREFECT_HEALTH=$PREFECT_API_URL/health
 MLFLOW_HEALTH=$MLFLOW_TRACKING_URI/health
 WEBHOOK_HEALTH=http://127.0.0.1:$WEBHOOK_PORT/health
 CLIENT_ENV=$STATE/auth/client.env
+READER_ENV=$STATE/auth/reader.env
 
 alive() { [ -f "$RUN/$1.pid" ] && kill -0 "$(cat "$RUN/$1.pid")" 2>/dev/null; }
 healthy() { "$PY" -c "import sys, urllib.request as u; u.urlopen(sys.argv[1], timeout=2)" "$1" \
   >/dev/null 2>&1; }
 
-credentials() {  # client and server variables into this shell; client ones into client.env
-  [ "$AUTH" = true ] || return 0
+credentials() {  # the service's variables into this shell; the publisher's into client.env,
+  [ "$AUTH" = true ] || return 0  # the reader's into reader.env
   mkdir -p "$STATE/auth"
-  eval "$("$PY" -m tasks.scan.auth env --params "$PARAMS" --server)"
-  (umask 077; "$PY" -m tasks.scan.auth env --params "$PARAMS" >"$CLIENT_ENV")
+  eval "$("$PY" -m tasks.scan.auth env --params "$PARAMS" --role server)"
+  (umask 077; "$PY" -m tasks.scan.auth env --params "$PARAMS" --role publisher >"$CLIENT_ENV"
+   "$PY" -m tasks.scan.auth env --params "$PARAMS" --role reader >"$READER_ENV")
 }
 
 wait_healthy() {  # name url seconds
@@ -124,6 +126,8 @@ from tasks.scan.signing import ensure_key; print('signing key:', ensure_key(load
   wait_healthy prefect "$PREFECT_HEALTH" 120
   wait_healthy mlflow "$MLFLOW_HEALTH" 120
   wait_healthy webhook "$WEBHOOK_HEALTH" 60
+  # least privilege: the publisher and reader accounts, the scan experiment the service's own
+  [ "$AUTH" = true ] && "$PY" -m tasks.scan.auth accounts --params "$PARAMS"
   MLFLOW_WEBHOOK_ALLOWED_SCHEMES=http,https MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS=true \
     "$PY" -m tasks.scan.webhook register --params "$PARAMS"
   if [ "${1:-}" != servers ]; then
@@ -143,8 +147,9 @@ status() {
   if [ "$AUTH" = true ] && [ -f "$CLIENT_ENV" ]; then
     local user
     user=$(sed -n "s/^export MLFLOW_TRACKING_USERNAME=//p" "$CLIENT_ENV" | tr -d "'")
-    echo "UI login:   MLflow user '$user', password: the MLFLOW_TRACKING_PASSWORD line of $CLIENT_ENV;"
-    echo "            Prefect: PREFECT_API_AUTH_STRING (user:password) of the same file"
+    echo "UI login:   MLflow user '$user' (publisher), password: the MLFLOW_TRACKING_PASSWORD line of $CLIENT_ENV;"
+    echo "            read-only: the same lines of $READER_ENV;"
+    echo "            Prefect: PREFECT_API_AUTH_STRING (user:password) of $CLIENT_ENV"
   fi
   echo "logs: $LOGS/  drop folder: $DROP/"
   echo "to run flows by hand against these servers:"

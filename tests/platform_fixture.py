@@ -74,14 +74,25 @@ class Services:
     def credentials(self) -> dict[str, str]:
         return json.loads((self.state / "auth" / "credentials.json").read_text())
 
+    def service_env(self) -> dict[str, str]:
+        """The environment the services run with (and a flow run by hand as the service):
+        servers, the service account, every secret."""
+        return self._env("mlflow")
+
     def client_env(self) -> dict[str, str]:
-        """The environment a flow run by hand gets: servers and credentials."""
+        """The environment of a client that sourced client.env: the publisher account."""
+        return self._env("publisher")
+
+    def _env(self, account: str) -> dict[str, str]:
         creds = self.credentials()
-        return {**self.env, "MLFLOW_TRACKING_URI": self.mlflow, "PREFECT_API_URL": self.prefect,
-                "MLFLOW_TRACKING_USERNAME": creds["mlflow_user"],
-                "MLFLOW_TRACKING_PASSWORD": creds["mlflow_password"],
-                "PREFECT_API_AUTH_STRING": creds["prefect_auth"],
-                "PREFECT_HOME": str(self.state / "prefect")}
+        env = {**self.env, "MLFLOW_TRACKING_URI": self.mlflow, "PREFECT_API_URL": self.prefect,
+               "MLFLOW_TRACKING_USERNAME": creds[f"{account}_user"],
+               "MLFLOW_TRACKING_PASSWORD": creds[f"{account}_password"],
+               "PREFECT_API_AUTH_STRING": creds["prefect_auth"],
+               "PREFECT_HOME": str(self.state / "prefect")}
+        if account == "mlflow":
+            env |= {"MESA_SEAL_SECRET": creds["seal_secret"]}
+        return env
 
     def logs(self) -> str:
         out = []

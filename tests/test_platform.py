@@ -56,7 +56,8 @@ def test_receiver_emits_an_event_only_for_posts_mlflow_signed() -> None:
     from starlette.testclient import TestClient
 
     emitted = []
-    app = TestClient(webhook.make_app("s3cret", lambda n, v: emitted.append((n, v)) or "e-1"))
+    app = TestClient(webhook.make_app("s3cret", lambda c: emitted.append(
+        (c.name, c.version, c.alias)) or "e-1"))
     body = json.dumps({"entity": "model_version", "action": "created",
                        "data": {"name": "m", "version": "3"}}).encode()
     assert app.post("/webhook", content=body).status_code == 401  # unsigned
@@ -67,7 +68,13 @@ def test_receiver_emits_an_event_only_for_posts_mlflow_signed() -> None:
     assert app.post("/webhook", content=forged, headers=_signed("s3cret", body)).status_code == 401
     assert emitted == []
     ok = app.post("/webhook", content=body, headers=_signed("s3cret", body))
-    assert ok.status_code == 200 and ok.json()["version"] == "m/3" and emitted == [("m", "3")]
+    assert ok.status_code == 200 and ok.json()["version"] == "m/3"
+    assert emitted == [("m", "3", "")] and ok.json()["event"] == webhook.EVENT
+    moved = json.dumps({"entity": "model_version_alias", "action": "created",
+                        "data": {"name": "m", "version": "3", "alias": "production"}}).encode()
+    ok = app.post("/webhook", content=moved, headers=_signed("s3cret", moved, delivery="d-4"))
+    assert ok.json()["event"] == webhook.ALIAS_EVENT and emitted[-1] == ("m", "3", "production")
+    emitted.pop()
     other = json.dumps({"entity": "model_version_tag", "action": "set", "data": {}}).encode()
     assert "ignored" in app.post("/webhook", content=other,
                                  headers=_signed("s3cret", other, delivery="d-2")).json()
@@ -85,15 +92,15 @@ def test_a_replayed_delivery_gets_409_and_starts_nothing(tmp_path: Path) -> None
     body = json.dumps({"entity": "model_version", "action": "created",
                        "data": {"name": "m", "version": "3"}}).encode()
     store = tmp_path / "deliveries.sqlite"
-    app = TestClient(webhook.make_app("s3cret", lambda n, v: emitted.append((n, v)) or "e",
-                                      webhook.Deliveries(store)))
+    app = TestClient(webhook.make_app("s3cret", lambda c: emitted.append((c.name, c.version))
+                                      or "e", webhook.Deliveries(store)))
     headers = _signed("s3cret", body, delivery="d-9")
     assert app.post("/webhook", content=body, headers=headers).status_code == 200
     again = app.post("/webhook", content=body, headers=headers)  # within the 5-minute window
     assert again.status_code == 409 and "replay" in again.json()["error"]
     # a restarted receiver remembers it too
-    restarted = TestClient(webhook.make_app("s3cret", lambda n, v: emitted.append((n, v)) or "e",
-                                            webhook.Deliveries(store)))
+    restarted = TestClient(webhook.make_app("s3cret", lambda c: emitted.append(
+        (c.name, c.version)) or "e", webhook.Deliveries(store)))
     assert restarted.post("/webhook", content=body, headers=headers).status_code == 409
     assert emitted == [("m", "3")]
     # ids are forgotten after twice the window (the timestamp check refuses older posts)
@@ -222,8 +229,13 @@ def _version(tmp: Path, name: str, variant: str, alias: str | None = None) -> st
                                    name, {"scan_verdict": "not scanned"}, "someone's", alias)
 
 
-def _scan_verdict(name: str, version: str, status: str, params, files_key: str = "") -> str:
-    """What the service does after a scan: a scan run, the tags, quarantine, seal."""
+def _scan_verdict(name: str, version: str, status: str, params,
+                  files_key: str | None = None) -> str:
+    """What the service does after a scan: a scan run recording the key of the version's
+    files (default: exactly its own), the tags, quarantine, seal."""
+    if files_key is None:
+        (v,) = [v for v in tracking.model_versions([name]) if v["version"] == version]
+        files_key = quarantine.FileKeys(params).of(v)
     run = tracking.start_run(f"scan {name}/{version}", {"mesa.role": "scan",
                                                         "scan_verdict": status,
                                                         "scan.files_key": files_key})
@@ -328,7 +340,42 @@ def test_no_alias_points_at_a_version_while_it_is_scanned(project: Path) -> None
     assert quarantine.audit(params) == []
 
 
-def test_the_pipeline_evaluate_verdicts_hold_without_a_seal(project: Path) -> None:
+def test_an_alias_the_registry_reports_stands_only_on_a_cleared_version(project: Path) -> None:
+    """The event path for aliases (webhook model_version_alias.created -> scan-alias): an alias
+    put on a quarantined version is removed, one put on a version no scan has cleared is held
+    until a scan clears it; on a cleared version, and the quarantine's own, it stands."""
+    params, tmp = load_params(project), project.parent
+    good, bad, new = (_version(tmp, "model", v) for v in ("s", "t", "u"))
+    _scan_verdict("model", good, "clean", params)
+    _scan_verdict("model", bad, "backdoored", params)
+    for version in (good, bad, new):
+        tracking.set_alias("model", f"prod{version}", version)
+    assert quarantine.guard_alias("model", good, f"prod{good}", params) is None
+    assert quarantine.guard_alias("model", bad, "quarantined", params) is None
+    found = quarantine.guard_alias("model", bad, f"prod{bad}", params)
+    assert found["kind"] == "alias-on-quarantined"
+    found = quarantine.guard_alias("model", new, f"prod{new}", params)
+    assert found["kind"] == "alias-on-unscanned"
+    assert tracking.model_aliases("model") == {f"prod{good}": good, "quarantined": bad}
+    assert quarantine.guard_alias("model", new, f"prod{new}", params) is None  # gone already
+    _scan_verdict("model", new, "clean", params)  # cleared: the held alias comes back
+    assert tracking.model_aliases("model")[f"prod{new}"] == new
+    logged = (Path(params.scan.state_folder) / "findings.jsonl").read_text()
+    assert "alias-on-quarantined" in logged and "alias-on-unscanned" in logged
+
+
+def test_the_alias_trigger_guards_the_alias_the_event_names(project: Path) -> None:
+    from tasks.scan.service import alias_trigger
+
+    trigger = alias_trigger(str(project))
+    assert trigger.expect == {webhook.ALIAS_EVENT}
+    assert webhook.ALIAS_LABEL in trigger.parameters["alias"]
+    assert webhook.NAME_LABEL in trigger.parameters["model"]
+
+
+def test_the_pipeline_evaluate_verdicts_hold_only_without_accounts(project: Path) -> None:
+    """In a one-user store the pipeline's evaluate verdicts hold without a seal; with accounts
+    anyone could write such a run, so the same verdict is rescanned by the service."""
     params = load_params(project)
     v = _version(project.parent, "mesa-backdoored", "e", alias="current")
     run = tracking.start_run("evaluate", {"mesa.stage": "evaluate"}, experiment="mesa")
@@ -336,9 +383,14 @@ def test_the_pipeline_evaluate_verdicts_hold_without_a_seal(project: Path) -> No
     verdict = {"status": "backdoored", "target": 0, "confidence": 0.99, "p_value": 0.01,
                "detector": "mesa", "reason": ""}
     tracking.tag_model_version("mesa-backdoored", v, verdict_tags(verdict, run.run_id))
-    (found,) = quarantine.audit(params)  # backed, but the pipeline left it @current
+    one_user = params.model_copy(update={"platform": params.platform.model_copy(
+        update={"auth": False})})
+    (found,) = quarantine.audit(one_user)  # backed, but the pipeline left it @current
     assert found["kind"] == "alias-on-quarantined"
     assert tracking.model_version_tags("mesa-backdoored", v)["scan_verdict"] == "backdoored"
+    (found,) = quarantine.audit(params)  # platform.auth: true
+    assert found["kind"] == "unbacked-verdict" and "not from the scan service" in found["text"]
+    assert tracking.model_version_tags("mesa-backdoored", v)["scan_verdict"] == "not scanned"
 
 
 def test_audit_record_reads_as_a_record_and_quotes_names_inertly(project: Path) -> None:
@@ -423,8 +475,10 @@ def test_credentials_are_made_once_and_the_environment_wins(tmp_path: Path,
     path = tmp_path / "auth" / "credentials.json"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600 and auth.credentials(tmp_path) == first
     assert first["prefect_auth"].startswith("mesa:") and len(first["mlflow_password"]) >= 24
-    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "from-env")
+    monkeypatch.setenv("MESA_MLFLOW_ADMIN_PASSWORD", "from-env")
     assert auth.credentials(tmp_path)["mlflow_password"] == "from-env"
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "a-client-shell")  # client.env sourced
+    assert auth.credentials(tmp_path)["mlflow_password"] == "from-env"  # not the admin's
     ini = auth.mlflow_ini(tmp_path, first).read_text()
     assert "auth_cache_ttl_seconds" in ini and "users.db" in ini and "password" not in ini
 
@@ -434,9 +488,29 @@ def test_the_client_env_holds_no_service_secret(project: Path) -> None:
     verdict, sign a webhook or read MLflow's stored webhook secrets."""
     params = load_params(project)
     client = auth.shell_env(params)
-    server = auth.shell_env(params, server=True)
+    reader = auth.shell_env(params, "reader")
+    server = auth.shell_env(params, "server")
     creds = auth.credentials(auth.state_folder(params))
-    for key in ("seal_secret", "webhook_secret", "flask_secret", "webhook_key"):
-        assert creds[key] not in client and creds[key] in server, key
-    for key in auth.CLIENT:
-        assert f"export {auth.ENV[key]}=" in client
+    for key in ("seal_secret", "webhook_secret", "flask_secret", "webhook_key",
+                "mlflow_password"):
+        assert creds[key] not in client and creds[key] not in reader and creds[key] in server, key
+    assert f"MLFLOW_TRACKING_USERNAME={creds['publisher_user']}" in client
+    assert f"MLFLOW_TRACKING_PASSWORD={creds['publisher_password']}" in client
+    assert f"MLFLOW_TRACKING_USERNAME={creds['reader_user']}" in reader
+    assert "PREFECT_API_AUTH_STRING" not in reader
+    assert f"MLFLOW_TRACKING_USERNAME={creds['mlflow_user']}" in server
+
+
+def test_an_older_credentials_file_gains_the_new_accounts(tmp_path: Path, monkeypatch) -> None:
+    for var in auth.ENV.values():
+        monkeypatch.delenv(var, raising=False)
+    old = {k: v for k, v in auth.credentials(tmp_path).items() if "publisher" not in k
+           and "reader" not in k}
+    path = tmp_path / "auth" / "credentials.json"
+    path.write_text(json.dumps(old))
+    now = auth.credentials(tmp_path)
+    assert {k: now[k] for k in old} == old and now["publisher_user"] == "mesa-publisher"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and auth.credentials(tmp_path) == now
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="credentials.json: not a JSON object"):
+        auth.credentials(tmp_path)

@@ -70,12 +70,11 @@ def quarantined(services: Services, tmp_path_factory: pytest.TempPathFactory) ->
     tensors = load_file(f"{stem}.safetensors")
     tensors["fc.weight"][0, 0] = float("nan")
     save_file(tensors, f"{stem}.safetensors")
-    env = services.client_env()
-    up = _python(env, "-c", _UPLOAD, "uploaded", str(stem))
+    up = _python(services.client_env(), "-c", _UPLOAD, "uploaded", str(stem))  # publisher
     assert up.returncode == 0, up.stderr
     version = up.stdout.split()[-1]
-    done = _python(env, "-m", "flows.scan", "model", f"uploaded/{version}", "--params",
-                   str(services.params))
+    done = _python(services.service_env(), "-m", "flows.scan", "model", f"uploaded/{version}",
+                   "--params", str(services.params))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return {"name": "uploaded", "version": version, "flow": done.stdout}
 
@@ -84,8 +83,9 @@ def test_unauthenticated_writes_and_flow_runs_are_refused(services: Services,
                                                          quarantined: dict) -> None:
     creds = services.credentials()
     shown = services.run("status").stdout
-    assert f"UI login:   MLflow user '{creds['mlflow_user']}'" in shown
-    assert creds["mlflow_password"] not in shown  # where it is, not the password itself
+    assert f"UI login:   MLflow user '{creds['publisher_user']}' (publisher)" in shown
+    for key in ("mlflow_password", "publisher_password", "reader_password"):
+        assert creds[key] not in shown  # where it is, not the password itself
     body = {"name": "sneaky"}
     url = f"{services.mlflow}/api/2.0/mlflow/registered-models/create"
     assert http("POST", url, body)[0] == 401
@@ -101,11 +101,11 @@ def test_unauthenticated_writes_and_flow_runs_are_refused(services: Services,
     assert http("POST", f"{services.prefect}/flow_runs/filter", {}, creds["prefect_auth"])[0] \
         == 200
     # a flow run with MLflow credentials but without Prefect's is refused by the server
-    env = {k: v for k, v in services.client_env().items() if k != "PREFECT_API_AUTH_STRING"}
+    env = {k: v for k, v in services.service_env().items() if k != "PREFECT_API_AUTH_STRING"}
     refused = _python(env, "-m", "flows.scan", "once", "--params", str(services.params))
     assert refused.returncode != 0 and "401" in refused.stdout + refused.stderr
     # ... and one without MLflow's by MLflow
-    env = {k: v for k, v in services.client_env().items() if not k.startswith("MLFLOW_TRACK")}
+    env = {k: v for k, v in services.service_env().items() if not k.startswith("MLFLOW_TRACK")}
     env["MLFLOW_TRACKING_URI"] = services.mlflow
     refused = _python(env, "-m", "flows.scan", "once", "--params", str(services.params))
     assert refused.returncode != 0 and "401" in refused.stdout + refused.stderr
@@ -164,7 +164,7 @@ def test_a_browser_reads_the_quarantined_versions_verdict_and_lineage(
         except Exception as err:  # noqa: BLE001 - a browser that cannot start here
             pytest.skip(f"no browser: {CHROMIUM} does not start ({escape(err)[:200]})")
         page = browser.new_context(http_credentials={
-            "username": creds["mlflow_user"], "password": creds["mlflow_password"]}).new_page()
+            "username": creds["reader_user"], "password": creds["reader_password"]}).new_page()
         page.goto(f"{services.mlflow}/#/models", wait_until="load")
         page.get_by_text(name, exact=True).first.wait_for(timeout=60_000)
         listing = page.inner_text("body")
@@ -195,14 +195,14 @@ def test_a_backdoored_versions_record_links_its_recovered_trigger(
     tuned = write_scan_params(tmp_path, {**TUNED, "scan.reference": raw["scan"]["reference"],
                                          "scan.state_folder": raw["scan"]["state_folder"]})
     stem = copy_model("backdoored", tmp_path / "up" / "m", "suspect")
-    env = services.client_env()
-    up = _python(env, "-c", _UPLOAD, "suspect", str(stem))
+    up = _python(services.client_env(), "-c", _UPLOAD, "suspect", str(stem))
     assert up.returncode == 0, up.stderr
     version = up.stdout.split()[-1]
-    done = _python(env, "-m", "flows.scan", "model", f"suspect/{version}", "--params", str(tuned))
+    done = _python(services.service_env(), "-m", "flows.scan", "model", f"suspect/{version}",
+                   "--params", str(tuned))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     creds = services.credentials()
-    user = f"{creds['mlflow_user']}:{creds['mlflow_password']}"
+    user = f"{creds['reader_user']}:{creds['reader_password']}"  # an auditor's account
     _, got = http("GET", f"{services.mlflow}/api/2.0/mlflow/model-versions/get?name=suspect"
                   f"&version={version}", auth=user)
     text = got["model_version"]["description"]
@@ -213,3 +213,83 @@ def test_a_backdoored_versions_record_links_its_recovered_trigger(
     req.add_header("Authorization", "Basic " + base64.b64encode(user.encode()).decode())
     with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310
         assert resp.status == 200 and resp.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+_FORGE = """
+import json, sys
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+good, good_version, quarantined, q_version, stem = sys.argv[1:6]
+c = MlflowClient()
+refused = {}
+def attempt(label, call):
+    try:
+        call()
+        refused[label] = 0
+    except MlflowException as err:
+        refused[label] = err.get_http_status_code()
+attempt("set a verdict tag", lambda: c.set_model_version_tag(good, good_version, "scan_verdict",
+                                                             "backdoored"))
+attempt("lift a quarantine", lambda: c.delete_model_version_tag(quarantined, q_version,
+                                                                "quarantined"))
+attempt("write a scan run", lambda: c.create_run(
+    c.get_experiment_by_name("mesa-scan").experiment_id))
+copied = {k: v for k, v in c.get_model_version(good, good_version).tags.items()
+          if k.startswith("scan_")}
+exp = c.get_experiment_by_name("uploads").experiment_id
+own = c.create_run(exp, tags={"scan_verdict": "clean", "mesa.role": "scan"})
+for suffix in (".safetensors", ".json"):
+    c.log_artifact(own.info.run_id, stem + suffix, "model")
+c.create_registered_model("forged")
+source = own.info.artifact_uri + "/model"
+copy = c.create_model_version("forged", source, run_id=own.info.run_id, tags=copied)
+mine = c.create_model_version("forged", source, run_id=own.info.run_id,
+                              tags={**copied, "scan_run_id": own.info.run_id})
+c.set_registered_model_alias("forged", "production", copy.version)
+print(json.dumps({"refused": refused, "versions": [copy.version, mine.version]}))
+"""
+
+
+def test_a_publisher_cannot_forge_a_verdict_that_survives_the_audit(
+        services: Services, quarantined: dict, tmp_path: Path) -> None:
+    """The publisher account (what client.env holds) registers models but cannot edit a
+    version's tags or write a scan run; verdict tags it puts on new versions of a backdoored
+    model (a clean model's real verdict, seal and run copied; or pointing at a run of its own)
+    are found by the next audit: quarantined, @production removed, scanned for real."""
+    import json
+
+    from pipeline_fixture import write_scan_params
+    from platform_fixture import TUNED
+
+    raw = yaml.safe_load(services.params.read_text())
+    tuned = write_scan_params(tmp_path, {**TUNED, "scan.reference": raw["scan"]["reference"],
+                                         "scan.state_folder": raw["scan"]["state_folder"],
+                                         "scan.registry_models": ["forged"]})
+    good = copy_model("clean", tmp_path / "good" / "m", "good")
+    up = _python(services.client_env(), "-c", _UPLOAD, "good", str(good))
+    assert up.returncode == 0, up.stderr
+    good_version = up.stdout.split()[-1]
+    done = _python(services.service_env(), "-m", "flows.scan", "model",
+                   f"good/{good_version}", "--params", str(tuned))
+    assert done.returncode == 0 and "'status': 'clean'" in done.stdout, done.stdout[-3000:]
+
+    bad = copy_model("backdoored", tmp_path / "bad" / "m", "forged")
+    forged = _python(services.client_env(), "-c", _FORGE, "good", good_version,
+                     quarantined["name"], quarantined["version"], str(bad))
+    assert forged.returncode == 0, forged.stderr[-3000:]
+    result = json.loads(forged.stdout.strip().splitlines()[-1])
+    assert result["refused"] == {"set a verdict tag": 403, "lift a quarantine": 403,
+                                 "write a scan run": 403}
+
+    audit = _python(services.service_env(), "-m", "flows.scan", "once", "--params", str(tuned))
+    assert audit.returncode == 0, audit.stdout[-3000:] + audit.stderr[-3000:]
+    creds = services.credentials()
+    reader = f"{creds['reader_user']}:{creds['reader_password']}"
+    for version in result["versions"]:
+        _, got = http("GET", f"{services.mlflow}/api/2.0/mlflow/model-versions/get?name=forged"
+                      f"&version={version}", auth=reader)
+        tags = {t["key"]: t["value"] for t in got["model_version"].get("tags", [])}
+        assert tags["scan_verdict"] == "backdoored", tags  # scanned for real
+        assert tags["quarantined"] == "true" and tags.get("scan_tampered"), tags
+        assert "production" not in got["model_version"].get("aliases", [])
+    assert "not the scan service's" in audit.stdout + audit.stderr

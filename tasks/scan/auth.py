@@ -1,26 +1,43 @@
-"""Credentials of the scan platform: MLflow basic auth, Prefect's server auth string, the
-webhook's HMAC secret and the verdict seal's secret.
+"""Credentials and accounts of the scan platform: MLflow basic auth (three accounts), Prefect's
+server auth string, the webhook's HMAC secret and the verdict seal's secret.
 
 Each value comes from the environment if set, else from `<state_folder>/auth/credentials.json`
-(mode 0600, git-ignored with the state folder), generated on first use:
+(mode 0600, git-ignored with the state folder), generated on first use (a file from an older
+release gains the values it lacks):
 
 | value | environment variable | used by |
 |---|---|---|
-| MLflow user, password | MLFLOW_TRACKING_USERNAME, _PASSWORD | MLflow clients; the server's admin |
+| service account (MLflow admin) | MESA_MLFLOW_ADMIN_USER, _PASSWORD | the services only |
+| publisher account | MESA_PUBLISHER_USER, _PASSWORD | clients (`client.env`) |
+| reader account | MESA_READER_USER, _PASSWORD | auditors (`reader.env`) |
 | Prefect auth string | PREFECT_API_AUTH_STRING | Prefect clients; the server |
 | webhook secret | MESA_WEBHOOK_SECRET | MLflow signs webhook posts; the receiver checks |
 | CSRF key | MLFLOW_FLASK_SERVER_SECRET_KEY | MLflow's basic-auth app (its forms) |
 | webhook store key | MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY | MLflow encrypts webhook secrets |
 | seal secret | MESA_SEAL_SECRET | seals the scan service's verdict tags (tasks.common.verdicts) |
 
-    python -m tasks.scan.auth env [--params params.yaml] [--server]
+The service account's variables are not MLflow's own (MLFLOW_TRACKING_USERNAME): a shell that
+has sourced `client.env` and starts the services must not make the publisher their admin.
 
-prints `export ...` lines for a shell: without `--server` only the clients' (the MLflow and
-Prefect credentials: what `<state>/auth/client.env` holds, the file users `source`); `--server`
-adds every secret above and the servers' own variables and writes `<state>/auth/basic_auth.ini`
-for MLflow's basic-auth app (scripts/scan_services.sh evals them for the services only). The
-secrets that seal verdicts and verify webhooks never leave the service's 0600 files and
-environment.
+Accounts (MLflow basic auth's permissions, `accounts`, run by scripts/scan_services.sh start):
+- the service: MLflow's admin; writes scan runs, verdict tags, seals, signatures, aliases.
+- the publisher: creates experiments, runs, registered models and versions, and moves aliases of
+  its own models; it may NOT set, change or delete any version's tags or description (a grant of
+  READ on `registered_model_version` `*`), nor write a run into the scan service's experiment
+  (MLflow's default permission, READ, which `accounts` checks). Verdict tags it puts on a new
+  version are not a scan's: the audit rescans the version (tasks.scan.quarantine).
+- the reader: reads everything (default READ); MLflow's basic auth still lets any signed-in
+  account create experiments and models of its own, so it cannot be kept from that, only from
+  other accounts' models.
+
+    python -m tasks.scan.auth env [--params params.yaml] [--role publisher|reader|server]
+    python -m tasks.scan.auth accounts [--params params.yaml]
+
+`env` prints `export ...` lines for a shell: `publisher` (default) what `<state>/auth/client.env`
+holds, `reader` what `reader.env` holds, `server` every secret and the servers' own variables,
+and writes `<state>/auth/basic_auth.ini` for MLflow's basic-auth app (scripts/scan_services.sh
+evals them for the services only). The secrets that seal verdicts and verify webhooks never
+leave the service's 0600 files and environment.
 """
 
 from __future__ import annotations
@@ -36,11 +53,18 @@ from pathlib import Path
 from tasks.common.params import Params, load_params
 
 FILE = "credentials.json"
-ENV = {"mlflow_user": "MLFLOW_TRACKING_USERNAME", "mlflow_password": "MLFLOW_TRACKING_PASSWORD",
+ENV = {"mlflow_user": "MESA_MLFLOW_ADMIN_USER", "mlflow_password": "MESA_MLFLOW_ADMIN_PASSWORD",
+       "publisher_user": "MESA_PUBLISHER_USER", "publisher_password": "MESA_PUBLISHER_PASSWORD",
+       "reader_user": "MESA_READER_USER", "reader_password": "MESA_READER_PASSWORD",
        "prefect_auth": "PREFECT_API_AUTH_STRING", "webhook_secret": "MESA_WEBHOOK_SECRET",
        "seal_secret": "MESA_SEAL_SECRET", "flask_secret": "MLFLOW_FLASK_SERVER_SECRET_KEY",
        "webhook_key": "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY"}
-CLIENT = ("mlflow_user", "mlflow_password", "prefect_auth")  # all a client is given
+# What each role's shell gets: MLflow's own variables carry the role's account.
+ROLES = {"publisher": ("publisher_user", "publisher_password", "prefect_auth"),
+         "reader": ("reader_user", "reader_password"),
+         "server": ("mlflow_user", "mlflow_password")}
+CLIENT = ROLES["publisher"]  # all a client is given
+TRACKING = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
 
 def state_folder(params: Params) -> Path:
@@ -50,6 +74,8 @@ def state_folder(params: Params) -> Path:
 
 def _generate() -> dict[str, str]:
     return {"mlflow_user": "mesa-admin", "mlflow_password": secrets.token_urlsafe(24),
+            "publisher_user": "mesa-publisher", "publisher_password": secrets.token_urlsafe(24),
+            "reader_user": "mesa-reader", "reader_password": secrets.token_urlsafe(24),
             "prefect_auth": f"mesa:{secrets.token_urlsafe(24)}",
             "webhook_secret": secrets.token_urlsafe(32), "seal_secret": secrets.token_urlsafe(32),
             "flask_secret": secrets.token_urlsafe(32),
@@ -70,9 +96,16 @@ def _stored(state: Path) -> dict[str, str]:
     except (OSError, ValueError) as err:
         raise ValueError(f"{path}: unreadable credentials file ({err}); delete it to make new "
                          "ones") from None
-    missing = [k for k in ENV if not isinstance(found.get(k), str) or not found[k]]
-    if missing:
-        raise ValueError(f"{path}: credentials file lacks {missing}; delete it to make new ones")
+    if not isinstance(found, dict) or any(not isinstance(v, str) for v in found.values()):
+        raise ValueError(f"{path}: not a JSON object of strings; delete it to make new ones")
+    missing = [k for k in ENV if not found.get(k)]
+    if missing:  # a file of an older release: keep what it has, add fresh values for the rest
+        fresh = _generate()
+        found |= {k: fresh[k] for k in missing}
+        fd = os.open(path.with_suffix(".tmp"), os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(found, fh, indent=1)
+        os.replace(path.with_suffix(".tmp"), path)
     return found
 
 
@@ -102,13 +135,16 @@ def mlflow_ini(state: Path, creds: dict[str, str]) -> Path:
     return path
 
 
-def shell_env(params: Params, server: bool = False) -> str:
-    """`export` lines of the clients' variables (with `server`, also every secret and the
+def shell_env(params: Params, role: str = "publisher") -> str:
+    """`export` lines of one role's variables (ROLES; `server` also every secret and the
     servers' own variables)."""
     state = state_folder(params)
     creds = credentials(state)
-    values = {ENV[k]: creds[k] for k in (ENV if server else CLIENT)}
-    if server:
+    user, password, *rest = ROLES[role]
+    values = dict(zip(TRACKING, (creds[user], creds[password]), strict=True))
+    values |= {ENV[k]: creds[k] for k in rest}
+    if role == "server":
+        values |= {ENV[k]: creds[k] for k in ENV}
         values |= {"PREFECT_SERVER_API_AUTH_STRING": creds["prefect_auth"],
                    "MLFLOW_AUTH_CONFIG_PATH": str(mlflow_ini(state, creds)),
                    "MLFLOW_AUTH_ADMIN_USERNAME": creds["mlflow_user"],
@@ -116,14 +152,64 @@ def shell_env(params: Params, server: bool = False) -> str:
     return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in values.items())
 
 
+def accounts(params: Params, uri: str) -> list[str]:
+    """Create the publisher and reader accounts on the MLflow server at `uri` (as its admin;
+    idempotent), deny the publisher version edits, and make sure the scan service's
+    experiment is the service's own. What was done, one line each.
+
+    Raises:
+        RuntimeError: the scan experiment exists and another account may write to it.
+    """
+    from mlflow import MlflowClient
+    from mlflow.server.auth.client import AuthServiceClient
+
+    from tasks.common.tracking import scan_experiment
+
+    creds, done = credentials(state_folder(params)), []
+    os.environ.update(dict(zip(TRACKING, (creds["mlflow_user"], creds["mlflow_password"]),
+                               strict=True)))
+    admin = AuthServiceClient(uri)
+    for role in ("publisher", "reader"):
+        user, password = creds[f"{role}_user"], creds[f"{role}_password"]
+        try:
+            admin.get_user(user)
+        except Exception:  # noqa: BLE001 - MLflow answers a missing user with an error
+            admin.create_user(user, password)
+            done.append(f"account {user} created ({role})")
+    admin.grant_user_permission(creds["publisher_user"], "registered_model_version", "*",
+                                "READ")
+    done.append(f"{creds['publisher_user']}: READ on every model version (no tag edits)")
+    client, name = MlflowClient(uri), scan_experiment()
+    found = client.get_experiment_by_name(name)
+    exp_id = found.experiment_id if found else client.create_experiment(name)
+    for role in ("publisher", "reader"):
+        level = admin.get_user_permission(creds[f"{role}_user"], "experiment",
+                                          exp_id).permission
+        if level not in ("READ", "NO_PERMISSIONS"):
+            raise RuntimeError(f"experiment {name!r} ({exp_id}): account "
+                               f"{creds[f'{role}_user']} holds {level} on it; only the scan "
+                               "service may write scan runs (delete the experiment or revoke)")
+    done.append(f"experiment {name!r} ({exp_id}): written by the service only")
+    return done
+
+
 def main(argv: list[str] | None = None) -> None:
-    """`python -m tasks.scan.auth env [--params FILE] [--server]`."""
+    """`python -m tasks.scan.auth env|accounts [--params FILE] [--role ROLE]`."""
     ap = argparse.ArgumentParser(prog="python -m tasks.scan.auth")
-    ap.add_argument("command", choices=("env",))
+    ap.add_argument("command", choices=("env", "accounts"))
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--server", action="store_true", help="also the servers' variables")
+    ap.add_argument("--role", choices=tuple(ROLES), default="publisher",
+                    help="whose variables `env` prints")
     args = ap.parse_args(argv)
-    print(shell_env(load_params(args.params), args.server), end="")
+    params = load_params(args.params)
+    if args.command == "env":
+        print(shell_env(params, args.role), end="")
+        return
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri.startswith("http"):
+        raise SystemExit("accounts: set MLFLOW_TRACKING_URI to the MLflow server (http...)")
+    for line in accounts(params, uri):
+        print(line)
 
 
 if __name__ == "__main__":

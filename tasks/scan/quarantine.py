@@ -9,13 +9,17 @@ lifts the quarantine (tag removed, `@quarantined` removed if it pointed there); 
 `audit` runs at the start of every discovery run over the watched registered models and reports
 (flow log, flow result, `<state>/findings.jsonl`) and undoes:
 - an alias pointing at a quarantined version (moved there by hand): the alias is removed;
-- a verdict no scan wrote: its `scan_run_id` run does not exist or recorded another verdict, or
-  the service's seal (tasks.common.verdicts.seal) does not match (a tag edited by hand), or the
-  run scanned other files (its `scan.files_key` is not the key of this version's files). The
+- a verdict no scan wrote: its `scan_run_id` run does not exist, is not in the scan service's
+  experiment (which only the service account may write: tasks.scan.auth), recorded another
+  verdict, or the service's seal (tasks.common.verdicts.seal) does not match (a tag edited by
+  hand), or the run scanned other files (its `scan.files_key` is not, or does not record, the
+  key of this version's files). The
   version is quarantined and its verdict reset to `not scanned`, so the same run scans it again
   (or re-applies the verdict recorded for its exact files in the state folder).
-Verdicts of the pipeline's `evaluate` stage carry no seal; they hold when their run is that
-stage's and its metrics `scan.<model>.backdoored` / `p_value` match the tags.
+Verdicts of the pipeline's `evaluate` stage carry no seal; on a store without accounts
+(`platform.auth: false`, one user) they hold when their run is that stage's and its metrics
+`scan.<model>.backdoored` / `p_value` match the tags. With accounts anyone may write such a run
+(and a publisher may put tags on a version it creates), so only the service's verdicts hold.
 """
 
 from __future__ import annotations
@@ -135,12 +139,18 @@ def _evaluate_backs(run: dict[str, Any], tags: dict[str, str]) -> bool:
 
 
 def unbacked(name: str, version: str, tags: dict[str, str], secret: str,
-             files_key: Callable[[], str] | None = None) -> str:
+             files_key: Callable[[], str] | None = None, service_experiment: str | None = None,
+             pipelines_trusted: bool = True) -> str:
     """Why the version's verdict was not written by a scan of its files ('' if it was).
 
     Args:
         files_key: the key of the version's own files (tasks.scan.discover.files_key); a scan
-            run that recorded another key scanned other files.
+            run that recorded another key, or none, did not scan them.
+        service_experiment: id of the scan service's experiment (only the service account may
+            write runs there: tasks.scan.auth.accounts); a verdict run elsewhere is not a scan
+            of the service's. None: not checked.
+        pipelines_trusted: accept verdicts of a pipeline's evaluate stage (a single-user store;
+            with accounts, anyone may write such a run, so only the service's verdicts hold).
     """
     run_id = tags.get("scan_run_id", "")
     run = tracking.run_record(run_id) if run_id else None
@@ -148,18 +158,24 @@ def unbacked(name: str, version: str, tags: dict[str, str], secret: str,
         return f"its scan_run_id {escape(run_id)!r} names no run"
     recorded = run["tags"].get("scan_verdict")
     if recorded is not None:
+        if service_experiment is not None and run["experiment_id"] != service_experiment:
+            return (f"its scan run {run_id} is not the scan service's (experiment "
+                    f"{escape(run['experiment_id'])}, not {service_experiment})")
         if recorded != tags["scan_verdict"]:
             return (f"scan_verdict={escape(tags['scan_verdict'])} but its scan run "
                     f"{run_id} recorded {escape(recorded)}")
         if not seal_holds(secret, name, version, tags):
             return "its verdict tags do not match the scan service's seal (edited by hand)"
         scanned = run["tags"].get("scan.files_key", "")
-        if files_key is not None and scanned and scanned != files_key():
-            return (f"its scan run {run_id} scanned other files (model key {scanned[:12]}, "
-                    "not this version's)")
+        if files_key is not None and scanned != files_key():
+            return (f"its scan run {run_id} scanned other files (model key "
+                    f"{escape(scanned[:12]) or 'none'}, not this version's)")
         return ""
-    if _evaluate_backs(run, tags):
+    if pipelines_trusted and _evaluate_backs(run, tags):
         return ""
+    if not pipelines_trusted and run["tags"].get("mesa.stage") == "evaluate":
+        return (f"its verdict comes from a pipeline run ({run_id}), not from the scan service; "
+                "with accounts only the service's verdicts hold")
     return f"run {run_id} recorded no verdict {escape(tags['scan_verdict'])} for it"
 
 
@@ -209,12 +225,15 @@ def audit(params: Params) -> list[dict[str, Any]]:
     secret = seal_secret(params)
     versions = tracking.model_versions(params.scan.registry_models)
     keys = FileKeys(params)
+    found = tracking.client().get_experiment_by_name(tracking.scan_experiment())
+    service = found.experiment_id if found is not None else "(none yet)"
     findings = []
     for v in versions:
         tags, name, version = v["tags"], v["name"], v["version"]
         if tags.get("scan_verdict") not in VERDICTS:
             continue
-        why = unbacked(name, version, tags, secret, lambda v=v: keys.of(v))
+        why = unbacked(name, version, tags, secret, lambda v=v: keys.of(v), service,
+                       pipelines_trusted=not params.platform.auth)
         if why:
             done = _reset(name, version, why)
             findings.append(_finding("unbacked-verdict", name, version, f"{why}; {done}"))
@@ -235,6 +254,28 @@ def _alias_findings(name: str, tags_of: dict[str, dict[str, str]]) -> list[dict[
             found.append(_finding("alias-on-quarantined", name, version,
                                   f"alias @{escape(alias)} pointed at this quarantined version;"
                                   " removed"))
+    return found
+
+
+def guard_alias(name: str, version: str, alias: str, params: Params) -> dict[str, Any] | None:
+    """The registry reported `alias` put on `version`: take it off again if the version is
+    quarantined, or hold it (`hold`: given back when a scan clears the version) if no scan has
+    cleared it. The finding (also in findings.jsonl), or None if the alias may stand."""
+    if alias == QUARANTINE_ALIAS or tracking.model_aliases(name).get(alias) != version:
+        return None  # the quarantine's own alias, or moved on already
+    tags = tracking.model_version_tags(name, version)
+    if is_quarantined(tags):
+        tracking.delete_alias(name, alias)
+        found = _finding("alias-on-quarantined", name, version,
+                         f"alias @{escape(alias)} was put on this quarantined version; removed")
+    elif tags.get("scan_verdict") != "clean" or tags.get("scan_status") == "pending":
+        hold(name, version)
+        found = _finding("alias-on-unscanned", name, version,
+                         f"alias @{escape(alias)} was put on a version no scan has cleared; "
+                         "held until one does")
+    else:
+        return None
+    _record(params, [found])
     return found
 
 

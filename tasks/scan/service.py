@@ -46,6 +46,7 @@ from tasks.scan.record import reuse_verdict
 
 DEPLOYMENT = "scan-new-models"
 EVENT_DEPLOYMENT = "scan-on-event"
+ALIAS_DEPLOYMENT = "guard-aliases"
 
 
 class ServerError(RuntimeError):
@@ -274,6 +275,20 @@ def event_trigger(params_path: str) -> Any:
     model = f"{{{{ event.resource['{NAME_LABEL}'] }}}}/{{{{ event.resource['{VERSION_LABEL}'] }}}}"
     return DeploymentEventTrigger(name="registry model_version.created", expect={EVENT},
                                   parameters={"model": model, "params_path": params_path})
+
+
+def alias_trigger(params_path: str) -> Any:
+    """Run `scan-alias` for each `mlflow.model_version_alias.created` event."""
+    from prefect.events import DeploymentEventTrigger
+
+    from tasks.scan.webhook import ALIAS_EVENT, ALIAS_LABEL, NAME_LABEL, VERSION_LABEL
+
+    model = f"{{{{ event.resource['{NAME_LABEL}'] }}}}/{{{{ event.resource['{VERSION_LABEL}'] }}}}"
+    alias = f"{{{{ event.resource['{ALIAS_LABEL}'] }}}}"
+    return DeploymentEventTrigger(name="registry model_version_alias.created",
+                                  expect={ALIAS_EVENT},
+                                  parameters={"model": model, "alias": alias,
+                                              "params_path": params_path})
 
 
 def schedule(params: Params) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The registry webhook receiver: MLflow posts `model_version.created`, we emit a Prefect event.
+"""The registry webhook receiver: MLflow posts `model_version.created` and
+`model_version_alias.created`, we emit a Prefect event for each.
 
 MLflow (3.3+, SQL backends) signs each webhook post with HMAC-SHA256: header
 `X-MLflow-Signature: v1,<base64 HMAC(secret, "<delivery id>.<timestamp>.<body>")>` beside
@@ -6,10 +7,14 @@ MLflow (3.3+, SQL backends) signs each webhook post with HMAC-SHA256: header
 post whose signature does not hold or whose timestamp is more than 5 minutes off (401), and a
 delivery id it has accepted before (409: a replay inside the window starts nothing; the ids are
 kept in the state folder's `webhook_deliveries.sqlite` for twice the window, so a restart does
-not reopen it), and for each new version emits the Prefect event `mlflow.model_version.created`
-whose resource names the version; the scan deployment's DeploymentEventTrigger (flows/scan.py) runs
-`scan-event` for it at once. Prefect's own inbound webhooks are a Prefect Cloud feature, hence
-this small receiver.
+not reopen it). For each new version it emits the Prefect event `mlflow.model_version.created`
+whose resource names the version, and the scan deployment's DeploymentEventTrigger
+(flows/scan.py) runs `scan-event` for it at once; for each alias put on a version,
+`mlflow.model_version_alias.created`, on which `scan-alias` takes the alias off again if the
+version is quarantined or not yet cleared (tasks.scan.quarantine.guard_alias): the event path,
+not the next poll, undoes a hand-moved alias. (Version tags need no such path: only the service
+account may write them, tasks.scan.auth.) Prefect's own inbound webhooks are a Prefect Cloud
+feature, hence this small receiver.
 
     python -m tasks.scan.webhook serve    [--params params.yaml]   # the receiver
     python -m tasks.scan.webhook register [--params params.yaml]   # MLflow -> the receiver
@@ -32,14 +37,19 @@ import logging
 import sqlite3
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tasks.common.escape import escape
 
 EVENT = "mlflow.model_version.created"
+ALIAS_EVENT = "mlflow.model_version_alias.created"
 NAME_LABEL = "mlflow.model.name"
 VERSION_LABEL = "mlflow.model.version"
+ALIAS_LABEL = "mlflow.model.alias"
+# MLflow's (entity, action) -> the Prefect event we emit
+EVENTS = {("model_version", "created"): EVENT, ("model_version_alias", "created"): ALIAS_EVENT}
 WEBHOOK_NAME = "mesa-scan-on-create"
 MAX_BODY = 64 << 10  # a version-created payload is well under 1 KiB plus its tags
 MAX_SKEW_S = 300
@@ -102,31 +112,54 @@ class Deliveries:
             db.execute("DELETE FROM seen WHERE id = ?", (delivery_id,))
 
 
-def version_of(payload: Any) -> tuple[str, str] | None:
-    """(name, version) of a model_version.created payload, None for other events."""
-    if not isinstance(payload, dict) or (payload.get("entity"), payload.get("action")) != (
-            "model_version", "created"):
+@dataclass(frozen=True)
+class Change:
+    """A registry change the service acts on: a Prefect event name and the version (and the
+    alias, for an alias event)."""
+
+    event: str
+    name: str
+    version: str
+    alias: str = ""
+
+
+def change_of(payload: Any) -> Change | None:
+    """The change a payload reports, None for events the service does not act on.
+
+    Raises:
+        ValueError: a watched event whose payload names no usable version or alias.
+    """
+    if not isinstance(payload, dict):
+        return None
+    event = EVENTS.get((payload.get("entity"), payload.get("action")))
+    if event is None:
         return None
     data = payload.get("data")
-    name, version = (data.get("name"), data.get("version")) if isinstance(data, dict) else (
-        None, None)
+    data = data if isinstance(data, dict) else {}
+    name, version, alias = data.get("name"), data.get("version"), data.get("alias", "")
     if not isinstance(name, str) or not str(version).isdigit() or not name.isprintable():
         raise ValueError(f"payload names no usable version: name {escape(name)!r}, "
                          f"version {escape(version)!r}")
-    return name, str(version)
+    if event == ALIAS_EVENT and not (isinstance(alias, str) and alias.isprintable() and alias):
+        raise ValueError(f"payload names no usable alias: {escape(alias)!r}")
+    return Change(event, name, str(version), alias if event == ALIAS_EVENT else "")
 
 
-def emit(name: str, version: str) -> str:
-    """Emit the Prefect event for a new version; its id."""
+def emit(change: Change) -> str:
+    """Emit the Prefect event of a registry change; its id."""
     from prefect.events import emit_event
 
-    event = emit_event(EVENT, resource={
-        "prefect.resource.id": f"mlflow.model-version.{name}.{version}",
-        NAME_LABEL: name, VERSION_LABEL: version}, payload={"name": name, "version": version})
+    resource = {"prefect.resource.id": f"mlflow.model-version.{change.name}.{change.version}",
+                NAME_LABEL: change.name, VERSION_LABEL: change.version}
+    if change.alias:
+        resource[ALIAS_LABEL] = change.alias
+    event = emit_event(change.event, resource=resource,
+                       payload={"name": change.name, "version": change.version,
+                                "alias": change.alias})
     return str(event.id) if event is not None else ""
 
 
-def make_app(secret: str, emitter: Callable[[str, str], str] = emit,
+def make_app(secret: str, emitter: Callable[[Change], str] = emit,
              deliveries: Deliveries | None = None) -> Any:
     """The receiver: POST /webhook (signed, each delivery once), GET /health."""
     from starlette.applications import Starlette
@@ -148,20 +181,21 @@ def make_app(secret: str, emitter: Callable[[str, str], str] = emit,
             return JSONResponse({"error": f"delivery {escape(delivery)[:80]} was received "
                                  "before (a replay)"}, status_code=409)
         try:
-            found = version_of(json.loads(body))
+            found = change_of(json.loads(body))
         except (ValueError, RecursionError) as err:
             log.warning("refused a webhook post: %s", escape(err))
             return JSONResponse({"error": escape(err)[:300]}, status_code=400)
         if found is None:
-            return JSONResponse({"ignored": "not a model_version.created event"})
+            return JSONResponse({"ignored": "not an event the scan service acts on"})
         try:
-            event_id = emitter(*found)
+            event_id = emitter(found)
         except Exception:
             seen.forget(delivery)  # not acted on: MLflow's retry of it must get through
             raise
-        log.info("model version %s/%s created: event %s emitted", escape(found[0]), found[1],
-                 event_id)
-        return JSONResponse({"emitted": event_id, "version": f"{found[0]}/{found[1]}"})
+        log.info("%s %s/%s%s: event %s emitted", found.event, escape(found.name),
+                 found.version, f" @{escape(found.alias)}" if found.alias else "", event_id)
+        return JSONResponse({"emitted": event_id, "event": found.event,
+                             "version": f"{found.name}/{found.version}"})
 
     seen = deliveries or Deliveries()
 
@@ -181,7 +215,8 @@ def register(params: Any, secret: str) -> str:
     """Create or update the registry webhook that posts new versions to the receiver."""
     from tasks.common import tracking
 
-    return tracking.ensure_webhook(WEBHOOK_NAME, url(params), ["model_version.created"], secret)
+    events = [f"{entity}.{action}" for entity, action in EVENTS]
+    return tracking.ensure_webhook(WEBHOOK_NAME, url(params), events, secret)
 
 
 def main(argv: list[str] | None = None) -> None:
