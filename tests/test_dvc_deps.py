@@ -61,3 +61,15 @@ def test_only_record_only_modules_are_exempt() -> None:
         for name, body in _bodies(dvcfile).items():
             code = [d for d in body["deps"] if d.endswith(".py")]
             assert code == stage_code_deps(body["cmd"], ROOT), name  # exact and sorted
+
+
+def test_stage_commands_find_the_projects_interpreter_without_activation() -> None:
+    """`.venv/bin/dvc repro` from a shell without the venv on PATH: the stages' `python` is
+    still the project's (scripts/setup.sh's .pth line), so `import torch` works in them."""
+    import subprocess
+    import sys
+
+    stage = "import subprocess; subprocess.run(['python', '-c', 'import torch'], check=True)"
+    done = subprocess.run([sys.executable, "-c", stage], env={"PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
