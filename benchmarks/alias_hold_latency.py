@@ -77,7 +77,8 @@ def _moved_onto_quarantined(c, root: Path, i: int) -> tuple[str, str, float | No
     save_file(tensors, f"{stem}.safetensors")
     version = _register(c, "quarantine-latency", stem)
     tags = lambda: c.get_model_version("quarantine-latency", version).tags  # noqa: E731
-    _until(lambda: tags().get("quarantined") == "true")
+    _until(lambda: tags().get("quarantined") == "true" and tags().get("scan_seal"))
+    time.sleep(2)  # the quarantine's own steps are over: only the event path can act now
     c.set_registered_model_alias("quarantine-latency", "production", version)
     removed = _until(lambda: "production" not in c.get_registered_model(
         "quarantine-latency").aliases, step=0.1)

@@ -4,7 +4,8 @@
 
 One row per model (backdoored, MESA-repaired, point-repaired) from the evaluate stage's metrics
 and scan verdicts: clean accuracy, ASR of the attacker's trigger, mean ASR of the held-out
-variants, and the scan's verdict. `dvc metrics show` still lists every metric.
+variants, the scan's verdict, and whether the repair passed its own verification (on defender
+images, before any held-out figure). `dvc metrics show` still lists every metric.
 """
 
 from __future__ import annotations
@@ -20,6 +21,18 @@ from tasks.common import catalog
 from tasks.common.io import read_json
 
 ROWS = (("backdoored", "backdoored"), ("mesa", "MESA-repaired"), ("baseline", "point-repaired"))
+VERIFICATION = {"mesa": "repair_verification", "baseline": "baseline_verification"}
+
+
+def _verification(key: str) -> str:
+    """The repair's own verification (before any held-out number): passed, or why not."""
+    path = catalog.path(VERIFICATION[key]) if key in VERIFICATION else None
+    if path is None or not path.is_file():
+        return "-"
+    record = read_json(path)
+    if record["verdict"] == "clean":
+        return "passed"
+    return "not repaired" if record["verdict"] == "not repaired" else "FAILED: " + record["reason"]
 
 
 def _verdict(scan: dict[str, Any], key: str) -> str:
@@ -34,15 +47,16 @@ def _verdict(scan: dict[str, Any], key: str) -> str:
 def table(metrics: dict[str, Any], scan: dict[str, Any]) -> Table:
     """The summary table of the evaluate stage's outputs."""
     out = Table(title="MESA pipeline: held-out results", title_justify="left")
+    left = ("model", "scan verdict", "repair verification")
     for column in ("model", "clean accuracy", "ASR, trigger", "ASR, held-out variants",
-                   "scan verdict"):
-        out.add_column(column, justify="left" if column in ("model", "scan verdict") else "right")
+                   "scan verdict", "repair verification"):
+        out.add_column(column, justify="left" if column in left else "right")
     for key, label in ROWS:
         m = metrics.get(key)
         if m is None:
             continue
         out.add_row(label, f"{m['clean_accuracy']:.1%}", f"{m['asr']:.1%}",
-                    f"{m['asr_variants_mean']:.1%}", _verdict(scan, key))
+                    f"{m['asr_variants_mean']:.1%}", _verdict(scan, key), _verification(key))
     return out
 
 
