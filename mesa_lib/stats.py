@@ -92,3 +92,41 @@ def paired_difference(
         raise ValueError(f"paired samples must have the same length, got {len(a)} and {len(b)}")
     return bootstrap_mean([x - y for x, y in zip(a, b, strict=True)], level, resamples, seed,
                           groups)
+
+
+@dataclass(frozen=True)
+class TInterval(Interval):
+    """A mean with its Student t-interval, and the two-sided p-value of `mean == null`."""
+
+    p_value: float = 1.0
+
+
+def t_interval(values: Sequence[float], level: float = 0.95, null: float = 0.0) -> TInterval:
+    """Mean of `values` (independent units, e.g. one mean per seed) with a two-sided Student t
+    interval at `level`, and the one-sample t-test p-value against `null`.
+
+    scipy gives the t quantile and the test (scipy.stats.ttest_1samp): no hand-written copy.
+    """
+    from scipy import stats
+
+    x = [float(v) for v in values]
+    if len(x) < 2:
+        raise ValueError(f"a t-interval needs at least 2 values, got {len(x)}")
+    mean = sum(x) / len(x)
+    sd = (sum((v - mean) ** 2 for v in x) / (len(x) - 1)) ** 0.5
+    half = float(stats.t.ppf((1 + level) / 2, len(x) - 1)) * sd / len(x) ** 0.5
+    p = 1.0 if sd == 0 and mean == null else (
+        0.0 if sd == 0 else float(stats.ttest_1samp(x, null).pvalue))
+    return TInterval(mean, mean - half, mean + half, len(x), p)
+
+
+def holm(p_values: Sequence[float], alpha: float = 0.05) -> list[bool]:
+    """Holm's step-down rejections (Holm 1979) of a family of p-values at family-wise `alpha`:
+    the i-th smallest is rejected while p_(i) <= alpha / (m - i), in order."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    rejected = [False] * len(p_values)
+    for rank, i in enumerate(order):
+        if p_values[i] > alpha / (len(p_values) - rank):
+            break
+        rejected[i] = True
+    return rejected

@@ -16,7 +16,7 @@ from mesa_lib.masksearch import CleanseConfig, neural_cleanse
 from mesa_lib.repair import repair_hook
 from mesa_lib.stats import bootstrap_mean, paired_difference
 from tasks.common.settings import ConfigError
-from tasks.reproduce import protocol
+from tasks.reproduce import protocol, verdicts
 from tasks.reproduce.data import load_data
 from tasks.reproduce.params import load_repro_params
 from tasks.reproduce.paths import ran_with, repair_plan
@@ -32,7 +32,6 @@ from tasks.reproduce.report import (
     residual,
     seeds_caveat,
     stale_reasons,
-    targets,
 )
 from tasks.reproduce.selection import choose, per_method, sweep_table
 
@@ -41,6 +40,7 @@ TINY = {"inject": {"prob": 0.2, "lr": 0.01, "epochs": 1, "batch_size": 32},
         "mesa": {"betas": [0.9, 0.5], "alpha": 0.1, "epochs": 1, "batch_size": 16, "lr": 0.001,
                  "trigger_noise": 0.1},
         "point": {"starts": 2, "epochs": 1, "lr": 0.1},
+        "point_paper": {"starts": 3, "epochs": 1, "lr": 0.1},
         "cleanse": {"epochs": 2, "patience": 1, "asr_threshold": 0.5}}
 
 
@@ -214,22 +214,59 @@ def test_paper_vs_tuned_pairs_the_cells_both_ran() -> None:
     assert profiles_table(paper, []) == []
 
 
-def test_targets_are_judged_on_the_ends_of_the_intervals() -> None:
-    def cell(pattern: int, mesa_asr: float, mesa_acc: float) -> dict:
-        c = _cell(pattern, 0, {"clean": 0.04, "backdoored": 0.9, "MESA ensemble": mesa_asr,
-                               "uniform patch": 0.5, "point mixture": mesa_asr})
-        c["evaluation"]["MESA ensemble"]["clean_acc"] = mesa_acc
+def test_verdicts_follow_the_plan_fixed_before_the_grid() -> None:
+    """t-interval on seed means primary, bootstrap beside it; met / not met / inconclusive;
+    accuracy judged two-sided and one-sided; the rivals corrected with Holm."""
+    ACC = 0.7  # noqa: N806 - every model's accuracy in _cell
+
+    def cell(pattern: int, seed: int, mesa_asr: float, mesa_acc: float, floor: float) -> dict:
+        c = _cell(pattern, seed, {"clean": 0.04, "backdoored": 0.9, "MESA ensemble": mesa_asr,
+                                  "uniform patch": 0.5, "point mixture": mesa_asr + 0.001})
+        c["evaluation"]["MESA ensemble"] |= {"clean_acc": mesa_acc,
+                                              "floor_random_pattern": floor}
         return c
 
-    good = "\n".join(targets([cell(3, 0.04, 0.72), cell(9, 0.043, 0.73)]))
-    assert "residual ASR within 0.5 points" in good and "+0.15 [+0.00, +0.30] -> met" in good
-    assert "below the backdoored model's" in good and "+2.50 [+2.00, +3.00] -> met" in good
-    assert "MESA vs uniform patch" in good and "-> MESA better" in good
-    assert "MESA vs point mixture (paired ASR difference): +0.00" in good
-    assert "no difference shown" in good
-    bad = "\n".join(targets([cell(3, 0.10, 0.69), cell(9, 0.05, 0.68)]))
-    assert "+3.50 [+1.00, +6.00] -> NOT met" in bad  # residual: the upper end counts
-    assert "-1.50 [-2.00, -1.00] -> NOT met" in bad  # accuracy: 1-2 points lost
+    good = [cell(p, s, 0.04 + 0.001 * s, ACC + 0.01 + 0.0001 * s, 0.04) for s in range(4)
+            for p in (3, 9)]
+    judged = {j.label.split(" (")[0].split(",")[0]: j for j in verdicts.judge(good)}
+    floor = judged["MESA's residual over the repaired model's own floor"]
+    assert floor.verdict == "met" and floor.primary.n == 4  # the unit is the seed
+    acc = [j for j in verdicts.judge(good) if j.label.startswith("accuracy")]
+    assert [j.verdict for j in acc] == ["not met", "met"]  # +1 point: two- vs one-sided
+    spread = [cell(p, s, 0.04, ACC + 0.003 + 0.003 * (p == 9), 0.04) for s in range(4)
+              for p in (3, 9)]  # every seed +0.45 points, the cells +0.3 and +0.6
+    acc = [j for j in verdicts.judge(spread) if j.label.startswith("accuracy")][0]
+    assert acc.verdict == "inconclusive (the bootstrap disagrees)"  # t says in, cells across
+    rivals = {r: v for r, _, _, v in verdicts.rivals(good)}
+    assert rivals["uniform patch"] == "MESA better"
+    assert rivals["point mixture"].startswith("MESA better")  # -0.1 points, no spread
+    noisy = [cell(3, s, 0.04 + (0.03 if s % 2 else -0.01), 0.7, 0.04) for s in range(4)]
+    assert verdicts.judge(noisy)[0].verdict == "inconclusive"  # the interval straddles +0.5
+    table = "\n".join(verdicts.table(good))
+    assert "| uniform patch |" in table and "Holm" in table
+    assert verdicts.table(good[:2]) == [
+        "Verdicts: fewer than 2 seeds hold MESA's figures; none stated."]
+
+
+def test_holm_and_the_t_interval() -> None:
+    from mesa_lib.stats import holm, t_interval
+
+    assert holm([0.01, 0.04, 0.03, 0.2]) == [True, False, False, False]
+    assert holm([0.001, 0.01, 0.02]) == [True, True, True]
+    iv = t_interval([1.0, 2.0, 3.0])  # mean 2, sd 1, t(0.975, 2) = 4.303
+    assert (iv.low, iv.high) == pytest.approx((2 - 4.303 / 3 ** 0.5, 2 + 4.303 / 3 ** 0.5),
+                                              abs=1e-3)
+    assert iv.p_value == pytest.approx(0.0742, abs=1e-3)  # t = 2 / (1 / sqrt 3), 2 df
+
+
+def test_the_staircase_table_counts_cells_reaching_their_beta() -> None:
+    cells = [{"settings": {"mesa": {"betas": [0.9, 0.5]}}, "fits": {"mesa_log": [
+        {"target_prob": [0.8, 0.4], "mutual_info": [1.0, 1.0]},
+        {"target_prob": [tp, 0.6], "mutual_info": [1.0 + rise, 1.01]}]}}
+        for tp, rise in ((0.95, 0.1), (0.85, 0.01))]
+    assert verdicts.staircase(cells) == [
+        "| sub-model | reached its beta (cells) | MINE converged (cells) |", "|---|---|---|",
+        "| beta=0.9 | 1 of 2 | 1 of 2 |", "| beta=0.5 | 2 of 2 | 2 of 2 |"]
 
 
 def test_a_partial_grid_says_so() -> None:
@@ -365,7 +402,9 @@ def test_a_cell_of_the_gpu_profile_runs_here_at_tiny_size(
     assert read_json(Path("reproduce/models/clean-s0.json"))["architecture"] == "resnet18"
     record = read_json(cell.run_cell(params, "paper", 0, 3))
     assert {"clean", "backdoored", "MESA ensemble", "point mixture", "uniform patch",
-            "Neural Cleanse"} <= set(record["evaluation"])
+            "Neural Cleanse", "b/w patch", "point mixture 3x1"} <= set(record["evaluation"])
+    for figures in record["evaluation"].values():  # every model's own floors
+        assert 0 <= figures["floor_no_trigger"] <= 1 and 0 <= figures["floor_random_pattern"] <= 1
 
 
 def test_a_tuned_repair_set_by_hand_is_what_current_cells_ran(tmp_path: Path) -> None:

@@ -148,6 +148,8 @@ class Profile(Group):
     inject: InjectSettings
     mesa: MesaSettings
     point: PointSettings
+    point_paper: PointSettings = Field(description="the point baseline at the paper's strength, "
+                                                   "a row beside `point`")
     cleanse: CleanseSettings
     repair: RepairSettings
 

@@ -43,6 +43,28 @@ from tasks.reproduce.data import CellData
 from tasks.reproduce.params import Profile, ReproParams
 
 TRIGGER_SHAPE = (3, 3, 3)  # the defender models 3x3 triggers, as the paper does
+# The seed offset of the floor's random pattern. It belongs in mesa_lib.seed's table; it is
+# here while the zoo jobs that import mesa_lib.seed run (a change there would restart them).
+FLOOR_PATTERN_OFFSET = 6
+
+
+class BinaryPatch:
+    """The black-and-white random-patch control: each trigger a fresh random 3x3 pattern of
+    0s and 1s, the same in every channel, as the canonical patterns are (the uniform patch
+    looks nothing like them)."""
+
+    def __init__(self, shape: tuple[int, int, int]) -> None:
+        self.shape = tuple(int(s) for s in shape)
+
+    @property
+    def trigger_shape(self) -> tuple[int, int, int]:
+        """(C, h, w) of one trigger."""
+        return self.shape
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(n, C, h, w) binary patterns, one per trigger."""
+        c, h, w = self.shape
+        return torch.randint(0, 2, (n, 1, h, w), generator=generator).float().expand(n, c, h, w)
 
 
 def cell_seed(seed: int, pattern: int) -> int:
@@ -79,7 +101,7 @@ def fit_samplers(backdoored: nn.Module, fit: ImageSet, profile: Profile, target:
         breadth and target probability, and Neural Cleanse's kept mask: its epochs, L1 and ASR
         on the fit images).
     """
-    m, p, c = profile.mesa, profile.point, profile.cleanse
+    m, p, c, strong = profile.mesa, profile.point, profile.cleanse, profile.point_paper
     log: list[dict[str, Any]] = []
     mesa = fit_mesa(backdoored, fit.images, target, TRIGGER_SHAPE,
                     MesaConfig(betas=m.betas, alpha=m.alpha, epochs=m.epochs,
@@ -89,12 +111,17 @@ def fit_samplers(backdoored: nn.Module, fit: ImageSet, profile: Profile, target:
                                                   "mutual_info": s.mutual_info}))
     point = fit_point(backdoored, fit.images, target, TRIGGER_SHAPE,
                       PointConfig(starts=p.starts, epochs=p.epochs, lr=p.lr, seed=seed), device)
+    paper_point = fit_point(backdoored, fit.images, target, TRIGGER_SHAPE,
+                            PointConfig(starts=strong.starts, epochs=strong.epochs, lr=strong.lr,
+                                        seed=seed), device)
     cleanse = neural_cleanse(backdoored, fit.images, 10,
                              CleanseConfig(epochs=c.epochs, patience=c.patience,
                                            asr_threshold=c.asr_threshold, seed=seed),
                              device, classes=(target,))
     samplers: dict[str, Any] = {"no trigger": None, "uniform patch": UniformPatch(TRIGGER_SHAPE),
+                                "b/w patch": BinaryPatch(TRIGGER_SHAPE),
                                 "point mixture": point, "MESA ensemble": mesa,
+                                f"point mixture {strong.starts}x{strong.epochs}": paper_point,
                                 "Neural Cleanse": cleanse.trigger(target)}
     samplers |= {f"point start {i}": PointDistribution(point.triggers[i: i + 1], target)
                  for i in range(len(point.triggers))}
@@ -132,16 +159,34 @@ def repaired(backdoored: nn.Module, fit: ImageSet, sampler: Any, config: RepairC
                   callback)
 
 
+@torch.no_grad()
+def target_rate(model: nn.Module, part: ImageSet, target: int, device: torch.device,
+                chunk: int = 500) -> float:
+    """Share of the non-target images of `part` the model calls `target` with no trigger."""
+    model.eval()
+    x = part.images[part.labels != target]
+    hits = sum(int((model(x[i:i + chunk].to(device).float().div_(255)).argmax(1) == target)
+                   .sum()) for i in range(0, len(x), chunk))
+    return hits / max(len(x), 1)
+
+
 def measure(model: nn.Module, part: ImageSet, triggers: dict[str, torch.Tensor], target: int,
             device: torch.device, seed: int) -> dict[str, Any]:
-    """Clean accuracy, ASR of the original trigger and of each held-out variant on `part`."""
+    """Clean accuracy, ASR of the original trigger and of each held-out variant on `part`, and
+    the model's own floors: how often it says `target` with no trigger, and with a random
+    pattern of the trigger's shape at the same places (the same seeded draws)."""
     asr = {name: attack_success_rate(model, part.images, part.labels, t, target, device,
                                      seed=seed) for name, t in triggers.items()}
     variants = {k: v for k, v in asr.items() if k != "original"}
+    noise = torch.rand(triggers["original"].shape,
+                       generator=torch.Generator().manual_seed(seed + FLOOR_PATTERN_OFFSET))
     return {"clean_acc": accuracy(model, part.images, part.labels, device),
             "asr": asr["original"],
             "asr_variants": sum(variants.values()) / len(variants) if variants else None,
-            "asr_per_variant": variants}
+            "asr_per_variant": variants,
+            "floor_no_trigger": target_rate(model, part, target, device),
+            "floor_random_pattern": attack_success_rate(model, part.images, part.labels, noise,
+                                                        target, device, seed=seed)}
 
 
 def evaluate_cell(models: dict[str, nn.Module], evaluation: ImageSet,

@@ -21,6 +21,7 @@ from typing import Any
 
 from mesa_lib.stats import Interval, bootstrap_mean
 from tasks.common.io import read_json
+from tasks.reproduce import verdicts
 from tasks.reproduce.params import ReproParams, load_repro_params
 from tasks.reproduce.paths import (
     REPORT,
@@ -36,7 +37,8 @@ from tasks.reproduce.selection import per_method
 POINTS = 100  # percentages in the tables
 
 BASE = ("clean", "backdoored")  # measured, not repaired
-CONTROLS = ("point mixture", "uniform patch", "Neural Cleanse", "no trigger", "true trigger")
+CONTROLS = ("point mixture", "point mixture 10x10", "uniform patch", "b/w patch",
+            "Neural Cleanse", "no trigger", "true trigger")
 
 
 def methods(cells: list[dict[str, Any]]) -> list[str]:
@@ -48,8 +50,10 @@ def methods(cells: list[dict[str, Any]]) -> list[str]:
                     key=lambda m: int(m.rsplit(" ", 1)[1]))
     betas = sorted((m for m in held if m.startswith("MESA beta=")),
                    key=lambda m: -float(m.split("=", 1)[1]))
-    order = ["no trigger", "true trigger", "uniform patch", "point mixture", *starts,
-             "Neural Cleanse", *betas, "MESA ensemble"]
+    paper_points = sorted(m for m in held if m.startswith("point mixture ")
+                          and m != "point mixture")
+    order = ["no trigger", "true trigger", "uniform patch", "b/w patch", "point mixture",
+             *starts, *paper_points, "Neural Cleanse", *betas, "MESA ensemble"]
     return [m for m in order if m in held] + sorted(held - set(order))
 
 
@@ -105,9 +109,11 @@ def coverage(cells: list[dict[str, Any]]) -> str:
 
 
 def method_table(cells: list[dict[str, Any]]) -> list[str]:
-    """Each method: clean accuracy, ASR, ASR minus floor, ASR of held-out variants (%)."""
-    rows = ["| model | clean accuracy | ASR | ASR - floor | ASR, held-out variants |",
-            "|---|---|---|---|---|"]
+    """Each method: clean accuracy, ASR, ASR minus floor, ASR of held-out variants, and the
+    model's own floors: its target rate with no trigger and with a random pattern at the
+    trigger's places (%; '-' for cells recorded before the floors were measured)."""
+    rows = ["| model | clean accuracy | ASR | ASR - floor | ASR, held-out variants | own floor: "
+            "no trigger | own floor: random pattern |", "|---|---|---|---|---|---|---|"]
     for method in (*BASE, *methods(cells)):
         asr = interval(cells, lambda c, m=method: _value(c, m, "asr"))
         if asr is None:
@@ -115,7 +121,10 @@ def method_table(cells: list[dict[str, Any]]) -> list[str]:
         acc = interval(cells, lambda c, m=method: _value(c, m, "clean_acc"))
         var = interval(cells, lambda c, m=method: _value(c, m, "asr_variants"))
         gap = "-" if method == "clean" else _cell_fmt(residual(cells, method), True)
-        rows.append(f"| {method} | {_cell_fmt(acc)} | {_fmt(asr)} | {gap} | {_cell_fmt(var)} |")
+        own = [_cell_fmt(interval(cells, lambda c, m=method, k=k: _value(c, m, k)))
+               for k in ("floor_no_trigger", "floor_random_pattern")]
+        rows.append(f"| {method} | {_cell_fmt(acc)} | {_fmt(asr)} | {gap} | {_cell_fmt(var)} | "
+                    f"{own[0]} | {own[1]} |")
     return rows
 
 
@@ -179,30 +188,6 @@ def cleanse_line(cells: list[dict[str, Any]]) -> str:
             f"{reached} of {len(fits)} cells (mean mask L1 {l1:.1f}).")
 
 
-def targets(cells: list[dict[str, Any]]) -> list[str]:
-    """The issue's targets, each judged against its interval."""
-    if not any("MESA ensemble" in c["evaluation"] for c in cells):
-        return []
-    gap = residual(cells, "MESA ensemble")
-    drop = paired(cells, "MESA ensemble", "backdoored", "clean_acc")
-    lines = [f"- MESA's residual ASR within 0.5 points of the clean model's own ASR (upper end of "
-             f"the interval): {_fmt(gap, True)} -> {'met' if gap.high <= 0.005 else 'NOT met'}"]
-    if drop is not None:
-        # The target is about cost: a repair may end above the backdoored model's accuracy
-        # (fine-tuning on clean images wins back what the injection cost), never 0.5 below it.
-        lines.append(f"- clean accuracy at most 0.5 points below the backdoored model's (lower "
-                     f"end of the paired interval): {_fmt(drop, True)} -> "
-                     f"{'met' if drop.low >= -0.005 else 'NOT met'}")
-    for other in ("uniform patch", "point mixture"):
-        iv = paired(cells, "MESA ensemble", other, "asr")
-        if iv is not None:
-            verdict = "MESA better" if iv.high < 0 else ("MESA worse" if iv.low > 0 else
-                                                         "no difference shown")
-            lines.append(f"- MESA vs {other} (paired ASR difference): {_fmt(iv, True)} -> "
-                         f"{verdict}")
-    return lines
-
-
 def seconds_line(cells: Iterable[dict[str, Any]]) -> str:
     """Mean seconds per phase of a cell, and the threads it ran on."""
     cells = list(cells)
@@ -240,8 +225,9 @@ def profile_section(name: str, cells: list[dict[str, Any]], planned: int) -> lis
             "Paired differences (negative ASR: MESA leaves less backdoor):", "",
             *paired_table(cells), "", "Breadth of each sub-model and the staircase (N = 1 vs 3):",
             "", *breadth_table(cells), "", cleanse_line(cells), "",
-            "Targets:" if name == "tuned" else "The tuned profile's targets, on these cells:", "",
-            *targets(cells), "", seconds_line(cells), ""]
+            "Staircase: did each sub-model reach its beta, and MINE converge?", "",
+            *verdicts.staircase(cells), "",
+            *verdicts.table(cells), "", seconds_line(cells), ""]
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
