@@ -1,0 +1,231 @@
+"""The smallest universal input transformation that sends images to a class: a search for
+triggers that are not patches (issue 24; not yet a registered detector).
+
+The mask search (mesa_lib.masksearch, Neural Cleanse's objective) finds the smallest *patch*.
+Triggers that change every pixel a little have no small patch: a smooth warp (WaNet, Nguyen &
+Tran, ICLR 2021), an additive sinusoid (SIG, Barni et al., ICIP 2019), a low-frequency pattern
+(Zeng et al., ICCV 2021) or a colour filter (the filter triggers of TrojAI's image rounds). This
+search asks the same question for three families of whole-image transformations T: for each
+class k, the T of least *size* such that the model calls T(x) k for most clean images x
+(cross-entropy to k plus lambda x size, lambda raised after every successful step and lowered
+after a failed one: Neural Cleanse's rule, mesa_lib.masksearch). A backdoored target needs a
+much smaller T than the other classes, as a patch backdoor's target needs a smaller mask.
+
+Families (each bounded by construction, all K classes searched together):
+- `additive`: x + up(d), d a (C, g, g) grid upsampled bilinearly: low-frequency patterns, SIG;
+- `colour`: M x + b per pixel, M (C, C) and b (C,): colour filters, tints, gains;
+- `warp`: x sampled at identity + up(f), f a (2, g, g) grid of displacements: smooth warps.
+
+The size of a T is the RMS change it makes to the images (pixel values in [0, 1]), the same
+measure for every family, so one class's smallest transformation over the families is its
+score. `anomaly_index` of the sizes (small = negative) reads like Neural Cleanse's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mesa_lib.masksearch import _adjust
+from mesa_lib.mesa import autocast_for, frozen
+from mesa_lib.metrics import anomaly_index
+
+FAMILIES = ("additive", "colour", "warp")
+
+
+@dataclass(frozen=True)
+class TransformSearchConfig:
+    """Settings of the search.
+
+    Attributes:
+        families: which transformation families are searched.
+        steps: optimisation steps per family, every class in each.
+        batch_size: images per step and class.
+        lr: Adam step size on the unconstrained parameters.
+        grid: side of the low-resolution grid of `additive` and `warp`.
+        max_shift: largest displacement of `warp`, in pixels.
+        max_add: largest change of `additive`, in pixel units ([0, 1]).
+        asr_threshold: a transformation succeeds on a batch when this share goes to its class.
+        init_cost, cost_step: lambda's start and Neural Cleanse's rule.
+        seed: seed of the starts and the batches.
+    """
+
+    families: tuple[str, ...] = FAMILIES
+    steps: int = field(default=150, metadata={"ge": 1})
+    batch_size: int = field(default=8, metadata={"ge": 1})
+    lr: float = field(default=0.05, metadata={"gt": 0})
+    grid: int = field(default=8, metadata={"ge": 2})
+    max_shift: float = field(default=4.0, metadata={"gt": 0})
+    max_add: float = field(default=0.5, metadata={"gt": 0})
+    asr_threshold: float = field(default=0.9, metadata={"gt": 0, "le": 1})
+    init_cost: float = field(default=1.0, metadata={"gt": 0})
+    cost_step: float = field(default=1.2, metadata={"gt": 1})
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = set(self.families) - set(FAMILIES)
+        if unknown or not self.families:
+            raise ValueError(f"families: {sorted(unknown) or 'none given'}; known: {FAMILIES}")
+
+
+@dataclass(frozen=True)
+class TransformSearchResult:
+    """Per searched class (K,): the smallest successful transformation's size, the family it
+    is of, its attack success on all the images; and the sizes per family (F, K)."""
+
+    classes: tuple[int, ...]
+    size: Tensor
+    family: tuple[str, ...]
+    asr: Tensor
+    per_family: dict[str, Tensor]
+
+    def anomaly(self) -> Tensor:
+        """(K,) MAD anomaly index of the sizes (a small size is negative)."""
+        return anomaly_index(self.size)
+
+
+# Each family: (make the K unconstrained parameter tensors, apply them to x (B, C, H, W)
+# -> (K, B, C, H, W)).
+Maker = Callable[[int, tuple[int, int, int], torch.Generator, TransformSearchConfig],
+                 list[Tensor]]
+Applier = Callable[[list[Tensor], Tensor, TransformSearchConfig], Tensor]
+
+
+def _up(grid: Tensor, size: tuple[int, int]) -> Tensor:
+    """(K, D, g, g) -> (K, D, H, W), bilinear: a smooth field."""
+    return F.interpolate(grid, size=size, mode="bilinear", align_corners=True)
+
+
+def _make_additive(k: int, shape: tuple[int, int, int], gen: torch.Generator,
+                   cfg: TransformSearchConfig) -> list[Tensor]:
+    return [torch.randn(k, shape[0], cfg.grid, cfg.grid, generator=gen) * 0.01]
+
+
+def _apply_additive(params: list[Tensor], x: Tensor, cfg: TransformSearchConfig) -> Tensor:
+    delta = cfg.max_add * torch.tanh(_up(params[0], tuple(x.shape[-2:])))  # (K, C, H, W)
+    return (x[None] + delta[:, None]).clamp(0, 1)
+
+
+def _make_colour(k: int, shape: tuple[int, int, int], gen: torch.Generator,
+                 cfg: TransformSearchConfig) -> list[Tensor]:
+    c = shape[0]
+    return [torch.randn(k, c, c, generator=gen) * 0.01, torch.randn(k, c, generator=gen) * 0.01]
+
+
+def _apply_colour(params: list[Tensor], x: Tensor, cfg: TransformSearchConfig) -> Tensor:
+    eye = torch.eye(x.shape[1], device=x.device)
+    mix = torch.einsum("kij,bjhw->kbihw", eye + params[0], x)
+    return (mix + params[1][:, None, :, None, None]).clamp(0, 1)
+
+
+def _make_warp(k: int, shape: tuple[int, int, int], gen: torch.Generator,
+               cfg: TransformSearchConfig) -> list[Tensor]:
+    return [torch.randn(k, 2, cfg.grid, cfg.grid, generator=gen) * 0.01]
+
+
+def _apply_warp(params: list[Tensor], x: Tensor, cfg: TransformSearchConfig) -> Tensor:
+    k, (b, c, h, w) = len(params[0]), x.shape
+    # displacement in grid_sample's [-1, 1] units: max_shift pixels = 2 * max_shift / side
+    scale = torch.tensor([2 * cfg.max_shift / w, 2 * cfg.max_shift / h], device=x.device)
+    flow = torch.tanh(_up(params[0], (h, w))).permute(0, 2, 3, 1) * scale  # (K, H, W, 2)
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, h, device=x.device),
+                            torch.linspace(-1, 1, w, device=x.device), indexing="ij")
+    base = torch.stack([xs, ys], -1)                                     # (H, W, 2)
+    grid = (base + flow)[:, None].expand(k, b, h, w, 2).reshape(k * b, h, w, 2)
+    src = x[None].expand(k, b, c, h, w).reshape(k * b, c, h, w)
+    out = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    return out.view(k, b, c, h, w)
+
+
+_FAMILY: dict[str, tuple[Maker, Applier]] = {
+    "additive": (_make_additive, _apply_additive),
+    "colour": (_make_colour, _apply_colour),
+    "warp": (_make_warp, _apply_warp),
+}
+
+
+def _size(moved: Tensor, x: Tensor) -> Tensor:
+    """(K,) RMS change of the images: moved (K, B, C, H, W) against x (B, C, H, W)."""
+    return (moved - x[None]).pow(2).flatten(1).mean(1).add(1e-12).sqrt()
+
+
+def _search_family(model: nn.Module, images: Tensor, classes: tuple[int, ...], name: str,
+                   cfg: TransformSearchConfig, device: torch.device
+                   ) -> tuple[Tensor, list[Tensor]]:
+    """(K,) smallest successful size of family `name` (inf: never succeeded) and its params."""
+    make, apply = _FAMILY[name]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    k, n = len(classes), len(images)
+    params = [p.to(device).requires_grad_(True)
+              for p in make(k, tuple(images.shape[1:]), gen, cfg)]
+    opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.5, 0.9))
+    cost = torch.full((k,), cfg.init_cost, device=device)
+    y = torch.tensor(classes, device=device).repeat_interleave(cfg.batch_size)
+    best = torch.full((k,), float("inf"), device=device)
+    kept = [p.detach().clone() for p in params]
+    for _ in range(cfg.steps):
+        pick = torch.randint(0, n, (cfg.batch_size,), generator=gen).to(device)
+        x = images[pick].float().div_(255)
+        moved = apply(params, x, cfg)                                    # (K, B, C, H, W)
+        with autocast_for(device):
+            logits = model(moved.flatten(0, 1)).float()
+        ce = F.cross_entropy(logits, y, reduction="none").view(k, -1).mean(1)
+        size = _size(moved, x)
+        opt.zero_grad(set_to_none=True)
+        (ce + cost * size).sum().backward()
+        opt.step()
+        won = (logits.argmax(1) == y).view(k, -1).float().mean(1) >= cfg.asr_threshold
+        better = won & (size.detach() < best)
+        best = torch.where(better, size.detach(), best)
+        for keep, p in zip(kept, params, strict=True):
+            keep[better] = p.detach()[better]
+        cost = _adjust(cost, won, cfg.cost_step)
+    return best, kept
+
+
+@torch.no_grad()
+def _success(model: nn.Module, images: Tensor, apply: Applier, params: list[Tensor],
+             classes: tuple[int, ...], cfg: TransformSearchConfig, chunk: int = 64) -> Tensor:
+    """(K,) share of all the images each class's transformation sends to it."""
+    target = torch.tensor(classes, device=images.device)[:, None]
+    hits = torch.zeros(len(classes), device=images.device)
+    for start in range(0, len(images), chunk):
+        x = images[start:start + chunk].float().div_(255)
+        with autocast_for(images.device):
+            logits = model(apply(params, x, cfg).flatten(0, 1)).float()
+        hits += (logits.argmax(1).view(len(classes), -1) == target).float().sum(1)
+    return hits / len(images)
+
+
+def transform_search(model: nn.Module, images: Tensor, classes: tuple[int, ...],
+                     config: TransformSearchConfig, device: torch.device
+                     ) -> TransformSearchResult:
+    """The smallest successful transformation of every class, over the families.
+
+    Args:
+        model: classifier, float (B, C, H, W) in [0, 1] -> logits; frozen here.
+        images: the defender's clean images, uint8 (N, C, H, W).
+        classes: the K classes to search.
+    """
+    images = images.to(device)
+    per_family, found = {}, {}
+    with frozen(model):
+        for name in config.families:
+            size, params = _search_family(model, images, classes, name, config, device)
+            per_family[name], found[name] = size.cpu(), params
+    stacked = torch.stack([per_family[n] for n in config.families])        # (F, K)
+    best = stacked.min(0)
+    family = tuple(config.families[i] for i in best.indices.tolist())
+    asr = torch.zeros(len(classes))
+    with frozen(model):
+        for name in set(family):
+            rows = [i for i, f in enumerate(family) if f == name]
+            _, apply = _FAMILY[name]
+            asr[rows] = _success(model, images, apply, found[name], classes, config)[rows].cpu()
+    # a class nothing reached reports the largest size any family can make (the cap)
+    size = torch.where(torch.isinf(best.values), torch.ones_like(best.values), best.values)
+    return TransformSearchResult(tuple(classes), size, family, asr, per_family)
