@@ -9,10 +9,13 @@ no browser can be had the test is skipped, saying so."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -186,7 +189,6 @@ def test_a_backdoored_versions_record_links_its_recovered_trigger(
         services: Services, tmp_path: Path) -> None:
     """The audit record's trigger link is served by the MLflow server the UI runs on."""
     import base64
-    import urllib.request
 
     from pipeline_fixture import write_scan_params
     from platform_fixture import TUNED
@@ -256,8 +258,6 @@ def test_a_publisher_cannot_forge_a_verdict_that_survives_the_audit(
     version's tags or write a scan run; verdict tags it puts on new versions of a backdoored
     model (a clean model's real verdict, seal and run copied; or pointing at a run of its own)
     are found by the next audit: quarantined, @production removed, scanned for real."""
-    import json
-
     from pipeline_fixture import write_scan_params
     from platform_fixture import TUNED
 
@@ -293,3 +293,61 @@ def test_a_publisher_cannot_forge_a_verdict_that_survives_the_audit(
         assert tags["quarantined"] == "true" and tags.get("scan_tampered"), tags
         assert "production" not in got["model_version"].get("aliases", [])
     assert "not the scan service's" in audit.stdout + audit.stderr
+
+
+def test_a_model_scanned_locally_is_scanned_for_real_on_the_server(
+        services: Services, tmp_path: Path) -> None:
+    """`python -m flows.scan model PATH` into a local store, with the service's state folder:
+    the same files registered on the server are scanned there (not given the local run's
+    verdict), and that verdict holds at the next audit."""
+    from pipeline_fixture import write_scan_params
+
+    raw = yaml.safe_load(services.params.read_text())
+    params = write_scan_params(tmp_path, {**FAST, "scan.reference": raw["scan"]["reference"],
+                                          "scan.state_folder": raw["scan"]["state_folder"],
+                                          "scan.registry_models": ["twin"]})
+    stem = copy_model("clean", tmp_path / "local" / "m", "twin")
+    local = {**services.service_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/local.db"}
+    done = _python(local, "-m", "flows.scan", "model", str(stem), "--params", str(params))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    up = _python(services.client_env(), "-c", _UPLOAD, "twin", str(stem))
+    assert up.returncode == 0, up.stderr[-2000:]
+    version = up.stdout.split()[-1]
+    once = _python(services.service_env(), "-m", "flows.scan", "once", "--params", str(params))
+    assert once.returncode == 0, once.stdout[-3000:] + once.stderr[-3000:]
+    creds = services.credentials()
+    reader = f"{creds['reader_user']}:{creds['reader_password']}"
+    _, got = http("GET", f"{services.mlflow}/api/2.0/mlflow/model-versions/get?name=twin"
+                  f"&version={version}", auth=reader)
+    tags = {t["key"]: t["value"] for t in got["model_version"]["tags"]}
+    status, run = http("GET", f"{services.mlflow}/api/2.0/mlflow/runs/get?run_id="
+                       f"{tags['scan_run_id']}", auth=reader)
+    assert status == 200, tags  # the verdict's run is the server's own scan
+    assert run["run"]["data"] and tags["scan_verdict"] in ("clean", "backdoored")
+    again = _python(services.service_env(), "-m", "flows.scan", "once", "--params",
+                    str(params))
+    assert again.returncode == 0 and "unbacked" not in again.stdout + again.stderr
+
+
+def test_a_replayed_webhook_delivery_gets_409_from_the_running_receiver(
+        services: Services) -> None:
+    from tasks.scan import webhook
+
+    raw = yaml.safe_load(services.params.read_text())
+    url = f"http://127.0.0.1:{raw['platform']['webhook_port']}/webhook"
+    body = json.dumps({"entity": "model_version", "action": "created",
+                       "data": {"name": "replayed", "version": "1"}}).encode()
+    stamp = str(int(time.time()))
+    headers = {"Content-Type": "application/json", "X-MLflow-Delivery-Id": "replay-1",
+               "X-MLflow-Timestamp": stamp,
+               "X-MLflow-Signature": webhook.signature(
+                   services.credentials()["webhook_secret"], "replay-1", stamp, body)}
+    codes = []
+    for _ in range(2):
+        req = urllib.request.Request(url, data=body, method="POST", headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310
+                codes.append(resp.status)
+        except urllib.error.HTTPError as err:
+            codes.append(err.code)
+    assert codes == [200, 409]
