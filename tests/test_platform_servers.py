@@ -154,18 +154,23 @@ def _browser():
     return sync_playwright
 
 
+def _launch(pw):
+    """Debian's chromium through Playwright, or pytest.skip saying why it does not start."""
+    try:
+        return pw.chromium.launch(executable_path=str(CHROMIUM), args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+    except Exception as err:  # noqa: BLE001 - a browser that cannot start here
+        pytest.skip(f"no browser: {CHROMIUM} does not start ({escape(err)[:200]})")
+
+
 def test_a_browser_reads_the_quarantined_versions_verdict_and_lineage(
         services: Services, quarantined: dict) -> None:
     sync_playwright = _browser()
     creds = services.credentials()
     name, version = quarantined["name"], quarantined["version"]
     with sync_playwright() as pw:
-        try:
-            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=[
-                "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync"])
-        except Exception as err:  # noqa: BLE001 - a browser that cannot start here
-            pytest.skip(f"no browser: {CHROMIUM} does not start ({escape(err)[:200]})")
+        browser = _launch(pw)
         page = browser.new_context(http_credentials={
             "username": creds["reader_user"], "password": creds["reader_password"]}).new_page()
         page.goto(f"{services.mlflow}/#/models", wait_until="load")
@@ -215,6 +220,23 @@ def test_a_backdoored_versions_record_links_its_recovered_trigger(
     req.add_header("Authorization", "Basic " + base64.b64encode(user.encode()).decode())
     with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310
         assert resp.status == 200 and resp.read(8) == b"\x89PNG\r\n\x1a\n"
+    # and in the UI: the rendered record's labelled link opens the PNG, for the reader
+    sync_playwright = _browser()
+    with sync_playwright() as pw:
+        browser = _launch(pw)
+        page = browser.new_context(http_credentials={
+            "username": creds["reader_user"], "password": creds["reader_password"]}).new_page()
+        page.goto(f"{services.mlflow}/#/models/suspect/versions/{version}", wait_until="load")
+        anchor = page.get_by_role("link", name="evidence/trigger_class_0.png").first
+        anchor.wait_for(timeout=60_000)
+        href = anchor.get_attribute("href") or ""
+        shown = page.inner_text("body")
+        response = page.request.get(href if href.startswith("http") else
+                                    f"{services.mlflow}/{href.lstrip('/')}")
+        png = response.body()[:8]
+        browser.close()
+    assert "recovered trigger of class 0" in shown
+    assert response.status == 200 and png == b"\x89PNG\r\n\x1a\n", href
 
 
 _FORGE = """
