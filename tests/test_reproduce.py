@@ -436,3 +436,21 @@ def test_a_tuned_cell_without_a_selection_stops_before_any_work(
     monkeypatch.chdir(tmp_path)  # no clean model and no selection.json here
     with pytest.raises(SystemExit, match="selection.json missing: the tuned profile's repair"):
         cell.run_cell(params, "tuned", 0, 3)
+
+
+def test_rerun_cells_are_compared_with_their_earlier_records(tmp_path: Path,
+                                                              monkeypatch) -> None:
+    from tasks.common.io import write_json
+    from tasks.reproduce import reruns
+
+    monkeypatch.chdir(tmp_path)
+    old = {**_cell(3, 0, {"clean": 0.04, "MESA ensemble": 0.05}), "ran_with": {"a": 1}}
+    write_json(Path("reproduce/results/earlier/tuned/s0-p3.json"), old)
+    new = {**_cell(3, 0, {"clean": 0.04, "MESA ensemble": 0.07, "b/w patch": 0.5}),
+           "ran_with": {"a": 1}}
+    other = {**_cell(9, 0, {"MESA ensemble": 0.9}), "ran_with": {"a": 1}}  # no earlier record
+    rows = reruns.table("tuned", [new, other])
+    assert "(1 cells;" in rows[0]
+    assert "| MESA ensemble | +2.00 | +2.00 | +0.00 | +0.00 |" in rows
+    assert not any(r.startswith("| b/w patch") for r in rows)  # new rows have nothing to match
+    assert reruns.table("tuned", [{**new, "ran_with": {"a": 2}}]) == []  # other settings

@@ -21,7 +21,7 @@ from typing import Any
 
 from mesa_lib.stats import Interval, bootstrap_mean
 from tasks.common.io import read_json
-from tasks.reproduce import verdicts
+from tasks.reproduce import reruns, verdicts
 from tasks.reproduce.params import ReproParams, load_repro_params
 from tasks.reproduce.paths import (
     REPORT,
@@ -385,6 +385,7 @@ def run_report(params: ReproParams) -> Path:
     for profile in ("tuned", "paper"):
         cells[profile], stale = current_cells(params, profile)
         lines += profile_section(profile, cells[profile], len(params.cells(profile)))
+        lines += [*reruns.table(profile, cells[profile]), ""]
         if stale:
             lines += [f"Left out, run with settings other than the current params (rerun them "
                       f"with `dvc repro reproduce/dvc.yaml`): {'; '.join(stale)}.", ""]
