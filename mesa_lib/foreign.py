@@ -115,16 +115,23 @@ def onnx_problem(path: Path) -> str:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as err:  # noqa: BLE001 - onnx raises several kinds for a bad file
         return f"not a readable ONNX file ({type(err).__name__})"
-    outside = [t.name for t in proto.graph.initializer
-               if t.data_location == onnx.TensorProto.EXTERNAL]
-    if outside:
-        return f"tensors stored outside the file are refused: {outside[:3]}"
-    nodes, graphs = [], [proto.graph]
-    while graphs:
+    nodes, tensors, graphs = [], [], [proto.graph]
+    while graphs:  # every graph, subgraphs too; every tensor in it, attributes included
         graph = graphs.pop()
+        tensors += list(graph.initializer)
+        tensors += [t for s in graph.sparse_initializer for t in (s.values, s.indices)]
         for node in graph.node:
             nodes.append(node)
-            graphs += [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
+            for a in node.attribute:
+                graphs += [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+                tensors += [a.t] if a.type == onnx.AttributeProto.TENSOR else list(a.tensors)
+                sparse = [a.sparse_tensor] if a.type == onnx.AttributeProto.SPARSE_TENSOR \
+                    else list(a.sparse_tensors)
+                tensors += [t for s in sparse for t in (s.values, s.indices)]
+    outside = [t.name or "(unnamed)" for t in tensors
+               if t.data_location == onnx.TensorProto.EXTERNAL or len(t.external_data)]
+    if outside:
+        return f"tensors stored outside the file are refused: {outside[:3]}"
     bad = sorted({f"{n.domain}:{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
                   for n in nodes if n.domain not in ("", "ai.onnx") or n.op_type not in ONNX_OPS})
     if bad:

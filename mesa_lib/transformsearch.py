@@ -175,14 +175,14 @@ def _search_family(model: nn.Module, images: Tensor, classes: tuple[int, ...], n
             logits = model(moved.flatten(0, 1)).float()
         ce = F.cross_entropy(logits, y, reduction="none").view(k, -1).mean(1)
         size = _size(moved, x)
-        opt.zero_grad(set_to_none=True)
-        (ce + cost * size).sum().backward()
-        opt.step()
         won = (logits.argmax(1) == y).view(k, -1).float().mean(1) >= cfg.asr_threshold
         better = won & (size.detach() < best)
         best = torch.where(better, size.detach(), best)
-        for keep, p in zip(kept, params, strict=True):
-            keep[better] = p.detach()[better]
+        for keep, p in zip(kept, params, strict=True):  # the parameters measured, before
+            keep[better] = p.detach()[better]            # the step moves them
+        opt.zero_grad(set_to_none=True)
+        (ce + cost * size).sum().backward()
+        opt.step()
         cost = _adjust(cost, won, cfg.cost_step)
     return best, kept
 

@@ -149,13 +149,13 @@ status() {
     user=$(sed -n "s/^export MLFLOW_TRACKING_USERNAME=//p" "$CLIENT_ENV" | tr -d "'")
     echo "UI login:   MLflow user '$user' (publisher), password: the MLFLOW_TRACKING_PASSWORD line of $CLIENT_ENV;"
     echo "            read-only: the same lines of $READER_ENV;"
-    echo "            Prefect: PREFECT_API_AUTH_STRING (user:password) of $CLIENT_ENV"
+    echo "            Prefect (operators only): prefect_auth (user:password) of $STATE/auth/credentials.json"
   fi
   echo "logs: $LOGS/  drop folder: $DROP/"
   echo "to run flows by hand against these servers:"
   echo "  export PREFECT_API_URL=$PREFECT_API_URL MLFLOW_TRACKING_URI=$MLFLOW_TRACKING_URI"
   if [ "$AUTH" = true ]; then
-    echo "  source $CLIENT_ENV   # credentials (UI logins: MLflow user/password, Prefect auth string)"
+    echo "  source $CLIENT_ENV   # a client's MLflow account (the publisher); operators: eval \"\$($PY -m tasks.scan.auth env --role server --params $PARAMS)\""
   fi
 }
 

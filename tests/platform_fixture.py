@@ -88,10 +88,10 @@ class Services:
         env = {**self.env, "MLFLOW_TRACKING_URI": self.mlflow, "PREFECT_API_URL": self.prefect,
                "MLFLOW_TRACKING_USERNAME": creds[f"{account}_user"],
                "MLFLOW_TRACKING_PASSWORD": creds[f"{account}_password"],
-               "PREFECT_API_AUTH_STRING": creds["prefect_auth"],
                "PREFECT_HOME": str(self.state / "prefect")}
-        if account == "mlflow":
-            env |= {"MESA_SEAL_SECRET": creds["seal_secret"]}
+        if account == "mlflow":  # the services: Prefect's one auth string and the seal
+            env |= {"MESA_SEAL_SECRET": creds["seal_secret"],
+                    "PREFECT_API_AUTH_STRING": creds["prefect_auth"]}
         return env
 
     def logs(self) -> str:

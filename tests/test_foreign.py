@@ -105,3 +105,13 @@ def test_an_onnx_file_with_other_operators_or_outside_tensors_is_refused(tmp_pat
               all_tensors_to_one_file=True, location="ext.bin", size_threshold=0)
     with pytest.raises(ValueError, match="ext.onnx: tensors stored outside the file"):
         load_onnx(tmp_path / "ext.onnx")
+    # a Constant node's tensor pointing outside the file (not an initializer) is refused too
+    proto = onnx.load(str(path))
+    const = onnx.numpy_helper.from_array(np.ones(5, dtype=np.float32), "c")
+    const.data_location = onnx.TensorProto.EXTERNAL
+    const.ClearField("raw_data")
+    const.external_data.add(key="location", value="../secret.json")
+    proto.graph.node.insert(0, helper.make_node("Constant", [], ["k"], value=const))
+    onnx.save(proto, str(tmp_path / "const.onnx"))
+    with pytest.raises(ValueError, match="const.onnx: tensors stored outside the file"):
+        load_onnx(tmp_path / "const.onnx")

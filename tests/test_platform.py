@@ -364,6 +364,30 @@ def test_an_alias_the_registry_reports_stands_only_on_a_cleared_version(project:
     assert "alias-on-quarantined" in logged and "alias-on-unscanned" in logged
 
 
+def test_an_alias_on_a_version_created_with_forged_clean_tags_is_not_trusted(
+        project: Path) -> None:
+    """A publisher may put any tags on a version it creates: a clean verdict copied from a
+    scanned version (run, seal and all) does not let an alias stand, nor skip the scan."""
+    from tasks.scan.service import event_candidate
+
+    params, tmp = load_params(project), project.parent
+    good = _version(tmp, "model", "v")
+    _scan_verdict("model", good, "clean", params)
+    copied = {k: v for k, v in tracking.model_version_tags("model", good).items()
+              if k.startswith("scan_")}
+    forged = _version(tmp, "model", "w")
+    tracking.tag_model_version("model", forged, copied)  # as if given at creation
+    tracking.set_alias("model", "production", forged)
+    found = quarantine.guard_alias("model", forged, "production", params)
+    assert found["kind"] == "unbacked-verdict" and "seal" in found["text"]
+    assert "production" not in tracking.model_aliases("model")
+    assert tracking.model_version_tags("model", forged)["scan_verdict"] == "not scanned"
+    again = _version(tmp, "model", "x")
+    tracking.tag_model_version("model", again, copied)
+    assert event_candidate(f"model/{again}", params) is not None  # scanned, not skipped
+    assert tracking.model_version_tags("model", again)["scan_verdict"] == "not scanned"
+
+
 def test_the_alias_trigger_guards_the_alias_the_event_names(project: Path) -> None:
     from tasks.scan.service import alias_trigger
 
@@ -483,6 +507,36 @@ def test_credentials_are_made_once_and_the_environment_wins(tmp_path: Path,
     assert "auth_cache_ttl_seconds" in ini and "users.db" in ini and "password" not in ini
 
 
+def test_accounts_replace_an_admin_password_older_clients_held(tmp_path: Path, monkeypatch,
+                                                               project: Path) -> None:
+    """Upgrading a credentials file from before the accounts: `accounts` signs in with the old
+    admin password, sets the new one, and the file forgets the old one."""
+    import mlflow.server.auth.client as mac
+
+    for var in auth.ENV.values():
+        monkeypatch.delenv(var, raising=False)
+    params = load_params(project)
+    state = auth.state_folder(params)
+    old = {k: v for k, v in auth.credentials(state).items() if "publisher" not in k
+           and "reader" not in k}
+    (state / "auth" / auth.FILE).write_text(json.dumps(old))
+    creds = auth.credentials(state)
+    calls = []
+
+    class Admin:
+        def __init__(self, uri: str) -> None:
+            self.who = os.environ["MLFLOW_TRACKING_PASSWORD"]
+
+        def update_user_password(self, user: str, password: str) -> None:
+            calls.append((self.who, user, password))
+
+    monkeypatch.setattr(mac, "AuthServiceClient", Admin)
+    done = auth._rotate_admin("http://x", creds, state)
+    assert calls == [(old["mlflow_password"], creds["mlflow_user"], creds["mlflow_password"])]
+    assert "replaced" in done[0] and auth.PREVIOUS not in auth.credentials(state)
+    assert auth._rotate_admin("http://x", auth.credentials(state), state) == []
+
+
 def test_the_client_env_holds_no_service_secret(project: Path) -> None:
     """What clients `source` (client.env) lets them call MLflow and Prefect, never seal a
     verdict, sign a webhook or read MLflow's stored webhook secrets."""
@@ -497,7 +551,8 @@ def test_the_client_env_holds_no_service_secret(project: Path) -> None:
     assert f"MLFLOW_TRACKING_USERNAME={creds['publisher_user']}" in client
     assert f"MLFLOW_TRACKING_PASSWORD={creds['publisher_password']}" in client
     assert f"MLFLOW_TRACKING_USERNAME={creds['reader_user']}" in reader
-    assert "PREFECT_API_AUTH_STRING" not in reader
+    for shell in (client, reader):  # Prefect OSS has one all-powerful auth string
+        assert creds["prefect_auth"] not in shell
     assert f"MLFLOW_TRACKING_USERNAME={creds['mlflow_user']}" in server
 
 
@@ -509,7 +564,10 @@ def test_an_older_credentials_file_gains_the_new_accounts(tmp_path: Path, monkey
     path = tmp_path / "auth" / "credentials.json"
     path.write_text(json.dumps(old))
     now = auth.credentials(tmp_path)
-    assert {k: now[k] for k in old} == old and now["publisher_user"] == "mesa-publisher"
+    kept = {k: v for k, v in old.items() if k != "mlflow_password"}
+    assert {k: now[k] for k in kept} == kept and now["publisher_user"] == "mesa-publisher"
+    # the old client.env handed out the admin's password: a new one is due on the server
+    assert now[auth.PREVIOUS] == old["mlflow_password"] != now["mlflow_password"]
     assert stat.S_IMODE(path.stat().st_mode) == 0o600 and auth.credentials(tmp_path) == now
     path.write_text("[1, 2]")
     with pytest.raises(ValueError, match="credentials.json: not a JSON object"):

@@ -453,4 +453,6 @@ def test_rerun_cells_are_compared_with_their_earlier_records(tmp_path: Path,
     assert "(1 cells;" in rows[0]
     assert "| MESA ensemble | +2.00 | +2.00 | +0.00 | +0.00 |" in rows
     assert not any(r.startswith("| b/w patch") for r in rows)  # new rows have nothing to match
-    assert reruns.table("tuned", [{**new, "ran_with": {"a": 2}}]) == []  # other settings
+    other_settings = reruns.table("tuned", [{**new, "ran_with": {"a": 2}}])
+    assert other_settings[0].startswith("Not compared") and "s0-p3" in other_settings[0]
+    assert reruns.table("tuned", [other]) == []  # nothing to compare with

@@ -96,7 +96,7 @@ def recovered_again(model: nn.Module, ref: Reference, params: Params,
     """The recover stage's triggers, recovered again (None: the scan flagged nothing).
 
     Raises:
-        RuntimeError: they are placed otherwise than artifacts/recover/found.json says (stale
+        RuntimeError: they are placed otherwise than recover/recovered/found.json says (stale
             artifacts, or other settings since the recover stage ran).
     """
     record = read_json(found_path())

@@ -56,7 +56,10 @@ def repair_with(params: Params, device: torch.device, run: StageRun, fit: FitFam
                                families, epoch_sink(run, f"repair_{method}",
                                                     CsvLog(catalog.path(curve))))
         # the families were fitted here, so the method is ours to name, not the config's
-        record = {**done.outcome.record(), "method": method}
+        record = done.outcome.record()
+        settings = {k: v for k, v in record["settings"].items()
+                    if method == "mesa" or k not in ("mesa", "mesa_images")}
+        record |= {"method": method, "settings": {**settings, "method": method}}
     write_json(catalog.path(verification), record)
     manifest = replace(manifest, extra={**manifest.extra, "repair": method,
                                         "repair_epochs": params.repair.epochs,

@@ -34,10 +34,13 @@ def table(profile: str, cells: list[dict[str, Any]]) -> list[str]:
     (points); [] when no rerun cell has an earlier record."""
     before = earlier(profile)
     moved: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    compared = 0
+    compared, unlike = 0, []
     for cell in cells:
         old = before.get((cell["seed"], cell["pattern"]))
-        if old is None or old.get("ran_with") != cell.get("ran_with"):
+        if old is None:
+            continue
+        if any(old.get(k) != cell.get(k) for k in ("ran_with", "settings", "repair")):
+            unlike.append(f"s{cell['seed']}-p{cell['pattern']}")  # other settings: not a rerun
             continue
         compared += 1
         for method, now in cell["evaluation"].items():
@@ -46,10 +49,12 @@ def table(profile: str, cells: list[dict[str, Any]]) -> list[str]:
                 continue
             for key in ("asr", "clean_acc"):
                 moved[method][key].append(100 * (now[key] - then[key]))
+    note = ([f"Not compared, run with other settings than their earlier records (the "
+             f"selection may have chosen otherwise): {', '.join(unlike)}.", ""] if unlike else [])
     if not compared:
-        return []
-    rows = [f"Cells run again against their earlier records ({compared} cells; the earlier ones "
-            "ran on another CPU; points, rerun minus earlier):", "",
+        return note
+    rows = [*note, f"Cells run again against their earlier records ({compared} cells; the "
+            "earlier ones ran on another CPU; points, rerun minus earlier):", "",
             "| model | ASR: mean change | ASR: largest change | accuracy: mean change | "
             "accuracy: largest change |", "|---|---|---|---|---|"]
     for method, keys in moved.items():

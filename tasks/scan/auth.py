@@ -60,10 +60,13 @@ ENV = {"mlflow_user": "MESA_MLFLOW_ADMIN_USER", "mlflow_password": "MESA_MLFLOW_
        "seal_secret": "MESA_SEAL_SECRET", "flask_secret": "MLFLOW_FLASK_SERVER_SECRET_KEY",
        "webhook_key": "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY"}
 # What each role's shell gets: MLflow's own variables carry the role's account.
-ROLES = {"publisher": ("publisher_user", "publisher_password", "prefect_auth"),
+# Prefect OSS has one auth string for everything (pausing or deleting deployments included), so
+# it stays with the service: a client registers models through MLflow only.
+ROLES = {"publisher": ("publisher_user", "publisher_password"),
          "reader": ("reader_user", "reader_password"),
          "server": ("mlflow_user", "mlflow_password")}
 CLIENT = ROLES["publisher"]  # all a client is given
+PREVIOUS = "mlflow_password_previous"  # an admin password to be replaced on the server
 TRACKING = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
 
@@ -102,11 +105,21 @@ def _stored(state: Path) -> dict[str, str]:
     if missing:  # a file of an older release: keep what it has, add fresh values for the rest
         fresh = _generate()
         found |= {k: fresh[k] for k in missing}
-        fd = os.open(path.with_suffix(".tmp"), os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(found, fh, indent=1)
-        os.replace(path.with_suffix(".tmp"), path)
+        if "publisher_user" in missing and found.get("mlflow_password"):
+            # before the accounts, client.env carried the admin's password to every client:
+            # a new one, set on the server by `accounts` (which still knows the old one)
+            found[PREVIOUS] = found["mlflow_password"]
+            found["mlflow_password"] = fresh["mlflow_password"]
+        _save(path, found)
     return found
+
+
+def _save(path: Path, found: dict[str, str]) -> None:
+    """Write the credentials file atomically, mode 0600."""
+    fd = os.open(path.with_suffix(".tmp"), os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(found, fh, indent=1)
+    os.replace(path.with_suffix(".tmp"), path)
 
 
 def credentials(state: Path) -> dict[str, str]:
@@ -161,11 +174,14 @@ def accounts(params: Params, uri: str) -> list[str]:
         RuntimeError: the scan experiment exists and another account may write to it.
     """
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
     from mlflow.server.auth.client import AuthServiceClient
 
     from tasks.common.tracking import scan_experiment
 
-    creds, done = credentials(state_folder(params)), []
+    state = state_folder(params)
+    creds = credentials(state)
+    done = _rotate_admin(uri, creds, state)
     os.environ.update(dict(zip(TRACKING, (creds["mlflow_user"], creds["mlflow_password"]),
                                strict=True)))
     admin = AuthServiceClient(uri)
@@ -173,9 +189,13 @@ def accounts(params: Params, uri: str) -> list[str]:
         user, password = creds[f"{role}_user"], creds[f"{role}_password"]
         try:
             admin.get_user(user)
-        except Exception:  # noqa: BLE001 - MLflow answers a missing user with an error
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
             admin.create_user(user, password)
             done.append(f"account {user} created ({role})")
+        else:  # the file's password is the one client.env / reader.env hand out
+            admin.update_user_password(user, password)
     admin.grant_user_permission(creds["publisher_user"], "registered_model_version", "*",
                                 "READ")
     done.append(f"{creds['publisher_user']}: READ on every model version (no tag edits)")
@@ -185,12 +205,36 @@ def accounts(params: Params, uri: str) -> list[str]:
     for role in ("publisher", "reader"):
         level = admin.get_user_permission(creds[f"{role}_user"], "experiment",
                                           exp_id).permission
-        if level not in ("READ", "NO_PERMISSIONS"):
+        if level in ("EDIT", "MANAGE"):
             raise RuntimeError(f"experiment {name!r} ({exp_id}): account "
                                f"{creds[f'{role}_user']} holds {level} on it; only the scan "
                                "service may write scan runs (delete the experiment or revoke)")
     done.append(f"experiment {name!r} ({exp_id}): written by the service only")
     return done
+
+
+def _rotate_admin(uri: str, creds: dict[str, str], state: Path) -> list[str]:
+    """Set the admin's new password on the server, signing in with the old one, if the
+    credentials file says one is due (`PREVIOUS`); what was done."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.server.auth.client import AuthServiceClient
+
+    previous = creds.get(PREVIOUS)
+    if not previous or os.environ.get(ENV["mlflow_password"]):
+        return []
+    os.environ.update(dict(zip(TRACKING, (creds["mlflow_user"], previous), strict=True)))
+    try:
+        AuthServiceClient(uri).update_user_password(creds["mlflow_user"],
+                                                    creds["mlflow_password"])
+    except MlflowException as err:
+        if err.error_code != "UNAUTHENTICATED":
+            raise
+        # the old password no longer works: set already (or the admin was made anew)
+    path = Path(state) / "auth" / FILE
+    stored = json.loads(path.read_text())
+    stored.pop(PREVIOUS, None)
+    _save(path, stored)
+    return [f"{creds['mlflow_user']}: admin password replaced (older clients held it)"]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -116,10 +116,13 @@ def apply(name: str, version: str, tags: dict[str, str], params: Params) -> list
     removed = quarantine(name, version) if tags["scan_verdict"] in QUARANTINED else []
     if tags["scan_verdict"] == "clean":
         lift(name, version)
-        give_back(name, version, tags)
+    # done and sealed before any alias comes back: the alias event path (`guard_alias`) holds
+    # an alias on a version still pending or whose verdict is not yet sealed
     tracking.tag_model_version(name, version, {"scan_status": "done"})
     secret = seal_secret(params)
     tracking.tag_model_version(name, version, {"scan_seal": seal(secret, name, version, tags)})
+    if tags["scan_verdict"] == "clean":
+        give_back(name, version, tags)
     summarise(name)
     return removed
 
@@ -167,9 +170,11 @@ def unbacked(name: str, version: str, tags: dict[str, str], secret: str,
         if not seal_holds(secret, name, version, tags):
             return "its verdict tags do not match the scan service's seal (edited by hand)"
         scanned = run["tags"].get("scan.files_key", "")
+        if files_key is not None and not scanned:
+            return f"its scan run {run_id} recorded no model key of the files it scanned"
         if files_key is not None and scanned != files_key():
             return (f"its scan run {run_id} scanned other files (model key "
-                    f"{escape(scanned[:12]) or 'none'}, not this version's)")
+                    f"{escape(scanned[:12])}, not this version's)")
         return ""
     if pipelines_trusted and _evaluate_backs(run, tags):
         return ""
@@ -225,8 +230,7 @@ def audit(params: Params) -> list[dict[str, Any]]:
     secret = seal_secret(params)
     versions = tracking.model_versions(params.scan.registry_models)
     keys = FileKeys(params)
-    found = tracking.client().get_experiment_by_name(tracking.scan_experiment())
-    service = found.experiment_id if found is not None else "(none yet)"
+    service = _service_experiment()
     findings = []
     for v in versions:
         tags, name, version = v["tags"], v["name"], v["version"]
@@ -244,6 +248,30 @@ def audit(params: Params) -> list[dict[str, Any]]:
     return findings
 
 
+def _service_experiment() -> str:
+    """Id of the scan service's experiment (a placeholder no run has, before it exists)."""
+    found = tracking.client().get_experiment_by_name(tracking.scan_experiment())
+    return found.experiment_id if found is not None else "(none yet)"
+
+
+def verdict_backing(name: str, version: str, tags: dict[str, str], params: Params) -> str:
+    """The audit's test for one version: why its verdict is not a backed scan ('' if it is)."""
+    match = [v for v in tracking.model_versions((name,)) if v["version"] == version]
+    if not match:
+        return f"no registered version {escape(name)}/{version}"
+    return unbacked(name, version, tags, seal_secret(params),
+                    lambda: FileKeys(params).of(match[0]), _service_experiment(),
+                    pipelines_trusted=not params.platform.auth)
+
+
+def distrust(name: str, version: str, why: str, params: Params) -> dict[str, Any]:
+    """Quarantine a version whose verdict is not backed and mark it for a new scan; the
+    finding (also in findings.jsonl)."""
+    found = _finding("unbacked-verdict", name, version, f"{why}; {_reset(name, version, why)}")
+    _record(params, [found])
+    return found
+
+
 def _alias_findings(name: str, tags_of: dict[str, dict[str, str]]) -> list[dict[str, Any]]:
     """Aliases that point at a quarantined version are findings; they are removed."""
     found = []
@@ -259,8 +287,10 @@ def _alias_findings(name: str, tags_of: dict[str, dict[str, str]]) -> list[dict[
 
 def guard_alias(name: str, version: str, alias: str, params: Params) -> dict[str, Any] | None:
     """The registry reported `alias` put on `version`: take it off again if the version is
-    quarantined, or hold it (`hold`: given back when a scan clears the version) if no scan has
-    cleared it. The finding (also in findings.jsonl), or None if the alias may stand."""
+    quarantined, hold it (`hold`: given back when a scan clears the version) if no scan has
+    cleared it, and distrust the version (quarantined, scanned again) if its clean verdict is
+    not a backed scan (a publisher may put any tags on a version it creates). The finding (also
+    in findings.jsonl), or None if the alias may stand."""
     if alias == QUARANTINE_ALIAS or tracking.model_aliases(name).get(alias) != version:
         return None  # the quarantine's own alias, or moved on already
     tags = tracking.model_version_tags(name, version)
@@ -273,6 +303,9 @@ def guard_alias(name: str, version: str, alias: str, params: Params) -> dict[str
         found = _finding("alias-on-unscanned", name, version,
                          f"alias @{escape(alias)} was put on a version no scan has cleared; "
                          "held until one does")
+    elif why := verdict_backing(name, version, tags, params):
+        return distrust(name, version, f"alias @{escape(alias)} on a verdict no scan backs: "
+                        f"{why}", params)
     else:
         return None
     _record(params, [found])

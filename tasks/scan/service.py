@@ -242,8 +242,12 @@ def event_candidate(model: str, params: Params) -> Candidate | None:
     match = [v for v in tracking.model_versions((name,)) if v["version"] == version]
     if not name or not match:
         raise FileNotFoundError(f"{escape(model)}: no such registered model version")
-    if match[0]["tags"].get("scan_verdict", "") not in UNSCANNED:
-        return None
+    tags = match[0]["tags"]
+    if tags.get("scan_verdict", "") not in UNSCANNED:
+        why = quarantine.verdict_backing(name, version, tags, params)
+        if not why:
+            return None
+        quarantine.distrust(name, version, why, params)  # tags it came with: not a scan's
     quarantine.hold(name, version)  # before the scan: no alias on an unscanned version
     return fetch_version(match[0], Path(params.scan.state_folder) / "work")
 

@@ -11,9 +11,10 @@ not reopen it). For each new version it emits the Prefect event `mlflow.model_ve
 whose resource names the version, and the scan deployment's DeploymentEventTrigger
 (flows/scan.py) runs `scan-event` for it at once; for each alias put on a version,
 `mlflow.model_version_alias.created`, on which `scan-alias` takes the alias off again if the
-version is quarantined or not yet cleared (tasks.scan.quarantine.guard_alias): the event path,
-not the next poll, undoes a hand-moved alias. (Version tags need no such path: only the service
-account may write them, tasks.scan.auth.) Prefect's own inbound webhooks are a Prefect Cloud
+version is quarantined, not yet cleared, or cleared by tags no scan backs (a publisher may put
+any tags on a version it creates; tasks.scan.quarantine.guard_alias): the event path, not the
+next poll, undoes a hand-moved alias. (Later tag edits need no such path: only the service
+account may make them, tasks.scan.auth.) Prefect's own inbound webhooks are a Prefect Cloud
 feature, hence this small receiver.
 
     python -m tasks.scan.webhook serve    [--params params.yaml]   # the receiver
