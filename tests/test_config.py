@@ -58,7 +58,7 @@ def test_paper_profile_loads() -> None:
      "poison.settings.badnets.trigger: unknown trigger 'wanet'"),
     ({"poison.attack": "finetune_injection", "poison.settings": {"badnets": {}}},
      "poison.attack: expected one of poison.settings ['badnets'], got 'finetune_injection'"),
-    ({"poison.settings": {"wanet": {}}}, "poison.settings.wanet: unknown attack"),
+    ({"poison.settings": {"no_such_attack": {}}}, "poison.settings.no_such_attack: unknown attack"),
     ({"base.device": "gpu"}, "base.device: String should match pattern"),
     ({"data.archive": 3}, "data.archive: Input should be a valid string, got 3"),
     ({"recover.betas": []}, "recover.betas: Value should have at least 1 item"),

@@ -12,8 +12,8 @@ def _data(n=200, seed=0):
 
 def test_registry_knows_both_attacks_and_rejects_unknown():
     assert {"badnets", "finetune_injection"} <= set(ATTACKS)
-    with pytest.raises(ValueError, match="wanet"):
-        build_attack("wanet", trigger=torch.ones(3, 3, 3))
+    with pytest.raises(ValueError, match="no_such_attack"):
+        build_attack("no_such_attack", trigger=torch.ones(3, 3, 3))
 
 
 def test_badnets_changes_exactly_the_recorded_indices():
