@@ -8,6 +8,7 @@ import json
 import multiprocessing
 import os
 import pickle
+import re
 import shutil
 import socket
 import threading
@@ -235,6 +236,11 @@ def test_backdoored_and_clean_drops_get_verdicts_evidence_and_repair(project: Pa
     assert tags[repaired]["signature"].startswith("not signed: repair failed verification")
     assert "signature_file" not in tags[repaired]
     assert json.loads(tags[repaired]["repair_images"])["verification"] >= 20
+    # the audit record a person reads shows the repair's before/after and settings
+    text = tracking.client().get_model_version(name, repaired).description
+    assert "- repair: unlearn; verification: FAILED on " in text, text
+    assert re.search(rf"class {TARGET}: recovered trigger's ASR \d+\.\d% -> \d+\.\d%", text), text
+    assert "clean accuracy " in text and "lr 1e-09" in text, text
     run_of = {v["version"]: v["run_id"] for v in versions(name)}
     assert not any(f.path.endswith(".sig")
                    for f in tracking.client().list_artifacts(run_of[repaired], "model"))

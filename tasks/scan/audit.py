@@ -5,7 +5,8 @@ and on what evidence: verdict, target, p-value and confidence, the detector that
 to the scan run holding the trigger grid and per-class scores, a link straight to the recovered
 trigger of the target (served by the MLflow server the UI runs on), the parent version, the
 training data's hash and the reference images' sha256, the scanner's version and commit (and
-whether its own code had local changes) and the signature's status. The registered model's tags
+whether its own code had local changes) and the signature's status; a repaired version's also
+the repair's before/after on the verification images and its settings. The registered model's tags
 carry the latest verdict (tasks.scan.quarantine.summarise).
 """
 
@@ -26,13 +27,38 @@ def _md(text: object) -> str:
     return escape(text).translate({ord(c): f"\\{c}" for c in "[]()*_`<>#|!"})
 
 
-def record(verdict: dict[str, Any], run_id: str, lineage: dict[str, str]) -> str:
+def repair_lines(repair: dict[str, Any]) -> list[str]:
+    """The before/after of a repair (mesa_lib.defence.Outcome.record()), measured on the
+    verification images neither the scan nor the repair used."""
+    images = repair.get("images", {})
+    lines = [f"- repair: {_md(repair['method'])}; verification: "
+             f"{'PASSED' if repair['verdict'] == 'clean' else 'FAILED'} on "
+             f"{images.get('verification', '?')} verification images (repair "
+             f"{images.get('repair', '?')}, selection {images.get('selection', '?')}, apart "
+             "from the scan's)"]
+    for t in repair.get("targets", []):
+        geometry = t.get("geometry", {})
+        lines.append(f"  - class {int(t['target'])}: recovered trigger's ASR "
+                     f"{t['asr_before']:.1%} -> {t['asr_after']:.1%} (residual); "
+                     f"{_md(t.get('detector', ''))} trigger, geometry "
+                     f"{_md(geometry.get('kind', '?'))} {_md(geometry.get('size', ''))}")
+    lines.append(f"  - clean accuracy {repair['accuracy_before']:.1%} -> "
+                 f"{repair['accuracy_after']:.1%}")
+    budget = repair.get("settings", {}).get("repair", {})
+    lines.append("  - settings: " + ", ".join(
+        f"{k} {_md(budget[k])}" for k in ("epochs", "lr", "stamp_rate") if k in budget))
+    return lines
+
+
+def record(verdict: dict[str, Any], run_id: str, lineage: dict[str, str],
+           repair: dict[str, Any] | None = None) -> str:
     """The Markdown audit record of one version.
 
     Args:
         verdict: status, target, p_value, confidence, detector, reason.
         run_id: the scan run (its experiment is looked up for the link).
         lineage: parent, data_hash, reference, commit, signature (any may be missing).
+        repair: for a repaired version, its repair's record (before/after, settings).
     """
     run = tracking.run_record(run_id) or {"experiment_id": "0"}
     link = f"#/experiments/{run['experiment_id']}/runs/{run_id}"
@@ -51,6 +77,8 @@ def record(verdict: dict[str, Any], run_id: str, lineage: dict[str, str]) -> str
                      f"[{image}](get-artifact?path={quote(image, safe='')}&run_uuid={run_id})")
     if verdict.get("reason"):
         lines.append(f"- reason: {_md(verdict['reason'])[:600]}")
+    if repair:
+        lines += repair_lines(repair)
     lines += [f"- parent version: {_md(lineage.get('parent', 'none'))}",
               f"- data: training data hash {_md(lineage.get('data_hash') or 'unknown')}; "
               f"reference data sha256 {_md(lineage.get('reference') or 'unknown')}",
@@ -60,8 +88,8 @@ def record(verdict: dict[str, Any], run_id: str, lineage: dict[str, str]) -> str
 
 
 def write(name: str, version: str, verdict: dict[str, Any], run_id: str,
-          lineage: dict[str, str]) -> str:
+          lineage: dict[str, str], repair: dict[str, Any] | None = None) -> str:
     """Set the version's description to its audit record; returns the text."""
-    text = record(verdict, run_id, lineage)
+    text = record(verdict, run_id, lineage, repair)
     tracking.set_version_description(name, version, text)
     return text

@@ -253,14 +253,17 @@ def _store_signature(sig: Path, version: dict[str, Any], scan_run: str) -> str:
 
 
 def settle_version(name: str, version: str, checked: Checked, verdict: dict[str, Any],
-                   run_id: str, signature: str, params: Params) -> None:
-    """Seal, quarantine or clear, and write the audit record of a version just given a verdict."""
+                   run_id: str, signature: str, params: Params,
+                   repair: dict[str, Any] | None = None) -> None:
+    """Seal, quarantine or clear, and write the audit record of a version just given a verdict
+    (`repair`: a repaired version's repair record, shown in it)."""
     tags = tracking.model_version_tags(name, version)
     removed = quarantine.apply(name, version, tags, params)
     if removed:
         logger().warning("QUARANTINED %s/%s: aliases %s removed", escape(name), version,
                          ", ".join("@" + escape(a) for a in removed))
-    audit.write(name, version, verdict, run_id, _lineage(checked, tags, signature, params))
+    audit.write(name, version, verdict, run_id, _lineage(checked, tags, signature, params),
+                repair)
 
 
 def _publish_registry(checked: Checked, verdict: dict[str, Any], run: tracking.StageRun,
@@ -425,7 +428,8 @@ def repair_and_register(checked: Checked, chunks: list[ChunkResult], outcome: di
         alias=None)
     tracking.tag_model_version(name, parent.split("/")[1], {"repaired_version":
                                                             f"{name}/{version}"})
-    settle_version(name, version, repaired, verdict, run.run_id, status, params)
+    settle_version(name, version, repaired, verdict, run.run_id, status, params,
+                   done.outcome.record())
     tracking.end_run(run)
     (logger().info if done.outcome.passed else logger().warning)(
         "REPAIRED %s -> %s/%s, verification: %s", parent, name, version, verdict["reason"])
