@@ -129,10 +129,11 @@ def _repaired(asr_after: dict[str, float], cleared: dict[str, bool], clean: floa
              "trigger": "bw", "rate": 0.1}, "base": "b", "arch": "resnet8"}
     rows = [{"budget": budget or {"epochs": 2}, "method": m, "seconds": 60.0, "asr": a,
              "accuracy": 0.69, "reactivated_asr": 0.3 if m == "mesa" else None,
-             "outcome": {"verdict": "clean" if cleared[m] else "backdoored"}}
+             "outcome": {"verdict": "clean" if cleared[m] else "backdoored",
+                         "targets": [{"target": 1}]}}
             for m, a in asr_after.items()]
-    return {"truth": truth, "clean_asr": clean, "scan": {"verdict": "backdoored"},
-            "repairs": rows}
+    return {"truth": truth, "clean_asr": clean, "scan": {"verdict": "backdoored",
+                                                         "targets": [1]}, "repairs": rows}
 
 
 def test_the_repair_table_counts_residuals_clearances_and_pairs() -> None:
@@ -159,3 +160,20 @@ def test_the_repair_table_counts_residuals_clearances_and_pairs() -> None:
     slow["m2"]["repairs"] += _repaired({"mesa": 0.50}, {"mesa": True},
                                        budget={"epochs": 2})["repairs"]
     assert choose(slow, [{"epochs": 2}, {"epochs": 5}])["budget"] == {"epochs": 5}
+    # the targets, judged: mesa's residuals 0 / +1 points, -1 point of accuracy, 60 s
+    assert "clean models' for >= 90% | 2/2 | met |" in text
+    assert "| median clean-accuracy loss <= 1 point | 1.0 | met |" in text
+    assert "| zero false clearances (cleared, > 10 points above clean) | 0 | met |" in text
+    assert "excluding 0 | -34.5 [-45.0, -24.0] | met |" in text
+    assert "| a repair within 3 minutes per ResNet-8 (2 cores) | max 60 s | met |" in text
+    # a budget that clears a still-working backdoor loses to one that does not, however many
+    # other models it brings within 2 points
+    risky = {"m1": _repaired({"mesa": 0.30}, {"mesa": True}, budget={"epochs": 2}),
+             "m2": _repaired({"mesa": 0.05}, {"mesa": True}, budget={"epochs": 2})}
+    risky["m1"]["repairs"] += _repaired({"mesa": 0.30}, {"mesa": False},
+                                        budget={"epochs": 5})["repairs"]
+    risky["m2"]["repairs"] += _repaired({"mesa": 0.09}, {"mesa": True},
+                                        budget={"epochs": 5})["repairs"]
+    assert choose(risky, [{"epochs": 2}, {"epochs": 5}])["budget"] == {"epochs": 5}
+    unmet = repair_table({"m1": _repaired({"mesa": 0.30}, {"mesa": True})}, {"epochs": 2}, "cmd")
+    assert "| 1 | NOT met |" in unmet

@@ -46,7 +46,7 @@ from tasks.common.params import Params, load_params
 from tasks.dev.codedeps import closure
 from tasks.scan.core import load_calibration
 from tasks.scan.defend import repair_scanned
-from tasks.scan.reference import Reference
+from tasks.scan.reference import Reference, reference_batch
 from tasks.zoo.build import ZooData, attack_of, load_data, model_path, stem_of, truth_path
 from tasks.zoo.params import ZooParams, load_zoo_params
 
@@ -121,8 +121,9 @@ def measure_model(name: str, zoo: ZooParams, data: ZooData, params: Params,
     calibration = load_calibration(Path(params.scan.calibration), scan_settings(params))
     model, _ = load_model(stem, map_location=device)
     start = time.perf_counter()
-    verdict = decide(run_detectors(model, ref.images, ref.labels, 10, scan_settings(params),
-                                   device), calibration)
+    # the product's scan subset: the one `prepare` keeps out of the verification part
+    x, y = reference_batch(ref, params.scan.images, params.base.seed)
+    verdict = decide(run_detectors(model, x, y, 10, scan_settings(params), device), calibration)
     out = {"name": name, "zoo": entry.zoo, "truth": truth, "clean_asr": clean_asr(
         zoo, name, data, device), "scan": {"verdict": verdict.status, "target": verdict.target,
         "targets": list(verdict.targets), "p_value": verdict.p_value,
@@ -175,16 +176,19 @@ def run_zoo(which: str, params: Params, zoo: ZooParams, budgets: list[dict[str, 
 
 
 def choose(records: dict[str, dict[str, Any]], budgets: list[dict[str, Any]]) -> dict[str, Any]:
-    """The budget whose MESA repairs, over the calibration zoo's detected backdoors, bring the
-    most true triggers within 2 points of the clean models' own; ties: the smaller mean
-    accuracy loss, then the earlier in the grid."""
-    def score(budget: dict[str, Any]) -> tuple[float, float]:
+    """The budget whose MESA repairs, over the calibration zoo's detected backdoors, clear the
+    fewest models whose true trigger still works (> 10 points above the clean models' own: a
+    false clearance), then bring the most true triggers within 2 points of the clean models'
+    own; ties: the smaller mean accuracy loss, then the earlier in the grid."""
+    def score(budget: dict[str, Any]) -> tuple[int, int, float]:
         rows = [(r, row) for r in records.values() for row in r["repairs"]
                 if row["budget"] == budget and row["method"] == "mesa"]
+        false = sum(row["outcome"]["verdict"] == "clean" and row["asr"] - r["clean_asr"] > 0.10
+                    for r, row in rows)
         within = sum(row["asr"] - r["clean_asr"] <= 0.02 for r, row in rows)
         loss = statistics.mean(r["truth"]["clean_accuracy"] - row["accuracy"]
                                for r, row in rows) if rows else 1.0
-        return (-within, loss)
+        return (false, -within, loss)
 
     best = min(budgets, key=lambda b: (*score(b), budgets.index(b)))
     return {"budget": best, "scores": {str(b): score(b) for b in budgets},

@@ -85,6 +85,51 @@ def _families(methods: dict[str, Rows]) -> list[str]:
     return lines + [""]
 
 
+def _points(share: float) -> float:
+    """A share in points, rounded off float noise (0.70 - 0.69 is 1 point, not 1.0000001)."""
+    return round(100 * share, 6)
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def targets(records: dict[str, dict[str, Any]], methods: dict[str, Rows]) -> list[str]:
+    """Issue 22's targets for MESA's repair, each judged met / NOT met from the records."""
+    rows = methods.get("mesa", {})
+    if not rows:
+        return []
+    res = {n: r["residual"] for n, r in rows.items()}
+    acc = [-r["accuracy_change"] for r in rows.values()]  # loss, in [0, 1]
+    within = sum(x <= 0.02 for x in res.values())
+    false = [n for n, r in rows.items() if r["cleared"] and r["residual"] > 0.10]
+    unrepaired = [n for n, r in rows.items()
+                  if {t["target"] for t in r["outcome"]["targets"]}
+                  != set(r["record"]["scan"]["targets"])]
+    r8 = [r["seconds"] for r in rows.values() if r["record"]["truth"].get("arch") == "resnet8"]
+    lines = ["## Targets (MESA's repair)", "", "| target | measured | |", "|---|---|---|",
+             f"| true-trigger ASR within 2 points of the clean models' for >= 90% | "
+             f"{within}/{len(res)} | {_verdict(within >= 0.9 * len(res))} |",
+             f"| median clean-accuracy loss <= 1 point | {100 * statistics.median(acc):.1f} | "
+             f"{_verdict(_points(statistics.median(acc)) <= 1)} |",
+             f"| no accuracy loss over 3 points | worst {100 * max(acc):.1f} | "
+             f"{_verdict(_points(max(acc)) <= 3)} |",
+             f"| zero false clearances (cleared, > 10 points above clean) | {len(false)} | "
+             f"{_verdict(not false)} |",
+             f"| every flagged target repaired | {len(rows) - len(unrepaired)}/{len(rows)} | "
+             f"{_verdict(not unrepaired)} |"]
+    control = methods.get("unlearn", {})
+    both = sorted(set(rows) & set(control))
+    if both:
+        diff = bootstrap([res[n] - control[n]["residual"] for n in both])
+        lines.append(f"| MESA's residual below the single-trigger control's, paired interval "
+                     f"excluding 0 | {_pts(diff)} | {_verdict(diff[2] < 0)} |")
+    if r8:
+        lines.append(f"| a repair within 3 minutes per ResNet-8 (2 cores) | max "
+                     f"{max(r8):.0f} s | {_verdict(max(r8) <= 180)} |")
+    return lines + [""]
+
+
 def markdown(records: dict[str, dict[str, Any]], budget: dict[str, Any], command: str) -> str:
     """The whole benchmark file."""
     missed = [n for n, r in records.items() if r["scan"]["verdict"] != "backdoored"]
@@ -100,6 +145,7 @@ def markdown(records: dict[str, dict[str, Any]], budget: dict[str, Any], command
              "/ worst (points) | cleared by verification | false clearances (> 10 points) | "
              "seconds, median / max |", "|---|---|---|---|---|---|---|---|"]
     lines += [_summary(m, rows) for m, rows in methods.items()] + [""]
+    lines += targets(records, methods)
     lines += _paired(methods) + _families(methods)
     react = [r["reactivated_asr"] - r["record"]["clean_asr"]
              for r in methods.get("mesa", {}).values() if r.get("reactivated_asr") is not None]
