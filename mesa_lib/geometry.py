@@ -12,8 +12,15 @@ the mask's support is the trigger's geometry (`geometry_of`):
   moving the recovered patch (`fires_anywhere`, recorded as evidence) kept 40% of its ASR for a
   random-place backdoor of the tests and 25% for a fixed-place one, too close for a threshold,
   so both places are always covered (spread 0.5).
-- `blend`: the mass is spread over the image (a blended or full-image trigger). Triggers are
-  full-image patterns put through the recovered mask, x' = (1 - m) x + m t.
+- `blend`: the mass is spread over the image (a blended or full-image trigger, or a patch the
+  search found as several specks). Triggers are full-image patterns put through the recovered
+  mask, x' = (1 - m) x + m t, or, with probability `spread`, the pattern's crop at the mask's
+  densest part (`core`: the box of its heaviest connected piece, widened by `margin`) stamped
+  at a random place. Why: a patch backdoor answers to its patch at shifted places too, and the
+  search then finds it off its real place, split into specks: on the calibration zoo a 4x4
+  corner patch came out as a 4x4 speck 4 rows above the corner plus two more (cal-inj-06),
+  and a repair through that mask alone left 11-28% of the true trigger's ASR while the
+  recovered one fell to 2-7%.
 
 A geometry kind is a name and its placing function (`register_geometry`); a detector whose
 triggers are not patterns (a warp, a colour filter) registers its own. `Placed` pairs a sampler
@@ -51,8 +58,12 @@ class Geometry:
         kind: a registered geometry kind ("patch", "blend", ...).
         size: (h, w) of one trigger.
         location: (row, col) top-left of the recovered place; None = always a random place.
-        spread: with a location, the share of triggers put at a random place instead.
+        spread: the share of triggers put at a random place instead (a patch with a
+            location; a blend with a `core`: its crop there).
         mask: (1, H, W) in [0, 1], the blend's recovered mask (None for a patch).
+        core: a blend's (row, col, h, w) densest box, whose crop a moved trigger stamps.
+        depth: channels of one trigger when not the images' (a transformation's grid).
+        extra: what a registered kind's placing function needs beyond these.
         evidence: how it was estimated (JSON-able numbers), for the record.
     """
 
@@ -61,11 +72,14 @@ class Geometry:
     location: tuple[int, int] | None = None
     spread: float = 0.0
     mask: Tensor | None = field(default=None, compare=False, repr=False)
-    evidence: dict[str, float] = field(default_factory=dict, compare=False)
+    evidence: dict[str, Any] = field(default_factory=dict, compare=False)
+    core: tuple[int, int, int, int] | None = None
+    depth: int | None = None
+    extra: Any = field(default=None, compare=False, repr=False)
 
     def trigger_shape(self, channels: int) -> tuple[int, int, int]:
         """(C, h, w) of one trigger."""
-        return (channels, *self.size)
+        return (self.depth or channels, *self.size)
 
     def place(self, images: Tensor, triggers: Tensor, generator: torch.Generator | None = None
               ) -> Tensor:
@@ -76,7 +90,9 @@ class Geometry:
         """JSON-able description (the mask left out: its evidence says how it was found)."""
         return {"kind": self.kind, "size": list(self.size),
                 "location": None if self.location is None else list(self.location),
-                "spread": self.spread, **self.evidence}
+                "spread": self.spread,
+                **({"core": list(self.core)} if self.core is not None else {}),
+                **self.evidence}
 
 
 Placer = Callable[[Tensor, Tensor, Geometry, "torch.Generator | None"], Tensor]
@@ -120,7 +136,15 @@ def _place_patch(images: Tensor, triggers: Tensor, geometry: Geometry,
 def _place_blend(images: Tensor, triggers: Tensor, geometry: Geometry,
                  generator: torch.Generator | None) -> Tensor:
     m = geometry.mask.to(images.device)
-    return (1 - m) * images + m * triggers.to(images.device)
+    out = (1 - m) * images + m * triggers.to(images.device)
+    if geometry.core is None or geometry.spread <= 0:
+        return out
+    r, c, h, w = geometry.core
+    crops = triggers[:, :, r:r + h, c:c + w].to(images.device)
+    loc = random_locations(len(images), tuple(images.shape[-2:]), (h, w), generator)
+    moved = (torch.rand(len(images), generator=generator) < geometry.spread).to(images.device)
+    stamped = stamp(images, crops.expand(len(images), *crops.shape[1:]), loc.to(images.device))
+    return torch.where(moved[:, None, None, None], stamped, out)
 
 
 def anywhere(size: tuple[int, int]) -> Geometry:
@@ -194,6 +218,30 @@ def _box(mask: Tensor, margin: int) -> tuple[int, int, int, int, float]:
     return r0, c0, r1 - r0 + 1, c1 - c0 + 1, inside
 
 
+def densest_box(mask: Tensor, margin: int) -> tuple[tuple[int, int, int, int], float]:
+    """((row, col, h, w), share of the mask's mass inside) of the box around the heaviest
+    connected piece of the mask's core (pixels >= half its peak; specks 1 pixel apart count as
+    connected), widened by `margin` and kept inside the image. mask: (1, H, W)."""
+    m = mask[0].float()
+    core = m >= 0.5 * m.max()
+    joined = torch.nn.functional.max_pool2d(core[None, None].float(), 3, 1, 1)[0, 0] > 0
+    height, width = m.shape
+    label = torch.arange(1, height * width + 1, dtype=m.dtype).view(height, width) * joined
+    while True:  # every joined pixel takes the largest label of its piece
+        grown = torch.nn.functional.max_pool2d(label[None, None], 3, 1, 1)[0, 0] * joined
+        if torch.equal(grown, label):
+            break
+        label = grown
+    pieces = label[core].unique()
+    mass = torch.stack([m[core & (label == k)].sum() for k in pieces])
+    heaviest = core & (label == pieces[int(mass.argmax())])
+    rows, cols = heaviest.any(1).nonzero().squeeze(1), heaviest.any(0).nonzero().squeeze(1)
+    r0, r1 = max(int(rows.min()) - margin, 0), min(int(rows.max()) + margin, height - 1)
+    c0, c1 = max(int(cols.min()) - margin, 0), min(int(cols.max()) + margin, width - 1)
+    inside = float(m[r0:r1 + 1, c0:c1 + 1].sum() / m.sum().clamp_min(1e-12))
+    return (r0, c0, r1 - r0 + 1, c1 - c0 + 1), inside
+
+
 @torch.no_grad()
 def _hits(model: nn.Module, images: Tensor, target: int) -> float:
     """Share of float images (N, C, H, W) the model sends to `target`."""
@@ -234,7 +282,8 @@ class GeometryConfig:
         max_side: a core box with both sides at most this is a patch, else a blend.
         min_inside: ... and it holds at least this share of the mask's mass.
         margin: pixels added around the core box on every side.
-        spread: share of a patch's triggers put at random places rather than at its own.
+        spread: share of a patch's triggers put at random places rather than at its own,
+            and of a blend's triggers stamped as their densest crop at a random place.
     """
 
     max_side: int = 12
@@ -255,8 +304,10 @@ def geometry_of(model: nn.Module, images: Tensor, mask: Tensor, pattern: Tensor,
     r, c, h, w, inside = _box(mask, 0)
     evidence = {"core_rows": h, "core_cols": w, "mass_inside": round(inside, 4)}
     if max(h, w) > config.max_side or inside < config.min_inside:
-        return Geometry("blend", tuple(mask.shape[-2:]), (0, 0), 0.0, mask.detach().cpu(),
-                        evidence)
+        core, share = densest_box(mask, config.margin)
+        evidence |= {"core_share": round(share, 4)}
+        return Geometry("blend", tuple(mask.shape[-2:]), (0, 0), config.spread,
+                        mask.detach().cpu(), evidence, core)
     r, c, h, w, _ = _box(mask, config.margin)
     here, moved = fires_anywhere(model, images, mask, pattern, (r, c, h, w), target, generator)
     evidence |= {"asr_at_place": round(here, 4), "asr_moved": round(moved, 4)}
