@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mesa_lib import plugins
 from mesa_lib.detect import DetectConfig, score_classes
 from mesa_lib.geometry import Family, Geometry, GeometryConfig, Placed, Recovered, anywhere
 from mesa_lib.geometry import geometry_of as mask_geometry
@@ -145,8 +146,9 @@ def register_detector(name: str, config: type, reduce: Callable[[Evidence], dict
 
 def detector(name: str) -> Detector:
     """The registered detector `name`; an unknown name is an error listing the known ones."""
-    if name not in DETECTORS:
-        raise ValueError(f"unknown detector {name!r}; known: {sorted(DETECTORS)}")
+    if name not in DETECTORS and not plugins.load(plugins.DETECTORS, name):
+        known = sorted(set(DETECTORS) | plugins.names(plugins.DETECTORS))
+        raise ValueError(f"unknown detector {name!r}; known: {known}")
     return DETECTORS[name]
 
 

@@ -26,6 +26,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from mesa_lib import plugins
 from mesa_lib.evaluate import predict
 from mesa_lib.train import BatchHook
 from mesa_lib.triggers import build_trigger, corner_location, random_locations, stamp
@@ -131,8 +132,9 @@ def register(name: str, config: type = PatchConfig) -> Callable[[type[Attack]], 
 
 def attack_class(name: str) -> type[Attack]:
     """The registered attack `name`; an unknown name is an error listing the known ones."""
-    if name not in ATTACKS:
-        raise ValueError(f"unknown attack {name!r}; known: {sorted(ATTACKS)}")
+    if name not in ATTACKS and not plugins.load(plugins.ATTACKS, name):
+        known = sorted(set(ATTACKS) | plugins.names(plugins.ATTACKS))
+        raise ValueError(f"unknown attack {name!r}; known: {known}")
     return ATTACKS[name]
 
 

@@ -1,5 +1,5 @@
 """The smallest universal input transformation that sends images to a class: a search for
-triggers that are not patches (issue 24; not yet a registered detector).
+triggers that are not patches, and the scan's `transform` detector (issue 24).
 
 The mask search (mesa_lib.masksearch, Neural Cleanse's objective) finds the smallest *patch*.
 Triggers that change every pixel a little have no small patch: a smooth warp (WaNet, Nguyen &
@@ -19,6 +19,15 @@ Families (each bounded by construction, all K classes searched together):
 The size of a T is the RMS change it makes to the images (pixel values in [0, 1]), the same
 measure for every family, so one class's smallest transformation over the families is its
 score. `anomaly_index` of the sizes (small = negative) reads like Neural Cleanse's.
+
+As the detector `transform` (registered below, found by the scan through the entry point of
+pyproject.toml): class score = median log size over the classes minus the class's log size
+(the mask detector's score, with the transformation's size for the mask's L1). The trigger a
+repair uses against a flagged class is its smallest transformation; its geometry `transform`
+makes a trigger of a family's parameter grid, in [0, 1] as MESA's generators give them (additive
+(C, g, g): a change of max_add * (2t - 1); warp (2, g, g): a shift of max_shift * (2t - 1)
+pixels; colour (1, C, C + 1): a matrix I + (2t - 1) and an offset (2t - 1) / 2), so MESA fits
+its distribution over transformations of the family that fired, as over patches of a size.
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mesa_lib.detectors import Evidence, centred, register_detector
+from mesa_lib.geometry import Geometry, register_geometry
 from mesa_lib.masksearch import _adjust
 from mesa_lib.mesa import autocast_for, frozen
 from mesa_lib.metrics import anomaly_index
@@ -82,6 +93,12 @@ class TransformSearchResult:
     family: tuple[str, ...]
     asr: Tensor
     per_family: dict[str, Tensor]
+    found: dict[str, list[Tensor]] = field(default_factory=dict, repr=False)
+
+    def transformation(self, i: int) -> Transformed:
+        """The i-th searched class's smallest transformation, as a trigger."""
+        name = self.family[i]
+        return Transformed(name, [p[i:i + 1].detach().cpu() for p in self.found[name]])
 
     def anomaly(self) -> Tensor:
         """(K,) MAD anomaly index of the sizes (a small size is negative)."""
@@ -228,4 +245,106 @@ def transform_search(model: nn.Module, images: Tensor, classes: tuple[int, ...],
             asr[rows] = _success(model, images, apply, found[name], classes, config)[rows].cpu()
     # a class nothing reached reports the largest size any family can make (the cap)
     size = torch.where(torch.isinf(best.values), torch.ones_like(best.values), best.values)
-    return TransformSearchResult(tuple(classes), size, family, asr, per_family)
+    return TransformSearchResult(tuple(classes), size, family, asr, per_family,
+                                 {n: [p.cpu() for p in ps] for n, ps in found.items()})
+
+
+# --------------------------------------------------------------------------- as a trigger
+
+REACH = 4.0  # a repair's transformations: up to this many times the recovered one's size
+
+
+@dataclass(frozen=True)
+class Transformed:
+    """One recovered transformation of family `name` (its search parameters, leading dim 1),
+    as a trigger a repair unlearns and a verification measures (a `Family`)."""
+
+    name: str
+    params: list[Tensor]
+    config: TransformSearchConfig = TransformSearchConfig()
+
+    def apply(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        _, apply = _FAMILY[self.name]
+        params = [p.to(images.device) for p in self.params]
+        return apply(params, images, self.config)[0]
+
+
+def grid_shape(name: str, channels: int, config: TransformSearchConfig) -> tuple[int, int, int]:
+    """(D, a, b) of family `name`'s parameter grid, the `transform` geometry's trigger shape."""
+    if name == "colour":
+        return (1, channels, channels + 1)
+    return (2 if name == "warp" else channels, config.grid, config.grid)
+
+
+def _per_image(name: str, grids: Tensor, x: Tensor, config: TransformSearchConfig,
+               reach: float) -> Tensor:
+    """Each image transformed by its own grid: grids (B, D, a, b) in [0, 1], x (B, C, H, W);
+    `reach`: the largest change of an additive pattern or of a colour map's entries (a warp
+    keeps its max_shift)."""
+    g = 2 * grids - 1
+    if name == "colour":
+        g = reach * g
+        c = x.shape[1]
+        mix = torch.einsum("bij,bjhw->bihw", torch.eye(c, device=x.device) + g[:, 0, :, :c], x)
+        return (mix + g[:, 0, :, c, None, None] / 2).clamp(0, 1)
+    if name == "additive":
+        return (x + reach * _up(g, tuple(x.shape[-2:]))).clamp(0, 1)
+    b, _, h, w = x.shape  # warp: as _apply_warp, one displacement field per image
+    scale = torch.tensor([2 * config.max_shift / w, 2 * config.max_shift / h], device=x.device)
+    flow = _up(g, (h, w)).permute(0, 2, 3, 1) * scale                    # (B, H, W, 2)
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, h, device=x.device),
+                            torch.linspace(-1, 1, w, device=x.device), indexing="ij")
+    return F.grid_sample(x, torch.stack([xs, ys], -1) + flow, mode="bilinear",
+                         padding_mode="border", align_corners=True)
+
+
+@register_geometry("transform")
+def _place_transform(images: Tensor, triggers: Tensor, geometry: Geometry,
+                     generator: torch.Generator | None) -> Tensor:
+    name, config, reach = geometry.extra
+    return _per_image(name, triggers.to(images.device), images, config, reach)
+
+
+def _reduce_transform(evidence: Evidence) -> dict[int, float]:
+    return centred(evidence, "transform_size", lambda size: -size.clamp_min(1e-4).log())
+
+
+def _transform_trigger(model: nn.Module, images: Tensor, labels: Tensor | None, target: int,
+                       config: TransformSearchConfig, device: torch.device
+                       ) -> tuple[Transformed, Geometry]:
+    """The target's smallest transformation, and the geometry of its family's grids."""
+    found = transform_search(model, images, (target,), config, device)
+    trigger = replace_config(found.transformation(0), config)
+    shape = grid_shape(trigger.name, images.shape[1], config)
+    evidence = {"family": trigger.name, "transform_size": round(float(found.size[0]), 4),
+                "transform_asr": round(float(found.asr[0]), 4)}
+    # MESA's additive and colour changes stay within REACH times the recovered one's RMS size
+    # (the largest change an entry may make): a family's whole range (a colour matrix I +- 1)
+    # also holds changes that erase what tells the classes apart, and a repair that keeps their
+    # labels true then cost 38 points of accuracy on a tiny model of the tests (none within it)
+    reach = min(config.max_add, REACH * float(found.size[0]))
+    evidence["reach"] = round(reach, 4)
+    return trigger, Geometry("transform", shape[1:], None, 0.0, None, evidence,
+                             depth=shape[0], extra=(trigger.name, config, reach))
+
+
+def replace_config(trigger: Transformed, config: TransformSearchConfig) -> Transformed:
+    """`trigger` applied with `config`'s bounds (max_add, max_shift)."""
+    return Transformed(trigger.name, trigger.params, config)
+
+
+@register_detector("transform", TransformSearchConfig, _reduce_transform, _transform_trigger)
+def measure_transform(model: nn.Module, images: Tensor, labels: Tensor | None,
+                      classes: tuple[int, ...], config: TransformSearchConfig,
+                      device: torch.device) -> tuple[Evidence, dict[int, Tensor]]:
+    """The transformation search for `classes`: each one's smallest size (overall and per
+    family) and its ASR; samples: the first reference image under each class's
+    transformation (1, C, H, W)."""
+    found = transform_search(model, images, classes, config, device)
+    evidence = {c: {"transform_size": float(found.size[i]), "transform_asr": float(found.asr[i]),
+                    **{f"size_{n}": float(found.per_family[n][i]) for n in config.families}}
+                for i, c in enumerate(found.classes)}
+    first = images[:1].float().div(255)
+    samples = {c: replace_config(found.transformation(i), config).apply(first)
+               for i, c in enumerate(found.classes)}
+    return evidence, samples
