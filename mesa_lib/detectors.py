@@ -152,6 +152,12 @@ def detector(name: str) -> Detector:
     return DETECTORS[name]
 
 
+def registered() -> dict[str, Detector]:
+    """Every detector: the registry with all the plug-ins of the entry points loaded."""
+    plugins.load_all(plugins.DETECTORS)
+    return dict(DETECTORS)
+
+
 def with_seed(config: Any, seed: int) -> Any:
     """`config` with its `seed` field (if it has one) set to `seed`."""
     names = {f.name for f in fields(config)}

@@ -26,6 +26,12 @@ def load(group: str, name: str) -> bool:
     return bool(found)
 
 
+def load_all(group: str) -> None:
+    """Import every module `group`'s entry points name (a full list of a registry)."""
+    for point in entry_points(group=group):
+        point.load()
+
+
 def names(group: str) -> set[str]:
     """Every name `group`'s entry points offer (loaded or not)."""
     return {point.name for point in entry_points(group=group)}

@@ -138,6 +138,12 @@ def attack_class(name: str) -> type[Attack]:
     return ATTACKS[name]
 
 
+def registered() -> dict[str, type[Attack]]:
+    """Every attack: the registry with all the plug-ins of the entry points loaded."""
+    plugins.load_all(plugins.ATTACKS)
+    return dict(ATTACKS)
+
+
 def build_attack(name: str, **kwargs) -> Attack:
     """Build a registered attack from its fields (trigger tensor, target, seed, ...)."""
     return attack_class(name)(**kwargs)

@@ -55,6 +55,16 @@ def test_the_walk_follows_lazy_imports_and_package_inits() -> None:
                                                                        ROOT)}
 
 
+def test_a_stage_that_can_load_plug_ins_by_name_lists_their_modules() -> None:
+    """Registries import entry-point plug-ins by name (mesa_lib.plugins): a zoo model built with
+    a whole-image attack runs mesa_lib/globalattacks.py though nothing imports it."""
+    files = {p.as_posix() for p in closure("tasks.zoo.build", ROOT)}
+    assert {"mesa_lib/plugins.py", "mesa_lib/globalattacks.py"} <= files
+    assert "mesa_lib/transformsearch.py" not in files  # a detector: only the scan loads it
+    assert "mesa_lib/transformsearch.py" in {p.as_posix() for p in closure("tasks.zoo.scan",
+                                                                           ROOT)}
+
+
 def test_only_record_only_modules_are_exempt() -> None:
     assert RECORD_ONLY == {"tasks/common/tracking.py", "tasks/pipeline/registry.py"}
     for dvcfile in PIPELINES:

@@ -16,6 +16,15 @@ def test_registry_knows_both_attacks_and_rejects_unknown():
         build_attack("no_such_attack", trigger=torch.ones(3, 3, 3))
 
 
+def test_plug_in_attacks_are_found_by_their_entry_points():
+    from mesa_lib.poison import attack_class, registered
+
+    assert attack_class("wanet").name == "wanet"  # imports mesa_lib.globalattacks on first use
+    assert {"sig", "wanet", "colour_filter", "low_frequency"} <= set(registered())
+    with pytest.raises(ValueError, match="known: .*'sig'"):
+        attack_class("no_such_attack")
+
+
 def test_badnets_changes_exactly_the_recorded_indices():
     x, y = _data()
     attack = build_attack("badnets", trigger=pattern_trigger(DEMO_PATTERN), target=0, rate=0.1)

@@ -47,8 +47,12 @@ def test_the_project_zoo_is_valid_and_its_zoos_share_no_base() -> None:
     assert len(cal) + len(test) == len(zoo.names()) and not cal & test
     clean = [n for n in zoo.names() if zoo.entry(n)[0] in ("bases", "clean_finetunes")]
     assert len(clean) >= 20 and len(zoo.names()) - len(clean) >= 30
-    sizes = {e.attack_config().size for e in zoo.backdoors.values()}
+    sizes = {getattr(e.attack_config(), "size", None) for e in zoo.backdoors.values()}
     assert {2, 3, 4, 5, 32} <= sizes  # 2x2 to 5x5 patches and whole-image blends
+    # and the whole-image triggers of issue 24, on both sides
+    for side in (cal, test):
+        attacks = {zoo.entry(n)[1].attack for n in side if zoo.entry(n)[0] == "backdoors"}
+        assert {"sig", "wanet", "colour_filter", "low_frequency"} <= attacks
 
 
 def test_the_released_calibration_is_the_zoos() -> None:

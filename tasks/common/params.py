@@ -306,9 +306,9 @@ def params_from_dict(raw: Any) -> Params:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"params: expected a mapping of groups, got {type(raw).__name__}")
     raw, lines = plugins.check_blocks(raw, "scan", "detectors", "detector",
-                                      {n: d.config for n, d in detectors.DETECTORS.items()})
+                                      {n: d.config for n, d in detectors.registered().items()})
     raw, more = plugins.check_blocks(raw, "poison", "settings", "attack",
-                                     {n: a.config for n, a in poison.ATTACKS.items()})
+                                     {n: a.config for n, a in poison.registered().items()})
     lines += more
     if not lines:
         try:
@@ -363,8 +363,8 @@ def describe_params() -> str:
             rules = {k: v for k, v in spec.items() if k not in ("title", "description")}
             lines.append(f"| `{group}.{key}` | `{json.dumps(rules, sort_keys=True)}` | "
                          f"{spec.get('description', '')} |")
-    blocks = {f"scan.detectors.{n}": d.config for n, d in detectors.DETECTORS.items()}
-    blocks |= {f"poison.settings.{n}": a.config for n, a in poison.ATTACKS.items()}
+    blocks = {f"scan.detectors.{n}": d.config for n, d in detectors.registered().items()}
+    blocks |= {f"poison.settings.{n}": a.config for n, a in poison.registered().items()}
     for where, config in blocks.items():  # the plug-ins' blocks, from their dataclasses
         for key, spec in plugins.block_schema(config)["properties"].items():
             rules = {k: v for k, v in spec.items() if k not in ("title", "description")}

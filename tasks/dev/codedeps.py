@@ -11,7 +11,9 @@ the command's module; tests/test_dvc_deps.py checks every dvc.yaml against it, a
 rewrites the code deps (the `- mesa_lib/...`, `- tasks/...`, `- flows/...` lines) of each stage
 in place, leaving every other line and comment as it is. The only files left out are those in
 `RECORD_ONLY`: they only talk to MLflow and cannot change an output; the walk does not follow
-their imports either (what only they import serves the recording too).
+their imports either (what only they import serves the recording too). The plug-ins a registry
+loads by name (mesa_lib/plugins.py: pyproject.toml's entry points) are imports too: a closure
+that reaches a registry's module holds every module its entry point group names.
 """
 
 from __future__ import annotations
@@ -19,12 +21,16 @@ from __future__ import annotations
 import ast
 import re
 import sys
+import tomllib
 from pathlib import Path
 
 PACKAGES = ("mesa_lib", "tasks", "flows")
 # Modules that only record (MLflow runs, registry versions, tags): editing them cannot change
 # any output of a stage, so they may be left out of the stages' deps.
 RECORD_ONLY = frozenset({"tasks/common/tracking.py", "tasks/pipeline/registry.py"})
+# registry module -> the entry point group it loads plug-ins of (mesa_lib.plugins)
+REGISTRIES = {"mesa_lib/detectors.py": "mesa_lib.detectors",
+              "mesa_lib/poison.py": "mesa_lib.attacks"}
 
 
 def module_file(module: str, root: Path) -> Path | None:
@@ -50,6 +56,13 @@ def _imports(path: Path) -> set[str]:
     return out
 
 
+def plugin_modules(root: Path, group: str) -> set[str]:
+    """Modules the project's entry points of `group` name (what its registry may import)."""
+    project = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    points = project.get("entry-points", {}).get(group, {})
+    return {value.split(":")[0] for value in points.values()}
+
+
 def _with_parents(module: str) -> list[str]:
     """'a.b.c' -> ['a', 'a.b', 'a.b.c']: importing a module runs its packages' __init__ too."""
     parts = module.split(".")
@@ -66,8 +79,11 @@ def closure(module: str, root: Path) -> set[Path]:
             path = module_file(name, root)
             if path is not None and path not in seen:
                 seen.add(path)
-                if path.relative_to(root).as_posix() not in RECORD_ONLY:
+                rel = path.relative_to(root).as_posix()
+                if rel not in RECORD_ONLY:
                     todo += sorted(_imports(path))
+                if rel in REGISTRIES:
+                    todo += sorted(plugin_modules(root, REGISTRIES[rel]))
     return {p.relative_to(root) for p in seen}
 
 

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 
-from mesa_lib.poison import ATTACKS, attack_class
+from mesa_lib.poison import attack_class, registered
 from tasks.common import plugins
 from tasks.common.settings import (
     MODEL_NAMES,
@@ -144,17 +144,17 @@ def check_attacks(raw: Any) -> tuple[Any, list[str]]:
     entries = raw.get("backdoors") if isinstance(raw, dict) else None
     if not isinstance(entries, dict):
         return raw, []
-    out, errors = {}, []
+    out, errors, attacks = {}, [], registered()
     for name, entry in entries.items():
-        if not isinstance(entry, dict) or entry.get("attack") not in ATTACKS:
+        if not isinstance(entry, dict) or entry.get("attack") not in attacks:
             out[name] = entry
             if isinstance(entry, dict):
                 errors.append(f"backdoors.{name}.attack: unknown attack "
-                              f"{entry.get('attack')!r}; known: {sorted(ATTACKS)}")
+                              f"{entry.get('attack')!r}; known: {sorted(attacks)}")
             continue
         own = {k: v for k, v in entry.items() if k in Backdoor.model_fields}
         given = {k: v for k, v in entry.items() if k not in Backdoor.model_fields}
-        settings, problems = plugins.check_block(ATTACKS[entry["attack"]].config, given,
+        settings, problems = plugins.check_block(attacks[entry["attack"]].config, given,
                                                  f"backdoors.{name}")
         out[name], errors = {**own, **settings}, errors + problems
     return {**raw, "backdoors": out}, errors
