@@ -258,8 +258,11 @@ def test_quarantine_takes_every_alias_and_the_audit_undoes_hand_edits(project: P
     assert tracking.model_version_tags("model", v1)["quarantined"] == "true"
     _scan_verdict("model", v2, "clean", params)
     assert quarantine.audit(params) == []  # scanned verdicts hold
-    assert tracking.client().get_registered_model("model").tags["scan_latest_verdict"] == \
-        f"v{v2}: clean"
+    assert tracking.client().get_registered_model("model").tags["scan"] == f"clean (v{v2})"
+    # a summary edited by hand (a publisher may): written again from the versions at the audit
+    tracking.set_model_tags("model", {"scan": "clean (v99)", "quarantined": "none"})
+    assert quarantine.audit(params) == []
+    assert tracking.client().get_registered_model("model").tags["quarantined"] == f"v{v1}"
     # an alias moved onto the quarantined version by hand: a finding, removed
     tracking.set_alias("model", "prod", v1)
     (found,) = quarantine.audit(params)

@@ -127,7 +127,7 @@ def test_the_flow_with_credentials_quarantines_and_a_new_version_becomes_an_even
     _, model = http("GET", f"{services.mlflow}/api/2.0/mlflow/registered-models/get?name="
                     "uploaded", auth=user)
     tags = {t["key"]: t["value"] for t in model["registered_model"]["tags"]}
-    assert tags["scan_latest_verdict"] == f"v{quarantined['version']}: rejected"
+    assert tags["scan"] == f"rejected (v{quarantined['version']})"
     # the registry's webhook -> the receiver (HMAC checked) -> a Prefect event
     deadline = time.time() + 60
     while time.time() < deadline:

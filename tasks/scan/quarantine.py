@@ -244,6 +244,7 @@ def audit(params: Params) -> list[dict[str, Any]]:
     for name in sorted({v["name"] for v in versions}):
         findings += _alias_findings(name, {v["version"]: v["tags"] for v in versions
                                            if v["name"] == name})
+        summarise(name)
     _record(params, findings)
     return findings
 
@@ -323,7 +324,9 @@ def _record(params: Params, findings: list[dict[str, Any]]) -> None:
 
 
 def summarise(name: str) -> None:
-    """The registered model's tags carry its latest verdict (the model list shows them)."""
+    """The registered model's tags carry its latest verdict, the word first and the keys short
+    (the model list shows `key: value` cut to its column: `scan: backdoored (v3)`). The audit
+    writes them again from the versions' tags: a publisher may edit a registered model's."""
     versions = [v for v in tracking.model_versions((name,))
                 if v["tags"].get("scan_verdict") in VERDICTS]
     if not versions:
@@ -331,5 +334,5 @@ def summarise(name: str) -> None:
     latest = max(versions, key=lambda v: int(v["version"]))
     held = sorted(int(v["version"]) for v in versions if is_quarantined(v["tags"]))
     tracking.set_model_tags(name, {
-        "scan_latest_verdict": f"v{latest['version']}: {latest['tags']['scan_verdict']}",
-        "quarantined_versions": ", ".join(f"v{k}" for k in held) or "none"})
+        "scan": f"{latest['tags']['scan_verdict']} (v{latest['version']})",
+        "quarantined": ", ".join(f"v{k}" for k in held) or "none"})
