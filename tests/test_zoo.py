@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from pipeline_fixture import write_archive
 
@@ -181,3 +182,34 @@ def test_the_repair_table_counts_residuals_clearances_and_pairs() -> None:
     assert choose(risky, [{"epochs": 2}, {"epochs": 5}])["budget"] == {"epochs": 5}
     unmet = repair_table({"m1": _repaired({"mesa": 0.30}, {"mesa": True})}, {"epochs": 2}, "cmd")
     assert "| 1 | NOT met |" in unmet
+
+
+def test_the_zoo_scans_the_images_the_shipped_scanner_draws(monkeypatch) -> None:
+    """The calibration and the benchmark scan each zoo model on the subset `mesa-scan` and the
+    service draw from the same reference (issue 25: the shipped scanner is the benchmarked one)."""
+    import tasks.scan.cli as cli
+    import tasks.zoo.scan as zoo_scan
+    from tasks.common.params import load_params
+    from tasks.scan.reference import Reference
+
+    params = load_params(ROOT / "params.yaml")
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (700, 3, 16, 16), generator=g, dtype=torch.uint8)
+    labels = torch.arange(700) % 6
+    seen: dict[str, torch.Tensor] = {}
+
+    def capture(where: str):
+        def run(model, x, *args, **kwargs):
+            seen[where] = x
+            raise StopIteration  # only the images matter here
+        return run
+
+    monkeypatch.setattr(zoo_scan, "run_detectors", capture("zoo"))
+    monkeypatch.setattr(cli, "measure_chunk", capture("cli"))
+    stem = ROOT / "tests" / "fixtures" / "scan_models" / "clean"
+    with pytest.raises(StopIteration):
+        zoo_scan._scan_model(stem, images, labels, params, torch.device("cpu"), before=False)
+    ref = Reference(images, labels, tuple("abcdef"), "test")
+    with pytest.raises(StopIteration):
+        cli.scan_one(stem, ref, params, None, torch.device("cpu"))
+    assert torch.equal(seen["zoo"], seen["cli"]) and len(seen["zoo"]) == params.scan.images

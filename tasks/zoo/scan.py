@@ -35,6 +35,7 @@ from tasks.common.configs import scan_settings
 from tasks.common.io import read_json, write_json
 from tasks.common.params import Params, load_params
 from tasks.scan.core import load_calibration
+from tasks.scan.reference import Reference, reference_batch
 from tasks.zoo.build import load_data, stem_of, truth_path
 from tasks.zoo.params import ZooParams, load_zoo_params
 from tasks.zoo.report import class_scores, markdown, p_value
@@ -54,11 +55,15 @@ BEFORE_IMAGES = 600
 
 def _scan_model(stem: Path, images: torch.Tensor, labels: torch.Tensor, params: Params,
                 device: torch.device, before: bool) -> dict[str, Any]:
-    """One zoo model through the scanner's detectors (and the old detector when asked)."""
+    """One zoo model through the scanner's detectors on the images the shipped scanner draws
+    from this reference (tasks.scan.reference.reference_batch: `mesa-scan`, the service and the
+    pipeline draw the same), and through the old detector when asked."""
     model, manifest = load_model(stem, map_location=device)
     settings = scan_settings(params)
+    ref = Reference(images, labels, tuple(str(k) for k in range(manifest.num_classes)), "zoo")
+    x, y = reference_batch(ref, params.scan.images, params.base.seed)
     start = time.perf_counter()
-    scores = run_detectors(model, images, labels, manifest.num_classes, settings, device)
+    scores = run_detectors(model, x, y, manifest.num_classes, settings, device)
     out: dict[str, Any] = {
         "name": stem.name, "sha256": model_fingerprint(stem),
         "seconds": time.perf_counter() - start,
@@ -112,7 +117,11 @@ def calibrate(params: Params, zoo: ZooParams) -> Path:
                   "code_version": _git_commit(),
                   "created": datetime.now(UTC).isoformat(timespec="seconds"),
                   "architectures": sorted({truth[n]["arch"] for n in clean}),
-                  "dataset": "cifar10"}
+                  "dataset": "cifar10",
+                  "reference": {"procedure": "tasks.scan.reference.reference_batch",
+                                "pool": f"zoo reference part of the CIFAR-10 test set "
+                                        f"({zoo.data.n_reference} images)",
+                                "count": params.scan.images, "seed": params.base.seed}}
     fitted = cal.fit(stats, params.scan.alpha, params.scan.floor,
                      scan_settings(params).fingerprint(), provenance)
     flagged = [n for n in names if truth[n]["backdoored"] and truth[n]["counts"]
