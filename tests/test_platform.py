@@ -320,6 +320,23 @@ def test_a_resealed_verdict_of_another_models_scan_is_caught(project: Path) -> N
     assert "current" not in tracking.model_aliases("model")
 
 
+def test_files_swapped_after_a_clearance_are_found_by_the_next_audit(project: Path) -> None:
+    """The publisher owns its upload run and may write its artifacts again after the version
+    was cleared: the audit hashes a cleared version's files afresh, finds that its scan run
+    scanned other files, quarantines it and marks it for a new scan."""
+    params, tmp = load_params(project), project.parent
+    v1 = _version(tmp, "model", "s", alias="current")
+    _scan_verdict("model", v1, "clean", params)
+    assert quarantine.audit(params) == []
+    (v,) = [v for v in tracking.model_versions(["model"]) if v["version"] == v1]
+    swapped = copy_model("backdoored", tmp / "swap" / "m", "s")
+    tracking.client().log_artifact(v["run_id"], f"{swapped}.safetensors", "model")
+    (found,) = quarantine.audit(params)
+    assert found["kind"] == "unbacked-verdict" and "scanned other files" in found["text"]
+    assert tracking.model_version_tags("model", v1)["scan_verdict"] == "not scanned"
+    assert "current" not in tracking.model_aliases("model")
+
+
 def test_no_alias_points_at_a_version_while_it_is_scanned(project: Path) -> None:
     params, tmp = load_params(project), project.parent
     v1 = _version(tmp, "model", "p", alias="current")

@@ -201,9 +201,13 @@ def _reset(name: str, version: str, why: str) -> str:
 
 
 class FileKeys:
-    """The model key of each registry version's files, computed once per version and source
-    (a version's source never changes; its files are a run's artifacts, and a cleared version's
-    signature covers them) and kept in `<state>/version_keys.json`."""
+    """The model key of each registry version's files, kept in `<state>/version_keys.json`.
+
+    A version's source never changes, but its files are artifacts of the publisher's upload
+    run, which the publisher may write again after the version was cleared: the key of a
+    cleared version is computed afresh (downloaded and hashed) at every audit, so files swapped
+    after the scan are found; other versions' keys are computed once (their verdicts are not
+    trusted to load anything). The cost: each audit downloads every cleared watched version."""
 
     def __init__(self, params: Params) -> None:
         self.state = Path(params.scan.state_folder)
@@ -213,12 +217,13 @@ class FileKeys:
         except (OSError, ValueError):
             self.known = {}
 
-    def of(self, version: dict[str, Any]) -> str:
-        """The key of `version`'s files (downloaded into the state folder the first time)."""
+    def of(self, version: dict[str, Any], fresh: bool = False) -> str:
+        """The key of `version`'s files (downloaded into the state folder the first time, and
+        every time when `fresh`)."""
         from tasks.scan.discover import fetch_version, files_key
 
         ref = f"{version['name']}/{version['version']}@{version['source']}"
-        if ref not in self.known:
+        if fresh or ref not in self.known:
             self.known[ref] = files_key(fetch_version.fn(version, self.state / "work").files)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text(json.dumps(self.known, sort_keys=True), encoding="utf-8")
@@ -236,8 +241,9 @@ def audit(params: Params) -> list[dict[str, Any]]:
         tags, name, version = v["tags"], v["name"], v["version"]
         if tags.get("scan_verdict") not in VERDICTS:
             continue
-        why = unbacked(name, version, tags, secret, lambda v=v: keys.of(v), service,
-                       pipelines_trusted=not params.platform.auth)
+        cleared = tags.get("scan_verdict") == "clean"
+        why = unbacked(name, version, tags, secret, lambda v=v, c=cleared: keys.of(v, c),
+                       service, pipelines_trusted=not params.platform.auth)
         if why:
             done = _reset(name, version, why)
             findings.append(_finding("unbacked-verdict", name, version, f"{why}; {done}"))
@@ -261,7 +267,8 @@ def verdict_backing(name: str, version: str, tags: dict[str, str], params: Param
     if not match:
         return f"no registered version {escape(name)}/{version}"
     return unbacked(name, version, tags, seal_secret(params),
-                    lambda: FileKeys(params).of(match[0]), _service_experiment(),
+                    lambda: FileKeys(params).of(match[0], tags.get("scan_verdict") == "clean"),
+                    _service_experiment(),
                     pipelines_trusted=not params.platform.auth)
 
 
