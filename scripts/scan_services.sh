@@ -109,7 +109,7 @@ start() {  # [servers]: without the deployments
   done
   credentials
   local auth_app=()
-  [ "$AUTH" = true ] && auth_app=(--app-name basic-auth)
+  [ "$AUTH" = true ] && auth_app=(--app-name mesa-auth)  # basic-auth + no alias on a quarantined version
   launch prefect "$BIN/prefect" server start --host 127.0.0.1 --port "$PREFECT_PORT"
   # No job-execution workers (MLflow 3's huey consumers): the scan needs none of them. Webhooks
   # go to the receiver on 127.0.0.1 over plain HTTP, which MLflow refuses unless told.

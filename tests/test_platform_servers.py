@@ -258,6 +258,8 @@ attempt("lift a quarantine", lambda: c.delete_model_version_tag(quarantined, q_v
                                                                 "quarantined"))
 attempt("write a scan run", lambda: c.create_run(
     c.get_experiment_by_name("mesa-scan").experiment_id))
+attempt("alias a quarantined version", lambda: c.set_registered_model_alias(
+    quarantined, "production", q_version))
 copied = {k: v for k, v in c.get_model_version(good, good_version).tags.items()
           if k.startswith("scan_")}
 exp = c.get_experiment_by_name("uploads").experiment_id
@@ -301,7 +303,7 @@ def test_a_publisher_cannot_forge_a_verdict_that_survives_the_audit(
     assert forged.returncode == 0, forged.stderr[-3000:]
     result = json.loads(forged.stdout.strip().splitlines()[-1])
     assert result["refused"] == {"set a verdict tag": 403, "lift a quarantine": 403,
-                                 "write a scan run": 403}
+                                 "write a scan run": 403, "alias a quarantined version": 403}
 
     audit = _python(services.service_env(), "-m", "flows.scan", "once", "--params", str(tuned))
     assert audit.returncode == 0, audit.stdout[-3000:] + audit.stderr[-3000:]

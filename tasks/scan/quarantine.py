@@ -33,16 +33,11 @@ from typing import Any
 from tasks.common import tracking
 from tasks.common.escape import escape
 from tasks.common.params import Params
-from tasks.common.verdicts import QUARANTINE_ALIAS, QUARANTINED, seal, seal_holds
+from tasks.common.verdicts import QUARANTINE_ALIAS, QUARANTINED, is_quarantined, seal, seal_holds
 from tasks.scan.auth import seal_secret
 from tasks.scan.check import logger
 
 VERDICTS = ("clean", "backdoored", "rejected")
-
-
-def is_quarantined(tags: dict[str, str]) -> bool:
-    """A version is quarantined if tagged so or if its verdict says so."""
-    return tags.get("quarantined") == "true" or tags.get("scan_verdict") in QUARANTINED
 
 
 def quarantine(name: str, version: str) -> list[str]:
