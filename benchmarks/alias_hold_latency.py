@@ -66,9 +66,11 @@ def _until(check, timeout: float = 300.0, step: float = 0.2) -> float | None:
     return None
 
 
-def _moved_onto_quarantined(c, root: Path, i: int) -> tuple[str, str, float | None]:
+def _moved_onto_quarantined(c, root: Path, i: int) -> tuple[str, str, float | str | None]:
     """A NaN-weight version (rejected, quarantined), then `@production` put on it by the
-    client: (version, verdict, seconds until the alias was gone)."""
+    client: (version, verdict, seconds until the alias was gone, or "refused (403)" when the
+    server's `mesa-auth` app refused to set it)."""
+    from mlflow.exceptions import MlflowException
     from safetensors.torch import load_file, save_file
 
     stem = copy_model("clean", root / "nan" / str(i) / "m", f"nan{i}")
@@ -79,7 +81,12 @@ def _moved_onto_quarantined(c, root: Path, i: int) -> tuple[str, str, float | No
     tags = lambda: c.get_model_version("quarantine-latency", version).tags  # noqa: E731
     _until(lambda: tags().get("quarantined") == "true" and tags().get("scan_seal"))
     time.sleep(2)  # the quarantine's own steps are over: only the event path can act now
-    c.set_registered_model_alias("quarantine-latency", "production", version)
+    try:
+        c.set_registered_model_alias("quarantine-latency", "production", version)
+    except MlflowException as err:
+        if err.get_http_status_code() != 403:
+            raise
+        return version, tags().get("scan_verdict", "none"), "refused (403)"
     removed = _until(lambda: "production" not in c.get_registered_model(
         "quarantine-latency").aliases, step=0.1)
     return version, tags().get("scan_verdict", "none"), removed
@@ -136,9 +143,10 @@ def main() -> None:
     print("| version | verdict | `@production` removed after (s) |")
     print("|---|---|---|")
     for version, status, removed in moved:
-        fmt = "not within 300 s" if removed is None else f"{removed:.1f}"
+        fmt = {None: "not within 300 s"}.get(removed, removed if isinstance(removed, str)
+                                                     else f"{removed:.1f}")
         print(f"| {version} | {status} | {fmt} |")
-    gone = [r[2] for r in moved if r[2] is not None]
+    gone = [r[2] for r in moved if isinstance(r[2], float)]
     if gone:
         print(f"\nRemoved after: median {statistics.median(gone):.1f} s, max {max(gone):.1f} s "
               f"over {len(gone)} of {len(moved)} versions.")
