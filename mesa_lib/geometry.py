@@ -205,17 +205,22 @@ class Recovered:
     geometry: Geometry
 
 
-def _box(mask: Tensor, margin: int) -> tuple[int, int, int, int, float]:
-    """(row0, col0, h, w, share of the mask's mass inside) of the box around the mask's core
-    (pixels >= half its peak), widened by `margin` and kept inside the image."""
-    m = mask[0]
-    core = m >= 0.5 * m.max()
-    rows, cols = core.any(1).nonzero().squeeze(1), core.any(0).nonzero().squeeze(1)
+def _around(pixels: Tensor, m: Tensor, margin: int) -> tuple[int, int, int, int, float]:
+    """(row0, col0, h, w, share of m's mass inside) of the box around the True `pixels`
+    (H, W) of a mask m (H, W), widened by `margin` and kept inside the image."""
+    rows, cols = pixels.any(1).nonzero().squeeze(1), pixels.any(0).nonzero().squeeze(1)
     (height, width) = m.shape
     r0, r1 = max(int(rows.min()) - margin, 0), min(int(rows.max()) + margin, height - 1)
     c0, c1 = max(int(cols.min()) - margin, 0), min(int(cols.max()) + margin, width - 1)
     inside = float(m[r0:r1 + 1, c0:c1 + 1].sum() / m.sum().clamp_min(1e-12))
     return r0, c0, r1 - r0 + 1, c1 - c0 + 1, inside
+
+
+def _box(mask: Tensor, margin: int) -> tuple[int, int, int, int, float]:
+    """(row0, col0, h, w, share of the mask's mass inside) of the box around the mask's core
+    (pixels >= half its peak), widened by `margin` and kept inside the image."""
+    m = mask[0]
+    return _around(m >= 0.5 * m.max(), m, margin)
 
 
 def densest_box(mask: Tensor, margin: int) -> tuple[tuple[int, int, int, int], float]:
@@ -234,12 +239,8 @@ def densest_box(mask: Tensor, margin: int) -> tuple[tuple[int, int, int, int], f
         label = grown
     pieces = label[core].unique()
     mass = torch.stack([m[core & (label == k)].sum() for k in pieces])
-    heaviest = core & (label == pieces[int(mass.argmax())])
-    rows, cols = heaviest.any(1).nonzero().squeeze(1), heaviest.any(0).nonzero().squeeze(1)
-    r0, r1 = max(int(rows.min()) - margin, 0), min(int(rows.max()) + margin, height - 1)
-    c0, c1 = max(int(cols.min()) - margin, 0), min(int(cols.max()) + margin, width - 1)
-    inside = float(m[r0:r1 + 1, c0:c1 + 1].sum() / m.sum().clamp_min(1e-12))
-    return (r0, c0, r1 - r0 + 1, c1 - c0 + 1), inside
+    r, c, h, w, inside = _around(core & (label == pieces[int(mass.argmax())]), m, margin)
+    return (r, c, h, w), inside
 
 
 @torch.no_grad()

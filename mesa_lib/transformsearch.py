@@ -25,9 +25,10 @@ pyproject.toml): class score = median log size over the classes minus the class'
 (the mask detector's score, with the transformation's size for the mask's L1). The trigger a
 repair uses against a flagged class is its smallest transformation; its geometry `transform`
 makes a trigger of a family's parameter grid, in [0, 1] as MESA's generators give them (additive
-(C, g, g): a change of max_add * (2t - 1); warp (2, g, g): a shift of max_shift * (2t - 1)
-pixels; colour (1, C, C + 1): a matrix I + (2t - 1) and an offset (2t - 1) / 2), so MESA fits
-its distribution over transformations of the family that fired, as over patches of a size.
+(C, g, g): a change of r (2t - 1); warp (2, g, g): a shift of max_shift (2t - 1) pixels; colour
+(1, C, C + 1): a matrix I + r (2t - 1) and an offset r (2t - 1) / 2; the reach r is REACH times
+the recovered transformation's size, at most max_add), so MESA fits its distribution over
+transformations of the family that fired, as over patches of a size.
 """
 
 from __future__ import annotations
@@ -95,10 +96,11 @@ class TransformSearchResult:
     per_family: dict[str, Tensor]
     found: dict[str, list[Tensor]] = field(default_factory=dict, repr=False)
 
-    def transformation(self, i: int) -> Transformed:
-        """The i-th searched class's smallest transformation, as a trigger."""
+    def transformation(self, i: int, config: TransformSearchConfig) -> Transformed:
+        """The i-th searched class's smallest transformation, as a trigger applied with the
+        bounds (max_add, max_shift) of `config`, the search's."""
         name = self.family[i]
-        return Transformed(name, [p[i:i + 1].detach().cpu() for p in self.found[name]])
+        return Transformed(name, [p[i:i + 1].detach().cpu() for p in self.found[name]], config)
 
     def anomaly(self) -> Tensor:
         """(K,) MAD anomaly index of the sizes (a small size is negative)."""
@@ -314,7 +316,7 @@ def _transform_trigger(model: nn.Module, images: Tensor, labels: Tensor | None, 
                        ) -> tuple[Transformed, Geometry]:
     """The target's smallest transformation, and the geometry of its family's grids."""
     found = transform_search(model, images, (target,), config, device)
-    trigger = replace_config(found.transformation(0), config)
+    trigger = found.transformation(0, config)
     shape = grid_shape(trigger.name, images.shape[1], config)
     evidence = {"family": trigger.name, "transform_size": round(float(found.size[0]), 4),
                 "transform_asr": round(float(found.asr[0]), 4)}
@@ -326,11 +328,6 @@ def _transform_trigger(model: nn.Module, images: Tensor, labels: Tensor | None, 
     evidence["reach"] = round(reach, 4)
     return trigger, Geometry("transform", shape[1:], None, 0.0, None, evidence,
                              depth=shape[0], extra=(trigger.name, config, reach))
-
-
-def replace_config(trigger: Transformed, config: TransformSearchConfig) -> Transformed:
-    """`trigger` applied with `config`'s bounds (max_add, max_shift)."""
-    return Transformed(trigger.name, trigger.params, config)
 
 
 @register_detector("transform", TransformSearchConfig, _reduce_transform, _transform_trigger)
@@ -345,6 +342,6 @@ def measure_transform(model: nn.Module, images: Tensor, labels: Tensor | None,
                     **{f"size_{n}": float(found.per_family[n][i]) for n in config.families}}
                 for i, c in enumerate(found.classes)}
     first = images[:1].float().div(255)
-    samples = {c: replace_config(found.transformation(i), config).apply(first)
+    samples = {c: found.transformation(i, config).apply(first)
                for i, c in enumerate(found.classes)}
     return evidence, samples

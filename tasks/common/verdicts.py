@@ -20,12 +20,12 @@ from tasks.common.escape import escape
 TAG_LIMIT = 4000  # registry tag values are limited in length
 QUARANTINED = ("backdoored", "rejected")  # verdicts that quarantine a version
 QUARANTINE_ALIAS = "quarantined"
+SEALED = ("scan_verdict", "scan_target", "scan_run_id", "scan_key")  # what a seal covers
 
 
 def is_quarantined(tags: Mapping[str, str]) -> bool:
     """A version is quarantined if tagged so or if its verdict says so."""
     return tags.get("quarantined") == "true" or tags.get("scan_verdict") in QUARANTINED
-SEALED = ("scan_verdict", "scan_target", "scan_run_id", "scan_key")  # what a seal covers
 
 
 def verdict_tags(verdict: dict[str, Any], run_id: str) -> dict[str, str]:
