@@ -131,13 +131,15 @@ def scan_alias(model: str, alias: str, params_path: str = "params.yaml") -> dict
 
 @flow(name="scan-model")
 def scan_model(model: str, params_path: str = "params.yaml") -> dict[str, Any]:
-    """Scan one model now (even if scanned before, unless a scan of it is in progress)."""
+    """Scan one model now, even if scanned before; if another run is scanning it (say, the
+    service's event run on a version just registered), wait for that run to end first."""
     params = load_params(params_path)
     service.preflight()
     store = service.claim_store(params)
     cand = service.candidate(model, params)
-    if not store.acquire(cand.key, owner=str(flow_run.id or "")):
-        raise RuntimeError(f"{cand.label} is being scanned by another run right now")
+    if not store.acquire_waiting(cand.key, owner=str(flow_run.id or "")):
+        raise RuntimeError(f"{cand.label} stayed claimed by another run for "
+                           f"{store.timeout_s:.0f} s (scan.claim_timeout_s)")
     (outcome,) = scan_claimed([cand], params, params_path, store)
     service.raise_failures([outcome])
     return outcome

@@ -134,6 +134,19 @@ def test_stale_claims_are_taken_over_and_done_records_release(tmp_path: Path) ->
         store.acquire("../etc")
 
 
+def test_a_scan_asked_for_waits_for_the_one_in_progress(tmp_path: Path) -> None:
+    """`flows.scan model` on a version the service is scanning waits for that claim to go."""
+    store = ClaimStore(tmp_path, timeout_s=30)
+    assert store.acquire("dd")
+    threading.Timer(0.5, store.release, args=("dd",)).start()
+    start = time.monotonic()
+    assert store.acquire_waiting("dd", poll_s=0.05)
+    assert 0.4 < time.monotonic() - start < 20
+    start = time.monotonic()  # "dd" is held again (live): the wait ends at the claim timeout
+    assert ClaimStore(tmp_path, timeout_s=0.3).acquire_waiting("dd", poll_s=0.05)
+    assert time.monotonic() - start >= 0.25
+
+
 def test_drop_folder_grouping_settling_and_ledger(project: Path) -> None:
     d = project / "drop"
     drop(project, "a")

@@ -80,6 +80,16 @@ class ClaimStore:
             return True
         return False
 
+    def acquire_waiting(self, key: str, owner: str = "", poll_s: float = 2.0) -> bool:
+        """Claim `key`, waiting while another live run holds it; False if not won within
+        `timeout_s` (a claim that old is stale and taken over, so this is rare)."""
+        deadline = time.monotonic() + self.timeout_s
+        while not self.acquire(key, owner):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(poll_s)
+        return True
+
     def _take_over_stale(self, path: Path) -> bool:
         """Rename a stale claim away (one winner); False if the claim is live or gone."""
         try:
