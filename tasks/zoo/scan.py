@@ -29,7 +29,7 @@ from mesa_lib import calibration as cal
 from mesa_lib.detect import DetectConfig, detect
 from mesa_lib.detectors import run_detectors
 from mesa_lib.mesa import MesaConfig
-from mesa_lib.modelio import load_model, model_fingerprint
+from mesa_lib.modelio import load_manifest, load_model, model_fingerprint
 from mesa_lib.seed import resolve_device
 from tasks.common.configs import scan_settings
 from tasks.common.io import read_json, write_json
@@ -105,6 +105,15 @@ def _git_commit() -> str:
     return done.stdout.strip() or "unknown"
 
 
+def coverage(stems: list[Path], dataset: str) -> dict[str, Any]:
+    """What the clean models a calibration is fitted on are: a model outside this is judged
+    against a null it is not part of (tasks.scan.coverage refuses a verdict on it)."""
+    manifests = [load_manifest(s) for s in stems]
+    return {"architectures": sorted({m.architecture for m in manifests}),
+            "input_shapes": [list(s) for s in sorted({m.input_shape for m in manifests})],
+            "num_classes": sorted({m.num_classes for m in manifests}), "dataset": dataset}
+
+
 def calibrate(params: Params, zoo: ZooParams) -> Path:
     """Scan the calibration zoo; fit the clean null; write the calibration file."""
     names = zoo.names("calibration")
@@ -118,6 +127,7 @@ def calibrate(params: Params, zoo: ZooParams) -> Path:
                   "created": datetime.now(UTC).isoformat(timespec="seconds"),
                   "architectures": sorted({truth[n]["arch"] for n in clean}),
                   "dataset": "cifar10",
+                  "coverage": coverage([stem_of(zoo, n) for n in clean], "cifar10"),
                   "reference": {"procedure": "tasks.scan.reference.reference_batch",
                                 "pool": f"zoo reference part of the CIFAR-10 test set "
                                         f"({zoo.data.n_reference} images)",
