@@ -68,10 +68,18 @@ def code_key(params: Params, extra: Any) -> str:
     h.update(Path(params.scan.calibration).read_bytes())  # the verdicts are made against it
     # What the scan, the split and the defence read, not whole sections: the demo pipeline's
     # own keys there (recover.trigger_size, ...) do not change a zoo repair.
-    h.update(repr((params.section("scan"), defence_config(params).record(),
-                   params.repair.verification, params.repair.selection, params.base.seed,
-                   extra)).encode())
+    h.update(repr((params.section("scan"), _settings(params), params.repair.verification,
+                   params.repair.selection, params.base.seed, extra)).encode())
     return h.hexdigest()[:16]
+
+
+def _settings(params: Params) -> dict[str, Any]:
+    """The defence's settings but the budget, which each record states itself (`with_budget`):
+    the budget chosen here, once written into params.yaml, leaves the records valid."""
+    settings = defence_config(params).record()
+    settings["repair"] = {k: v for k, v in settings["repair"].items()
+                          if k not in ("epochs", "lr", "stamp_rate")}
+    return {k: v for k, v in settings.items() if k != "method"}
 
 
 def with_budget(params: Params, budget: dict[str, Any], method: str = "mesa") -> Params:
