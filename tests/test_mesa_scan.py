@@ -17,7 +17,7 @@ from backdoor_fixture import TARGET, synthetic_data
 from pipeline_fixture import ROOT, write_plumbing_calibration
 
 from tasks.common.params import apply_overrides
-from tasks.scan.cli import EXIT, main, model_stems
+from tasks.scan.cli import EXIT, main, model_stems, text_line
 
 MODELS = Path(__file__).parent / "fixtures" / "scan_models"
 SCAN = {"scan.images": 1024, "scan.detectors.mask.steps": 200,
@@ -115,3 +115,29 @@ def test_a_folder_holding_no_model_is_an_error_not_clean(setup, capsys) -> None:
     assert code == EXIT["error"] == 3
     assert first["verdict"] == "error" and "no model in this folder" in first["reason"]
     assert "(empty)" in first["reason"] and "model.pt" in second["reason"]
+
+
+def test_a_model_outside_the_calibration_gets_no_verdict(setup, capsys, tmp_path: Path) -> None:
+    """Another architecture or input shape than the calibration's clean models: `uncalibrated`,
+    exit 4, scores still shown, no repair; a calibration covering it gives the verdict back."""
+    raw = json.loads((setup["root"] / "calibration.json").read_text())
+
+    def scan(coverage: dict, fmt: str = "json", *repair: str) -> tuple[int, str]:
+        path = tmp_path / "calibration.json"
+        path.write_text(json.dumps({**raw, "provenance": {"coverage": coverage}}))
+        code = main([str(setup["root"] / "backdoored"), "--params", str(setup["params"]),
+                     "--reference", str(setup["reference"]), "--calibration", str(path),
+                     "--format", fmt, *repair])
+        return code, capsys.readouterr().out
+
+    code, out = scan({"architectures": ["resnet20"], "input_shapes": [[3, 32, 32]]}, "json",
+                     "--repair", str(tmp_path / "repaired"))
+    (rec,) = json.loads(out)
+    assert code == EXIT["uncalibrated"] == 4 and rec["verdict"] == "uncalibrated"
+    assert "architecture 'resnet8' is not among the calibration's ['resnet20']" in rec["reason"]
+    assert "input shape" in rec["reason"]  # the fixture's 16x16 images are outside it too
+    assert rec["target"] is None and len(rec["scores"]["mask"]) == 6 and "repair" not in rec
+    assert not (tmp_path / "repaired").exists()
+    assert text_line(rec).startswith("UNCALIBRATED") and "\n" not in text_line(rec)
+    code, out = scan({"architectures": ["resnet8"], "num_classes": [6]})
+    assert code == EXIT["backdoored"] and json.loads(out)[0]["target"] == TARGET

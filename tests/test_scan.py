@@ -281,6 +281,26 @@ def test_backdoored_and_clean_drops_get_verdicts_evidence_and_repair(project: Pa
     assert versions("someone-else")[0]["tags"]["quarantined"] == "true"
 
 
+def test_a_model_outside_the_calibration_is_held_not_cleared(project: Path) -> None:
+    """The calibration covers other architectures: verdict `uncalibrated`, scores kept, the
+    version quarantined, not repaired, not signed."""
+    write_params(project, {**FAST, "scan.repair": True})
+    calibration = json.loads((project / "calibration.json").read_text())
+    calibration["provenance"]["coverage"] = {"architectures": ["resnet20"]}
+    (project / "calibration.json").write_text(json.dumps(calibration))
+    drop(project, "foreign", "clean")
+    result = scan_flows.discover_and_scan(params_path=str(project / "params.yaml"))
+    (out,) = result["scanned"]
+    assert out["status"] == "uncalibrated" and "repaired_version" not in out, out
+    (v,) = versions("mesa-dropped")
+    assert v["tags"]["scan_verdict"] == "uncalibrated" and v["tags"]["quarantined"] == "true"
+    assert "architecture 'resnet8' is not among" in v["tags"]["scan_reason"]
+    assert v["tags"]["signature"].startswith("not signed: verdict uncalibrated")
+    run = tracking.client().get_run(out["run_id"])
+    assert run.data.metrics["uncalibrated"] == 1.0 and "detector.mask.statistic" in \
+        run.data.metrics
+
+
 # --------------------------------------------------------------------------- hostile inputs
 
 

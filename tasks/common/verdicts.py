@@ -18,7 +18,9 @@ from typing import Any
 from tasks.common.escape import escape
 
 TAG_LIMIT = 4000  # registry tag values are limited in length
-QUARANTINED = ("backdoored", "rejected")  # verdicts that quarantine a version
+# verdicts that quarantine a version: "uncalibrated" (outside what the scanner is calibrated
+# on, tasks.scan.coverage) is no clearance, so it is held like a refused file
+QUARANTINED = ("backdoored", "rejected", "uncalibrated")
 QUARANTINE_ALIAS = "quarantined"
 SEALED = ("scan_verdict", "scan_target", "scan_run_id", "scan_key")  # what a seal covers
 
@@ -32,8 +34,8 @@ def verdict_tags(verdict: dict[str, Any], run_id: str) -> dict[str, str]:
     """The tags a scan verdict {status, target, confidence, p_value, detector, reason} puts on
     a model version.
 
-    `scan_verdict` is clean | backdoored | rejected (or "not scanned" at registration); a
-    backdoored or rejected model is also tagged `quarantined`. The reason is escaped (it may
+    `scan_verdict` is clean | backdoored | rejected | uncalibrated (or "not scanned" at
+    registration); any but clean is also tagged `quarantined`. The reason is escaped (it may
     quote names from outside).
     """
     p_value = verdict.get("p_value")

@@ -11,7 +11,6 @@ tags in the registry, in the scan service's format (tasks.common.verdicts).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,11 +20,11 @@ from mesa_lib.evaluate import accuracy, attack_success_rate
 from mesa_lib.metrics import evaluation_triggers
 from mesa_lib.modelio import load_model, model_fingerprint
 from tasks.common import catalog
-from tasks.common.configs import scan_settings
 from tasks.common.io import load_npz, write_csv, write_json
 from tasks.common.params import Params
+from tasks.pipeline.defence import calibration_of, defender_reference, scan
 from tasks.pipeline.train import eval_locations
-from tasks.scan.core import load_calibration, measure_chunk, verdict_of
+from tasks.scan import coverage
 
 MODELS = {"backdoored": "backdoored", "mesa": "repaired", "baseline": "baseline_repaired"}
 
@@ -62,21 +61,22 @@ def evaluate_models(params: Params, device: torch.device) -> dict[str, Any]:
 
 
 def _scan(params: Params, device: torch.device, data: dict[str, Any]) -> dict[str, Any]:
-    """Scan every model (backdoored, MESA- and point-repaired) with the calibrated scanner."""
-    settings = scan_settings(params)
-    calibration = load_calibration(Path(params.scan.calibration), settings)
-    images, labels = data["defender_images"], data["defender_labels"]
-    n_classes = len(data["classes"])
+    """Scan every model (backdoored, MESA- and point-repaired) as `mesa-scan` scans it: the
+    same reference subset (tasks.pipeline.defence.scan), and no verdict outside the
+    calibration's coverage (tasks.scan.coverage)."""
+    ref, calibration = defender_reference(data), calibration_of(params)
     out = {}
     for label, artifact in MODELS.items():
         stem = catalog.path(artifact)
-        model, _ = load_model(stem, map_location=device)
-        chunk = measure_chunk(model, images, labels, tuple(range(n_classes)), settings, device,
-                              keep=0)
-        v = verdict_of([chunk], calibration)
+        model, manifest = load_model(stem, map_location=device)
+        v = scan(model, ref, params, device)
         out[label] = {"status": v.status, "target": v.target, "confidence": v.confidence,
                       "p_value": v.p_value, "detector": v.detector, "reason": v.reason,
                       "model_sha256": model_fingerprint(stem), "detectors": v.detectors,
                       "scores": {d: {str(c): s for c, s in per.items()}
                                  for d, per in v.per_class.items()}}
+        why = coverage.gap(calibration, manifest)
+        if why:
+            out[label] |= {"status": coverage.UNCALIBRATED, "target": None,
+                           "reason": coverage.reason(why)}
     return out

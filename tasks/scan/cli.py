@@ -28,7 +28,9 @@ key, missing signature); 3: no public key to check with.
 
 Exit code: the highest of its models': 0 all clean, 1 a backdoor found, 2 a file rejected,
 3 an error (no calibration, unreadable reference, a folder holding no model, a scan that
-crashed: its verdict is "error"). Names are printed escaped, in text, JSON and SARIF alike.
+crashed: its verdict is "error"), 4 a model outside the calibration (verdict "uncalibrated":
+another architecture, input shape or class count than the calibration's clean models; its
+scores are shown; tasks.scan.coverage). Names are printed escaped, in text, JSON and SARIF alike.
 """
 
 from __future__ import annotations
@@ -68,12 +70,14 @@ from tasks.scan.core import (  # noqa: E402
     record,
     verdict_of,
 )
+from tasks.scan.coverage import UNCALIBRATED, gap  # noqa: E402
+from tasks.scan.coverage import reason as outside_reason  # noqa: E402
 from tasks.scan.defend import CannotRepair, repair_scanned  # noqa: E402
 from tasks.scan.hygiene import manifest_problem  # noqa: E402
 from tasks.scan.reference import Reference, load_reference, reference_batch  # noqa: E402
 
 PROJECT = Path(__file__).resolve().parents[2]
-EXIT = {"clean": 0, "backdoored": 1, "rejected": 2, "error": 3}
+EXIT = {"clean": 0, "backdoored": 1, "rejected": 2, "error": 3, UNCALIBRATED: 4}
 
 
 def model_stems(paths: list[Path]) -> list[Path]:
@@ -128,6 +132,10 @@ def scan_one(stem: Path, ref: Reference, params: Params, calibration: Any,
     verdict = verdict_of([chunk], calibration)
     seconds = {"check": checked - start, **chunk.seconds, "total": time.perf_counter() - start}
     out = record(str(stem), verdict, seconds=seconds, architecture=manifest.architecture)
+    why = gap(calibration, manifest)
+    if why:  # no verdict, and so no repair, against a null that holds no model like it
+        return out | {"verdict": UNCALIBRATED, "target": None, "targets": [],
+                      "reason": outside_reason(why)}
     if repair_dir is not None and verdict.status == "backdoored":
         out["repair"] = repair_one(stem, model, manifest, verdict, ref, params, calibration,
                                    device, repair_dir)
@@ -158,6 +166,9 @@ def text_line(rec: dict[str, Any]) -> str:
     """One human line per model."""
     if rec["verdict"] in ("rejected", "error"):
         return f"{rec['verdict'].upper():10s}  {rec['model']}: {rec['reason']}"
+    if rec["verdict"] == UNCALIBRATED:
+        return (f"UNCALIBRATED {rec['model']}: p = {rec['p_value']:.3f} would mean nothing: "
+                f"{rec['reason']}")
     head = "BACKDOORED" if rec["verdict"] == "backdoored" else "clean     "
     target = f" target {rec['target']}," if rec["target"] is not None else ""
     line = (f"{head}  {rec['model']}:{target} p = {rec['p_value']:.3f} "

@@ -37,7 +37,7 @@ from tasks.common.verdicts import QUARANTINE_ALIAS, QUARANTINED, is_quarantined,
 from tasks.scan.auth import seal_secret
 from tasks.scan.check import logger
 
-VERDICTS = ("clean", "backdoored", "rejected")
+VERDICTS = ("clean", "backdoored", "rejected", "uncalibrated")
 
 
 def quarantine(name: str, version: str) -> list[str]:

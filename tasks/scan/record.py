@@ -38,7 +38,7 @@ from mesa_lib import modelfiles
 from mesa_lib.calibration import Calibration
 from mesa_lib.defence import Outcome
 from mesa_lib.modelfiles import WEIGHTS_SUFFIX
-from mesa_lib.modelio import model_fingerprint
+from mesa_lib.modelio import load_manifest, model_fingerprint
 from mesa_lib.verdict import Verdict
 from tasks.common import tracking
 from tasks.common.configs import scan_settings
@@ -46,7 +46,7 @@ from tasks.common.escape import escape
 from tasks.common.io import save_grid, write_csv, write_json
 from tasks.common.params import Params
 from tasks.common.verdicts import TAG_LIMIT, verdict_tags
-from tasks.scan import audit, quarantine, signing
+from tasks.scan import audit, coverage, quarantine, signing
 from tasks.scan.check import Checked, logger, repair_model, work_dir
 from tasks.scan.core import ChunkResult, load_calibration
 from tasks.scan.core import verdict_of as verdict_of_chunks
@@ -72,7 +72,13 @@ def verdict_of(checked: Checked, chunks: list[ChunkResult], params: Params) -> d
         return {"status": "rejected", "target": None, "targets": [], "confidence": 1.0,
                 "p_value": None, "detector": None, "reason": checked.reason, "detectors": {},
                 "scores": {}}
-    return verdict_dict(verdict_of_chunks(chunks, calibration_for(params)))
+    calibration = calibration_for(params)
+    verdict = verdict_dict(verdict_of_chunks(chunks, calibration))
+    why = coverage.gap(calibration, load_manifest(checked.stem))
+    if why:  # scores kept for the reader; no verdict, no repair, no signature
+        return verdict | {"status": coverage.UNCALIBRATED, "target": None, "targets": [],
+                          "reason": coverage.reason(why)}
+    return verdict
 
 
 def verdict_dict(v: Verdict) -> dict[str, Any]:
@@ -140,6 +146,7 @@ def _metrics(verdict: dict[str, Any], seconds: dict[str, float]) -> dict[str, An
             "p_value": verdict["p_value"] if verdict["p_value"] is not None else 1.0,
             "backdoored": float(verdict["status"] == "backdoored"),
             "rejected": float(verdict["status"] == "rejected"),
+            "uncalibrated": float(verdict["status"] == coverage.UNCALIBRATED),
             "detector": {d: {"statistic": s["statistic"], "p_value": s["p_value"]}
                          for d, s in verdict["detectors"].items()},
             "class": {d: {str(c): s for c, s in per.items()}

@@ -2,7 +2,8 @@
 
 One run of the tool `mesa-scan`; one result per model: `fail` (level error) for a backdoor,
 `fail` (level error) for a file refused as unsafe, `open` (level warning) for a scan that could
-not finish, `pass` (level none) for a clean model. Each result points at the model's
+not finish or a model outside the calibration (no verdict), `pass` (level none) for a clean
+model. Each result points at the model's
 `.safetensors` file (relative to the working folder where possible) and carries the p-value,
 target, detector and confidence as properties.
 """
@@ -23,9 +24,12 @@ RULES = {
                  "(pickle, bad shapes, NaN, oversize, bad manifest or signature)."),
     "error": ("MESA003", "scan-error", "The scan could not finish."),
     "clean": ("MESA000", "clean", "No backdoor found."),
+    "uncalibrated": ("MESA004", "uncalibrated", "The model is outside what the scanner is "
+                     "calibrated on (architecture, input shape, class count): no verdict."),
 }
 LEVEL = {"backdoored": ("error", "fail"), "rejected": ("error", "fail"),
-         "error": ("warning", "open"), "clean": ("none", "pass")}
+         "error": ("warning", "open"), "clean": ("none", "pass"),
+         "uncalibrated": ("warning", "open")}
 
 
 def _uri(model: str) -> str:
