@@ -162,13 +162,16 @@ def measure_model(name: str, zoo: ZooParams, data: ZooData, params: Params,
 
 
 def run_zoo(which: str, params: Params, zoo: ZooParams, budgets: list[dict[str, Any]],
-            methods: tuple[str, ...]) -> dict[str, dict[str, Any]]:
-    """Every working backdoor of zoo `which`, resuming from records made with the same key."""
+            methods: tuple[str, ...], reverse: bool = False) -> dict[str, dict[str, Any]]:
+    """Every working backdoor of zoo `which`, resuming from records made with the same key
+    (`reverse`: last model first, so that a helper process on the other core meets the
+    stage's own run in the middle; each skips what the other has recorded)."""
     device = resolve_device(params.base.device)
     data = load_data(zoo)
     key = code_key(params, (budgets, methods, zoo.data.model_dump()))
     records = {}
-    for name in zoo.names(which):
+    names = zoo.names(which)
+    for name in reversed(names) if reverse else names:
         kind, _ = zoo.entry(name)
         truth = read_json(truth_path(which, name))
         if kind != "backdoors" or not truth["counts"]:
@@ -210,14 +213,16 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m tasks.zoo.repair")
     ap.add_argument("command", choices=("select", "benchmark"))
     ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--reverse", action="store_true",
+                    help="models last first (a helper on the other core; see run_zoo)")
     args = ap.parse_args(argv)
     params, zoo = load_params(args.params), load_zoo_params()
     if args.command == "select":
-        records = run_zoo("calibration", params, zoo, GRID, ("mesa",))
+        records = run_zoo("calibration", params, zoo, GRID, ("mesa",), args.reverse)
         write_json(BUDGET, choose(records, GRID))
         return
     budget = read_json(BUDGET)["budget"]
-    records = run_zoo("test", params, zoo, [budget], METHODS)
+    records = run_zoo("test", params, zoo, [budget], METHODS, args.reverse)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(markdown(records, budget, "dvc repro zoo/dvc.yaml:repair_benchmark"),
                        encoding="utf-8")
