@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from onnx import TensorProto, helper, numpy_helper, save
+from foreign_fixture import onnx_net
 from pipeline_fixture import ROOT, write_plumbing_calibration
 from safetensors.torch import save_file
 
@@ -25,24 +25,6 @@ from tasks.scan.cli import EXIT, main, model_stems
 TIMM = "timm:mobilenetv3_small_050"
 CHEAP = {"scan.images": 64, "scan.detectors.mask.steps": 4,
          "scan.detectors.mask.batch_size": 8, "base.device": "cpu"}
-
-
-def _onnx_net(path: Path) -> Path:
-    """A tiny ONNX CNN: (N, 3, 32, 32) -> Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm
-    -> (N, 10), batch dimension symbolic."""
-    rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
-             for n, s in (("cw", (8, 3, 3, 3)), ("cb", (8,)), ("fw", (10, 8)), ("fb", (10,)))]
-    nodes = [helper.make_node("Conv", ["x", "cw", "cb"], ["c"], pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["c"], ["r"]),
-             helper.make_node("GlobalAveragePool", ["r"], ["p"]),
-             helper.make_node("Flatten", ["p"], ["f"]),
-             helper.make_node("Gemm", ["f", "fw", "fb"], ["y"], transB=1)]
-    graph = helper.make_graph(
-        nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 32, 32])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)
-    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    return path
 
 
 def _folder(path: Path, config: dict) -> Path:
@@ -76,7 +58,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     models.mkdir()
     save_model(build_model(TIMM, 10), models / "timm_pair",
                Manifest(TIMM, 10, tuple(f"c{k}" for k in range(10)), CIFAR10_MEAN, CIFAR10_STD))
-    _onnx_net(models / "tiny.onnx")
+    onnx_net(models / "tiny.onnx")
     _folder(models / "hf", {"architecture": TIMM.split(":")[1], "num_classes": 10,
                             "pretrained_cfg": {"input_size": [3, 32, 32], "mean": CIFAR10_MEAN,
                                                "std": CIFAR10_STD}})
