@@ -137,9 +137,14 @@ def scan_model(model: str, params_path: str = "params.yaml") -> dict[str, Any]:
     service.preflight()
     store = service.claim_store(params)
     cand = service.candidate(model, params)
-    if not store.acquire_waiting(cand.key, owner=str(flow_run.id or "")):
-        raise RuntimeError(f"{cand.label} stayed claimed by another run for "
-                           f"{store.timeout_s:.0f} s (scan.claim_timeout_s)")
+    owner = str(flow_run.id or "")
+    if not store.acquire(cand.key, owner=owner):
+        holder = store.holder(cand.key)
+        service.logger().warning("%s is being scanned by another run (claim %s); waiting for it",
+                                 cand.label, holder)
+        if not store.acquire_waiting(cand.key, owner=owner):
+            raise RuntimeError(f"{cand.label} stayed claimed by another run ({holder}) for "
+                               f"{store.timeout_s:.0f} s (scan.claim_timeout_s)")
     (outcome,) = scan_claimed([cand], params, params_path, store)
     service.raise_failures([outcome])
     return outcome

@@ -90,6 +90,13 @@ class ClaimStore:
             time.sleep(poll_s)
         return True
 
+    def holder(self, key: str) -> dict[str, Any]:
+        """Who holds the claim of `key` ({} if nobody): pid, host, time, owner (a flow run)."""
+        try:
+            return json.loads(self._claim_path(key).read_text() or "{}")
+        except (OSError, ValueError):
+            return {}
+
     def _take_over_stale(self, path: Path) -> bool:
         """Rename a stale claim away (one winner); False if the claim is live or gone."""
         try:
