@@ -53,6 +53,16 @@ def auc(positive: list[float], negative: list[float]) -> float:
     return wins / (len(positive) * len(negative))
 
 
+def attack_text(attack: dict[str, Any]) -> str:
+    """A truth record's attack in a few words: a patch by its trigger, size, place and rate;
+    any other attack by its name and settings."""
+    if {"trigger", "size", "location"} <= set(attack) and attack["size"] < 32:
+        return (f"{attack['trigger']} {attack['size']}x{attack['size']} at "
+                f"{attack['location']}, rate {attack.get('rate')}")
+    settings = ", ".join(f"{k} {v}" for k, v in attack.items() if k != "name")
+    return f"{attack.get('name', 'attack')} ({settings})"
+
+
 def families(truth: Truth) -> dict[str, Callable[[dict[str, Any]], bool]]:
     """Attack families: name -> predicate on a backdoored model's truth record. The patch
     families read a patch attack's settings (size, location, trigger, rate); an attack without
@@ -175,9 +185,8 @@ def markdown(truth: Truth, scans: dict[str, Any], calibration: Calibration, comm
               "|---|---|---|---|---|---|"]
     for n in scans:
         t = truth[n]
-        what = (f"target {t['target']}, {t['attack']['trigger']} {t['attack']['size']}x"
-                f"{t['attack']['size']} at {t['attack']['location']}, rate {t['attack']['rate']}"
-                if t["backdoored"] else "clean")
+        what = f"target {t['target']}, {attack_text(t['attack'])}" if t["backdoored"] \
+            else "clean"
         new, old = scores[n]["new"], scores[n]["before"]
         asr = "-" if t["asr"] is None else f"{t['asr']:.0%}"
         lines.append(f"| {n} | {what} | {asr} | {1 - new[0]:.3f} | "

@@ -153,9 +153,9 @@ def benchmark(params: Params, zoo: ZooParams, command: str) -> Path:
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                f"torch {torch.__version__} on {torch.get_num_threads()} threads; load average "
                f"before the scans {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}")
+    write_json(SCANS / "test_zoo.json", scans)  # first: a report that fails loses no scan
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(markdown(truth, scans, calibration, command, machine), encoding="utf-8")
-    write_json(SCANS / "test_zoo.json", scans)
     return RESULTS
 
 
