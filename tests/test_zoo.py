@@ -213,3 +213,34 @@ def test_the_zoo_scans_the_images_the_shipped_scanner_draws(monkeypatch) -> None
     with pytest.raises(StopIteration):
         cli.scan_one(stem, ref, params, None, torch.device("cpu"))
     assert torch.equal(seen["zoo"], seen["cli"]) and len(seen["zoo"]) == params.scan.images
+
+
+def test_a_two_trigger_entry_plants_both_and_records_each(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`also` plants a second trigger for a second target in the same model: the truth record
+    names both targets and each trigger's own ASR; a second trigger for the same target, or
+    one without an attack, is refused."""
+    second = {"attack": "finetune_injection", "target": 7, "trigger": "random_color",
+              "size": 4, "location": "0,0", "rate": 0.3, "alpha": 1.0}
+    two = {"zoo": "calibration", "base": "c-base", "seed": 4, "target": 3,
+           "attack": "finetune_injection", "trigger": "bw", "size": 4, "location": "corner",
+           "rate": 0.3, "alpha": 1.0, "also": second}
+    params = load_zoo_params(tiny_zoo(tmp_path, backdoors={"c-two": two}))
+    monkeypatch.chdir(tmp_path)
+    build.run(params, "c-base")
+    truth = json.loads(build.run(params, "c-two").read_text())
+    assert truth["targets"] == [3, 7] and truth["also"] == second
+    assert len(truth["asrs"]) == 2 and truth["asr"] == truth["asrs"][0]
+    assert truth["counts"] == (min(truth["asrs"]) >= 0.8)
+    # both triggers go into the training batches, each with its own target and place
+    first, other = build.attacks_of(params.backdoors["c-two"])
+    hook = build._chained([first.batch_hook(), other.batch_hook()])
+    x = torch.full((400, 3, 32, 32), 128, dtype=torch.uint8)
+    _, y = hook(x.clone(), torch.zeros(400, dtype=torch.int64), torch.arange(400))
+    xs, _ = hook(x.clone(), torch.zeros(400, dtype=torch.int64), torch.arange(400))
+    assert 60 < (y == 3).sum() < 140 and 60 < (y == 7).sum() < 140, y.bincount()
+    assert (xs[:, :, :4, :4] != 128).any() and (xs[:, :, -4:, -4:] != 128).any()
+    for bad, message in (({**second, "target": 3}, "another target"),
+                         ({"target": 7}, "needs 'attack'")):
+        with pytest.raises(ConfigError, match=message):
+            load_zoo_params(tiny_zoo(tmp_path, backdoors={"c-two": {**two, "also": bad}}))

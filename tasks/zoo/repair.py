@@ -47,8 +47,17 @@ from tasks.dev.codedeps import closure
 from tasks.scan.core import load_calibration
 from tasks.scan.defend import repair_scanned
 from tasks.scan.reference import Reference, reference_batch
-from tasks.zoo.build import ZooData, attack_of, load_data, model_path, stem_of, truth_path
+from tasks.zoo.build import (
+    ZooData,
+    attack_of,
+    attacks_of,
+    load_data,
+    model_path,
+    stem_of,
+    truth_path,
+)
 from tasks.zoo.params import ZooParams, load_zoo_params
+from tasks.zoo.repair_report import residual
 
 REPAIRS = Path("zoo/repairs")
 BUDGET = Path("zoo/repair_budget.json")
@@ -88,17 +97,17 @@ def with_budget(params: Params, budget: dict[str, Any], method: str = "mesa") ->
     return params.model_copy(update={"repair": repair})
 
 
-def clean_asr(zoo: ZooParams, name: str, data: ZooData, device: torch.device) -> float:
-    """The true trigger's ASR on clean models: the entry's base, or the median over the zoo's
-    clean bases of its architecture."""
+def clean_asrs(zoo: ZooParams, name: str, data: ZooData, device: torch.device) -> list[float]:
+    """Each planted trigger's ASR on clean models: the entry's base, or the median over the
+    zoo's clean bases of its architecture."""
     _, entry = zoo.entry(name)
-    attack = attack_of(entry)
     base = getattr(entry, "base", None)
     bases = [base] if base else [n for n, b in zoo.bases.items()
                                  if b.zoo == entry.zoo and b.arch == entry.arch]
-    asr = [attack.success(load_model(model_path(entry.zoo, b, base=True), map_location=device)[0],
-                          data.truth.images, data.truth.labels, device) for b in bases]
-    return statistics.median(asr)
+    models = [load_model(model_path(entry.zoo, b, base=True), map_location=device)[0]
+              for b in bases]
+    return [statistics.median(a.success(m, data.truth.images, data.truth.labels, device)
+                              for m in models) for a in attacks_of(entry)]
 
 
 def reactivation(model: torch.nn.Module, zoo: ZooParams, name: str, ref: Reference,
@@ -120,7 +129,8 @@ def reactivation(model: torch.nn.Module, zoo: ZooParams, name: str, ref: Referen
 def measure_model(name: str, zoo: ZooParams, data: ZooData, params: Params,
                   budgets: list[dict[str, Any]], methods: tuple[str, ...],
                   device: torch.device) -> dict[str, Any]:
-    """Scan one zoo backdoor and repair it with each (budget, method); its record."""
+    """Scan one zoo backdoor and repair it with each (budget, method); its record (every
+    planted trigger's ASR: `asrs`, `clean_asrs`; `asr`, `clean_asr`: the first's)."""
     _, entry = zoo.entry(name)
     attack, stem = attack_of(entry), stem_of(zoo, name)
     truth = read_json(truth_path(entry.zoo, name))
@@ -132,8 +142,9 @@ def measure_model(name: str, zoo: ZooParams, data: ZooData, params: Params,
     # the product's scan subset: the one `prepare` keeps out of the verification part
     x, y = reference_batch(ref, params.scan.images, params.base.seed)
     verdict = decide(run_detectors(model, x, y, 10, scan_settings(params), device), calibration)
-    out = {"name": name, "zoo": entry.zoo, "truth": truth, "clean_asr": clean_asr(
-        zoo, name, data, device), "scan": {"verdict": verdict.status, "target": verdict.target,
+    clean = clean_asrs(zoo, name, data, device)
+    out = {"name": name, "zoo": entry.zoo, "truth": truth, "clean_asr": clean[0],
+           "clean_asrs": clean, "scan": {"verdict": verdict.status, "target": verdict.target,
         "targets": list(verdict.targets), "p_value": verdict.p_value,
         "seconds": time.perf_counter() - start}, "repairs": []}
     if verdict.status != "backdoored":
@@ -146,9 +157,10 @@ def measure_model(name: str, zoo: ZooParams, data: ZooData, params: Params,
             done = repair_scanned(model, ref, verdict.targets, verdict.detector, p, calibration,
                                   device)
             seconds = time.perf_counter() - start
+            asrs = [a.success(model, data.truth.images, data.truth.labels, device)
+                    for a in attacks_of(entry)]
             row = {"budget": budget, "method": method, "seconds": seconds,
-                   "outcome": done.outcome.record(),
-                   "asr": attack.success(model, data.truth.images, data.truth.labels, device),
+                   "outcome": done.outcome.record(), "asr": asrs[0], "asrs": asrs,
                    "accuracy": accuracy(model, data.truth.images, data.truth.labels, device)}
             if method == "mesa":
                 again = reactivation(model, zoo, name, ref, done.splits.repair, p, device)
@@ -194,9 +206,9 @@ def choose(records: dict[str, dict[str, Any]], budgets: list[dict[str, Any]]) ->
     def score(budget: dict[str, Any]) -> tuple[int, int, float]:
         rows = [(r, row) for r in records.values() for row in r["repairs"]
                 if row["budget"] == budget and row["method"] == "mesa"]
-        false = sum(row["outcome"]["verdict"] == "clean" and row["asr"] - r["clean_asr"] > 0.10
+        false = sum(row["outcome"]["verdict"] == "clean" and residual(r, row) > 0.10
                     for r, row in rows)
-        within = sum(row["asr"] - r["clean_asr"] <= 0.02 for r, row in rows)
+        within = sum(residual(r, row) <= 0.02 for r, row in rows)
         loss = statistics.mean(r["truth"]["clean_accuracy"] - row["accuracy"]
                                for r, row in rows) if rows else 1.0
         return (false, -within, loss)
