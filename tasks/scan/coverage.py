@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mesa_lib.calibration import Calibration
+from mesa_lib.calibration import Calibration, CalibrationError
 from mesa_lib.modelio import Manifest
 from tasks.common.escape import escape
 
@@ -25,9 +25,14 @@ UNCALIBRATED = "uncalibrated"
 def coverage_of(calibration: Calibration) -> dict[str, Any]:
     """What the calibration's clean models were: architectures, input shapes, class counts."""
     provenance = calibration.provenance or {}
-    if "coverage" in provenance:
-        return dict(provenance["coverage"])
-    return {"architectures": provenance["architectures"]} if "architectures" in provenance else {}
+    if "coverage" not in provenance:
+        return {"architectures": provenance["architectures"]} if "architectures" in provenance \
+            else {}
+    cov = provenance["coverage"]
+    if not isinstance(cov, dict) or not all(isinstance(v, list | str) for v in cov.values()):
+        raise CalibrationError(f"the calibration's provenance.coverage must map keys to lists, "
+                               f"got {escape(repr(cov))[:200]}")
+    return cov
 
 
 def gap(calibration: Calibration, manifest: Manifest) -> str:
