@@ -244,3 +244,37 @@ def test_a_two_trigger_entry_plants_both_and_records_each(
                          ({"target": 7}, "needs 'attack'")):
         with pytest.raises(ConfigError, match=message):
             load_zoo_params(tiny_zoo(tmp_path, backdoors={"c-two": {**two, "also": bad}}))
+
+
+def test_leaving_an_architecture_out_refits_without_it_and_judges_it() -> None:
+    """The left-out architecture is judged against a null of the others only: its clean models
+    are not in the fit, an outlying backdoor of it is flagged with its target, and too small a
+    remainder gives no verdict instead of a false one."""
+    from tasks.zoo.transfer import judge, markdown as transfer_md, refit
+
+    gen = torch.Generator().manual_seed(0)
+
+    def record(name: str, arch: str, zoo: str, target: int | None = None) -> tuple:
+        scores = torch.randn(10, generator=gen).tolist()
+        if target is not None:
+            scores[target] = 25.0  # far above every clean model's score for that class
+        truth = {"arch": arch, "zoo": zoo, "backdoored": target is not None, "counts": True,
+                 "target": target}
+        return name, {"detectors": {"mask": {"scores": dict(enumerate(scores))}}}, truth
+
+    rows = ([record(f"a{i}", "wide", "calibration") for i in range(21)]
+            + [record(f"b{i}", "deep", "calibration") for i in range(3)]
+            + [record("b-test", "deep", "test"), record("b-bd", "deep", "test", target=4)])
+    scans = {n: s for n, s, _ in rows}
+    truth = {n: t for n, _, t in rows}
+    released = cal.fit([{"mask": scans[n]["detectors"]["mask"]["scores"]} for n in scans
+                        if n.startswith(("a", "b")) and not truth[n]["backdoored"]],
+                       0.05, 0.1, {"mask": {}})
+    left_out = refit(released, scans, [f"a{i}" for i in range(21)])
+    assert len(left_out.combined_null) == 21
+    judged = judge(left_out, scans, truth, ["b0", "b1", "b2", "b-test", "b-bd"])
+    assert judged["hits"] == judged["right"] == ["b-bd"]
+    assert judged["clean"] == ["b0", "b1", "b2", "b-test"]
+    text = transfer_md(released, scans, truth, "cmd")
+    assert "| deep, test zoo, left out | 21 of wide |" in text
+    assert "| wide, both zoos (21 models) | 3 of deep | no verdict possible" in text
