@@ -128,14 +128,14 @@ def test_the_benchmark_table_counts_hits_false_alarms_and_targets() -> None:
 
 
 def _repaired(asr_after: dict[str, float], cleared: dict[str, bool], clean: float = 0.05,
-              budget: dict | None = None) -> dict:
+              budget: dict | None = None, p: float = 0.5) -> dict:
     """A repair benchmark record (tasks.zoo.repair) of one model, one row per method."""
     truth = {"asr": 0.99, "clean_accuracy": 0.70, "attack": {"size": 3, "location": "random",
              "trigger": "bw", "rate": 0.1}, "base": "b", "arch": "resnet8"}
     rows = [{"budget": budget or {"epochs": 2}, "method": m, "seconds": 60.0, "asr": a,
              "accuracy": 0.69, "reactivated_asr": 0.3 if m == "mesa" else None,
              "outcome": {"verdict": "clean" if cleared[m] else "backdoored",
-                         "targets": [{"target": 1}]}}
+                         "targets": [{"target": 1}], "rescan": {"p_value": p}}}
             for m, a in asr_after.items()]
     return {"truth": truth, "clean_asr": clean, "scan": {"verdict": "backdoored",
                                                          "targets": [1]}, "repairs": rows}
@@ -164,22 +164,28 @@ def test_the_repair_table_counts_residuals_clearances_and_pairs() -> None:
                                        budget={"epochs": 5})["repairs"]
     slow["m2"]["repairs"] += _repaired({"mesa": 0.50}, {"mesa": True},
                                        budget={"epochs": 2})["repairs"]
-    assert choose(slow, [{"epochs": 2}, {"epochs": 5}])["budget"] == {"epochs": 5}
+    # m1's 2-epoch repair is a false clearance at p 0.5: the bar rises above it (grid 0.04)
+    assert choose(slow, [{"epochs": 2}, {"epochs": 5}], 0.04)["budget"] == {
+        "epochs": 5, "min_rescan_p": 0.52}
     # the targets, judged: mesa's residuals 0 / +1 points, -1 point of accuracy, 60 s
     assert "clean models' for >= 90% | 2/2 | met |" in text
     assert "| median clean-accuracy loss <= 1 point | 1.0 | met |" in text
     assert "| zero false clearances (cleared, > 10 points above clean) | 0 | met |" in text
     assert "excluding 0 | -34.5 [-45.0, -24.0] | met |" in text
     assert "| a repair within 3 minutes per ResNet-8 (2 cores) | max 60 s | met |" in text
-    # a budget that clears a still-working backdoor loses to one that does not, however many
-    # other models it brings within 2 points
-    risky = {"m1": _repaired({"mesa": 0.30}, {"mesa": True}, budget={"epochs": 2}),
+    # the re-scan bar: just above every false clearance of the selection, at any budget (here
+    # the 5-epoch one's, p 0.12), so the good repair at p 0.5 stays cleared; the budget is
+    # then chosen at that bar
+    risky = {"m1": _repaired({"mesa": 0.30}, {"mesa": False}, budget={"epochs": 2}, p=0.01),
              "m2": _repaired({"mesa": 0.05}, {"mesa": True}, budget={"epochs": 2})}
-    risky["m1"]["repairs"] += _repaired({"mesa": 0.30}, {"mesa": False},
-                                        budget={"epochs": 5})["repairs"]
+    risky["m1"]["repairs"] += _repaired({"mesa": 0.30}, {"mesa": True}, budget={"epochs": 5},
+                                        p=0.12)["repairs"]
     risky["m2"]["repairs"] += _repaired({"mesa": 0.09}, {"mesa": True},
                                         budget={"epochs": 5})["repairs"]
-    assert choose(risky, [{"epochs": 2}, {"epochs": 5}])["budget"] == {"epochs": 5}
+    chosen = choose(risky, [{"epochs": 2}, {"epochs": 5}], 0.04)
+    assert chosen["budget"] == {"epochs": 2, "min_rescan_p": 0.16}
+    assert chosen["cleared"]["{'epochs': 5}"] == {"no bar": 2, "at the bar": 1}
+    assert choose({"m2": risky["m2"]}, [{"epochs": 2}], 0.04)["budget"]["min_rescan_p"] == 0.0
     unmet = repair_table({"m1": _repaired({"mesa": 0.30}, {"mesa": True})}, {"epochs": 2}, "cmd")
     assert "| 1 | NOT met |" in unmet
 
