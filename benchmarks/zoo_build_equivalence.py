@@ -7,7 +7,8 @@ older commit, and this one) to show that a refactor leaves the zoo's models unch
     cd "$OLDPWD" && .venv/bin/python benchmarks/zoo_build_equivalence.py /tmp/zoo-now ARCHIVE
 
 The models: test-r8-3 (a base), test-inj-03 and test-inj-14 (fine-tune injections into it) and
-test-bn-03 (a BadNets whole-image blend from scratch), on 2,000 training images, 2 epochs from
+test-bn-03 (a BadNets whole-image blend from scratch), and one of each whole-image attack (SIG,
+WaNet, colour filter, low-frequency), on 2,000 training images, 2 epochs from
 scratch, 1 of fine-tuning. Entries are taken from the tree's own zoo/params.yaml, whatever its
 format.
 """
@@ -22,7 +23,8 @@ from pathlib import Path
 
 import yaml
 
-MODELS = ("test-r8-3", "test-inj-03", "test-inj-14", "test-bn-03")
+MODELS = ("test-r8-3", "test-inj-03", "test-inj-14", "test-bn-03", "test-sig-00",
+          "test-wanet-00", "test-filter-01", "test-lf-00")
 
 
 def reduced(tree: Path, archive: str) -> dict:

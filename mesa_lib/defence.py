@@ -17,8 +17,13 @@ triggers are recovered and their geometry measured there), `repair` (MESA's fit 
 tuning) and `verification` (never seen by the repair, nor by the scan that flagged the model).
 `defend` measures on the verification part, before and after, the clean accuracy and each
 recovered trigger's attack success, and re-scans there; the model passes only if the re-scan is
-clean, no recovered trigger keeps more than `max_residual` ASR and accuracy fell by at most
-`max_accuracy_drop`. Anything else is a failed repair with its reason: never cleared.
+clean with a p-value of at least `min_rescan_p`, no recovered trigger keeps more than
+`max_residual` ASR and accuracy fell by at most `max_accuracy_drop`. Anything else is a failed
+repair with its reason: never cleared. Why a p-value bar above the scan's own alpha: a repaired
+model was backdoored a minute ago, so "not flagged" is too weak; it must look like a typical
+clean model. The recovered trigger's residual cannot stand in for this: a repair can remove the
+trigger the search recovered while the planted one, which the search found only part of, keeps
+working (docs/repair.md gives the selection figures).
 """
 
 from __future__ import annotations
@@ -53,6 +58,8 @@ class DefenceConfig:
         mesa_images: repair images MESA is fitted on (0 = all).
         max_residual: highest ASR a recovered trigger may keep on the verification images.
         max_accuracy_drop: largest clean-accuracy loss on the verification images.
+        min_rescan_p: smallest p-value the re-scan of the repaired model may give (0: the
+            re-scan's verdict alone).
     """
 
     method: str = "mesa"
@@ -61,6 +68,7 @@ class DefenceConfig:
     mesa_images: int = 2048
     max_residual: float = 0.1
     max_accuracy_drop: float = 0.03
+    min_rescan_p: float = 0.0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -71,7 +79,7 @@ class DefenceConfig:
         return {"method": self.method, "repair": asdict(self.repair),
                 "mesa": {k: v for k, v in asdict(self.mesa).items() if v is not None},
                 "mesa_images": self.mesa_images, "max_residual": self.max_residual,
-                "max_accuracy_drop": self.max_accuracy_drop}
+                "max_accuracy_drop": self.max_accuracy_drop, "min_rescan_p": self.min_rescan_p}
 
 
 @dataclass(frozen=True)
@@ -234,6 +242,10 @@ def judge(before: Measures, after: Measures, rescan: Verdict | None,
     if rescan is not None and rescan.status != "clean":
         why.append(f"the re-scan on the verification images still finds a backdoor "
                    f"(target {rescan.target}, p = {rescan.p_value:.3f})")
+    elif rescan is not None and rescan.p_value < config.min_rescan_p:
+        why.append(f"the re-scan on the verification images does not look like a clean "
+                   f"model's (p = {rescan.p_value:.3f}, a repaired model needs p >= "
+                   f"{config.min_rescan_p})")
     return "; ".join(why)
 
 

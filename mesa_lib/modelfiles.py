@@ -1,8 +1,14 @@
 """Model files: which files make one model, their names and roles, and how they are found.
 
-A model on disk is a *stem* (``a/b``) and the files of its format. The one format today is
-``<stem>.safetensors`` (weights) + ``<stem>.json`` (manifest), read and written safely by
-mesa_lib.modelio. Everything that names, groups, copies, signs or discovers model files (the
+A model on disk is a *stem* (``a/b``) and the files of its format:
+
+- ``safetensors``: ``<stem>.safetensors`` (weights) + ``<stem>.json`` (manifest), read and written
+  safely by mesa_lib.modelio; the manifest's architecture is one of ours or a torchvision / timm
+  registry name;
+- ``onnx``: ``<stem>.onnx``, read by mesa_lib.foreign (operator allow-list, onnx2torch);
+- ``hf-folder``: a folder ``<stem>/`` holding ``config.json`` + ``model.safetensors`` (Hugging
+  Face / timm), read by mesa_lib.foreign.
+ Everything that names, groups, copies, signs or discovers model files (the
 scanner's CLI, its drop folder and registry discovery, signing, the pipeline's catalog) asks this
 module, and the scanner loads a model through `load`, which hands it to its format's reader: a
 new format is one `ModelFormat` registered here and its reader (`register_reader`).
@@ -38,6 +44,30 @@ class ModelFormat:
         stem = Path(stem)
         return tuple(stem.with_name(stem.name + suffix) for suffix in self.suffixes)
 
+    def find(self, folder: Path) -> set[Path]:
+        """Stems of this format's models in `folder` (not below it)."""
+        return {stem(p) for p in folder.glob(f"*{self.suffixes[0]}") if p.is_file()}
+
+
+@dataclass(frozen=True)
+class FolderFormat(ModelFormat):
+    """A model that is a folder of fixed file names; its stem is the folder."""
+
+    def paths(self, stem: Path) -> tuple[Path, ...]:
+        """The files inside the folder `stem`, the main one first."""
+        return tuple(Path(stem) / name for name in self.suffixes)
+
+    def holds(self, folder: Path) -> bool:
+        """`folder` is a model of this format (every file there, and no manifest of ours
+        beside its weights: `model.safetensors` + `model.json` is our own pair)."""
+        main = Path(folder) / self.suffixes[0]
+        return all(p.is_file() for p in self.paths(folder)) and \
+            not SAFETENSORS.paths(stem(main))[1].is_file()
+
+    def find(self, folder: Path) -> set[Path]:
+        """Subfolders of `folder` that are models of this format."""
+        return {p for p in folder.iterdir() if p.is_dir() and self.holds(p)}
+
 
 FORMATS: dict[str, ModelFormat] = {}
 
@@ -51,17 +81,24 @@ def register_format(fmt: ModelFormat) -> ModelFormat:
 SAFETENSORS = register_format(
     ModelFormat("safetensors", ((".safetensors", "weights"), (".json", "manifest"))))
 WEIGHTS_SUFFIX, MANIFEST_SUFFIX = SAFETENSORS.suffixes
+ONNX = register_format(ModelFormat("onnx", ((".onnx", "weights"),)))
+HF_FOLDER = register_format(
+    FolderFormat("hf-folder", (("model.safetensors", "weights"), ("config.json", "config"))))
 
 
 def suffixes() -> tuple[str, ...]:
-    """Every suffix of every registered format."""
-    return tuple(s for fmt in FORMATS.values() for s in fmt.suffixes)
+    """Every suffix of every registered file format (a folder format's names are not ones)."""
+    return tuple(s for fmt in _file_formats() for s in fmt.suffixes)
+
+
+def _file_formats() -> list[ModelFormat]:
+    return [f for f in FORMATS.values() if not isinstance(f, FolderFormat)]
 
 
 def role(path: Path | str) -> str | None:
     """"weights", "manifest", ... for a model file's name; None for any other file."""
     name = Path(path).name
-    for fmt in FORMATS.values():
+    for fmt in _file_formats():
         for suffix, kind in fmt.files:
             if name.endswith(suffix) and len(name) > len(suffix):
                 return kind
@@ -77,22 +114,24 @@ def stem(path: Path | str) -> Path:
     return path
 
 
-def files(path: Path | str, fmt: ModelFormat = SAFETENSORS) -> tuple[Path, ...]:
-    """The files of the model at `path` (a stem or any of its files), the main one first."""
-    return fmt.paths(stem(path))
+def files(path: Path | str, fmt: ModelFormat | None = None) -> tuple[Path, ...]:
+    """The files of the model at `path` (a stem or any of its files), the main one first
+    (`fmt`: default the model's own, `format_of`)."""
+    return (fmt or format_of(path)).paths(stem(path))
 
 
-def main_file(path: Path | str, fmt: ModelFormat = SAFETENSORS) -> Path:
+def main_file(path: Path | str, fmt: ModelFormat | None = None) -> Path:
     """The model's main file (its weights)."""
     return files(path, fmt)[0]
 
 
 def find(folder: Path | str) -> list[Path]:
-    """Stems of the models in `folder` (not below it): one per main file, sorted."""
+    """Stems of the models in `folder` (not below it, except the folders that are models),
+    sorted; `[folder]` if the folder is itself a model."""
     folder = Path(folder)
-    found = {stem(p) for fmt in FORMATS.values() for p in folder.glob(f"*{fmt.suffixes[0]}")
-             if p.is_file()}
-    return sorted(found)
+    if any(isinstance(f, FolderFormat) and f.holds(folder) for f in FORMATS.values()):
+        return [folder]
+    return sorted({s for fmt in FORMATS.values() for s in fmt.find(folder)})
 
 
 Reader = Callable[..., tuple[Any, Any]]
@@ -109,18 +148,20 @@ def format_of(path: Path | str) -> ModelFormat:
     """The format of the model at `path`: the one whose file it names, else the one whose main
     file exists beside the stem, else safetensors (whose reader then names the missing file)."""
     name = Path(path).name
-    for fmt in FORMATS.values():
+    for fmt in _file_formats():
         if any(name.endswith(s) and len(name) > len(s) for s in fmt.suffixes):
             return fmt
     for fmt in FORMATS.values():
-        if fmt.paths(stem(path))[0].is_file():
+        if isinstance(fmt, FolderFormat) and fmt.holds(Path(path)):
+            return fmt
+        if not isinstance(fmt, FolderFormat) and fmt.paths(stem(path))[0].is_file():
             return fmt
     return SAFETENSORS
 
 
 def load(path: Path | str, **kwargs: Any) -> tuple[Any, Any]:
     """Load the model at `path` with its format's reader: (model, manifest)."""
-    from mesa_lib import modelio  # noqa: F401 - registers the safetensors reader
+    from mesa_lib import foreign, modelio  # noqa: F401 - they register their readers
 
     fmt = format_of(path)
     if fmt.name not in READERS:

@@ -31,7 +31,7 @@ from torch import nn
 
 from mesa_lib import modelfiles
 from mesa_lib.fileio import atomic_write
-from mesa_lib.models import MODELS, build_model
+from mesa_lib.models import FOREIGN_REGISTRIES, MODELS, build_model, is_foreign
 
 FORMAT_VERSION = 1
 _MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
@@ -55,7 +55,8 @@ class Manifest:
     """What a weights file holds and where it came from.
 
     Attributes:
-        architecture: Key of :data:`mesa_lib.models.MODELS`.
+        architecture: Key of :data:`mesa_lib.models.MODELS`, or ``torchvision:<name>`` /
+            ``timm:<name>`` (built by that library, mesa_lib.foreign).
         num_classes: Number of output logits; equals ``len(classes)``.
         classes: Class names, index i = logit i.
         mean: Per-channel pixel mean of the model's internal Normalize.
@@ -155,9 +156,10 @@ def manifest_from_dict(raw: Mapping[str, Any], path: Path) -> Manifest:
 
 
 def _check_manifest(manifest: Manifest, path: Path) -> Manifest:
-    if manifest.architecture not in MODELS:
+    if manifest.architecture not in MODELS and not is_foreign(manifest.architecture):
         known = ", ".join(sorted(MODELS))
-        raise _fail(path, f"unknown architecture {manifest.architecture!r}; known: {known}")
+        raise _fail(path, f"unknown architecture {manifest.architecture!r}; known: {known}, "
+                          f"or <registry>:<name> of {FOREIGN_REGISTRIES}")
     if manifest.num_classes != len(manifest.classes):
         n, c = manifest.num_classes, len(manifest.classes)
         raise _fail(path, f"num_classes is {n} but {c} class names are given")
@@ -378,14 +380,31 @@ def load_model(
             oversize file, tensor name/shape/dtype mismatch, NaN/Inf weights, or Normalize
             buffers disagreeing with the manifest's mean/std. Never unpickles.
     """
-    wpath, mpath = weights_path(path), manifest_path(path)
+    wpath = weights_path(path)
+    _check_file(wpath)
+    manifest = load_manifest(wpath)
+    return load_weights_checked(wpath, manifest, manifest_path(path), map_location,
+                                max_bytes_slack, max_parameters), manifest
+
+
+def _check_file(wpath: Path) -> None:
+    """There, not empty, not a pickle (reads 9 bytes)."""
     if not wpath.is_file():
         raise _fail(wpath, "weights file is missing")
     size = os.path.getsize(wpath)
     if size == 0:
         raise _fail(wpath, "file is empty (0 bytes)")
-    _sniff(wpath, size)  # reads 9 bytes: refuse pickles before anything else
-    manifest = load_manifest(wpath)
+    _sniff(wpath, size)
+
+
+def load_weights_checked(wpath: Path, manifest: Manifest, mpath: Path,
+                         map_location: str | torch.device = "cpu", max_bytes_slack: float = 1.5,
+                         max_parameters: int = MAX_PARAMETERS) -> nn.Module:
+    """The model `manifest` describes, with the weights of the safetensors file `wpath`, through
+    every check of `load_model` (`mpath`: the file named when the architecture is refused).
+    """
+    _check_file(wpath)
+    size = os.path.getsize(wpath)
     expected = _reference_specs(manifest, mpath)  # meta device: no memory yet
     _check_parameters(mpath, manifest, expected, max_parameters)
     _check_size(wpath, size, expected, max_bytes_slack)
@@ -394,7 +413,7 @@ def load_model(
     model = _build(manifest)
     model.load_state_dict(tensors, strict=True)
     _check_normalize(wpath, model, manifest)
-    return model.to(map_location).eval(), manifest
+    return model.to(map_location).eval()
 
 
 def _check_normalize(wpath: Path, model: nn.Module, manifest: Manifest) -> None:

@@ -12,6 +12,10 @@ weights. Architectures:
 - ``resnet20``: He et al.'s CIFAR ResNet-20 (3 blocks per stage, widths 16/32/64), with 1x1
   projection shortcuts (option B) so it shares the BasicBlock.
 - ``resnet8``: a small fast CPU model, one BasicBlock per stage, widths 16/32/64 x ``width``.
+
+Beside these, ``torchvision:<name>`` and ``timm:<name>``: a network of a pinned library's own
+registry, built by that library (mesa_lib.foreign; no user code runs), with the same
+[0, 1]-pixels-in convention.
 """
 
 from __future__ import annotations
@@ -193,6 +197,14 @@ def resnet8(
     return CifarResNet(BasicBlock, (1, 1, 1), widths, num_classes, mean, std)
 
 
+FOREIGN_REGISTRIES = ("torchvision", "timm")
+
+
+def is_foreign(name: str) -> bool:
+    """`registry:name` of a pinned library's registry (built by mesa_lib.foreign)."""
+    return name.partition(":")[0] in FOREIGN_REGISTRIES and ":" in name
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": resnet18,
     "preact_resnet18": preact_resnet18,
@@ -211,7 +223,8 @@ def build_model(
     """Build a registered architecture by name.
 
     Args:
-        name: Key of :data:`MODELS`, e.g. ``"resnet18"``.
+        name: Key of :data:`MODELS`, e.g. ``"resnet18"``, or ``torchvision:<name>`` /
+            ``timm:<name>`` (mesa_lib.foreign.build_normalised).
         num_classes: Number of output logits.
         mean: Per-channel pixel mean used by the model's internal Normalize.
         std: Per-channel pixel std used by the model's internal Normalize.
@@ -223,6 +236,11 @@ def build_model(
     Raises:
         ValueError: If ``name`` is not registered (the message lists the known names).
     """
+    if is_foreign(name):
+        from mesa_lib.foreign import build_normalised
+
+        return build_normalised(name, num_classes, mean, std, **kwargs)
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))} or "
+                         f"<registry>:<name> of {FOREIGN_REGISTRIES}")
     return MODELS[name](num_classes=num_classes, mean=mean, std=std, **kwargs)

@@ -26,6 +26,7 @@ SEED_OFFSETS = MappingProxyType({
     "validation_split": 3,  # reproduction: the defender's fit / validation split
     "injection": 4,         # reproduction: the poisoned batches of the fine-tune injection
     "zoo_attack": 5,        # model zoo: poisoned indices and places of a zoo backdoor
+    "zoo_attack_2": 6,      # model zoo: the same for a second trigger in the same model
 })
 
 

@@ -144,6 +144,22 @@ def test_a_repair_that_leaves_the_backdoor_fails_and_says_why(anywhere: Lab) -> 
     assert "repair left" in outcome.reason and "class 2" in outcome.reason
 
 
+def test_a_repaired_model_must_look_typical_of_clean_ones_not_only_unflagged() -> None:
+    """The re-scan's bar: a repaired model whose re-scan is 'clean' at p 0.12 is not cleared
+    under a bar of 0.2 (a backdoor the search only partly recovered can leave exactly this),
+    and the reason says so; the same re-scan passes a bar of 0.1."""
+    from mesa_lib.defence import Measures, judge
+    from mesa_lib.verdict import Verdict
+
+    before, after = Measures(0.70, {3: 0.9}), Measures(0.69, {3: 0.02})
+    rescan = Verdict("clean", None, 0.12, 0.88, "mask", "no class stands out", {}, {})
+    strict = DefenceConfig(min_rescan_p=0.2)
+    reason = judge(before, after, rescan, strict)
+    assert "does not look like a clean model's (p = 0.120" in reason and ">= 0.2" in reason
+    assert judge(before, after, rescan, DefenceConfig(min_rescan_p=0.1)) == ""
+    assert strict.record()["min_rescan_p"] == 0.2
+
+
 # --------------------------------------------------------------------------- mesa-scan --repair
 
 

@@ -21,6 +21,7 @@ import pytest
 import torch
 import yaml
 from backdoor_fixture import TARGET, synthetic_data
+from foreign_fixture import onnx_net
 from pipeline_fixture import write_scan_params
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
@@ -299,6 +300,26 @@ def test_a_model_outside_the_calibration_is_held_not_cleared(project: Path) -> N
     run = tracking.client().get_run(out["run_id"])
     assert run.data.metrics["uncalibrated"] == 1.0 and "detector.mask.statistic" in \
         run.data.metrics
+
+
+def test_an_onnx_model_dropped_is_scanned_and_registered_as_it_came(project: Path) -> None:
+    """An ONNX file in the drop folder goes the same way as a pair: checked (allow-list),
+    scanned, registered with its own file and, cleared, signed; outside the calibration's
+    coverage it is uncalibrated."""
+    write_params(project, FAST)
+    calibration = json.loads((project / "calibration.json").read_text())
+    calibration["provenance"]["coverage"] = {"architectures": ["onnx"]}
+    calibration["alpha"] = 1e-9  # no p-value is that small: cleared, so signed
+    (project / "calibration.json").write_text(json.dumps(calibration))
+    onnx_net(project / "drop" / "net.onnx", side=16, classes=6)
+    result = scan_flows.discover_and_scan(params_path=str(project / "params.yaml"))
+    (out,) = result["scanned"]
+    assert out["status"] == "clean", out
+    (v,) = versions("mesa-dropped")
+    run_files = {a.path for a in tracking.client().list_artifacts(v["run_id"], "model")}
+    assert "model/model.onnx" in run_files, run_files
+    assert v["tags"]["signature"].startswith("signed by key"), v["tags"]["signature"]
+    assert "model/model.sig" in run_files, run_files
 
 
 # --------------------------------------------------------------------------- hostile inputs

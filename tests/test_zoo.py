@@ -128,14 +128,14 @@ def test_the_benchmark_table_counts_hits_false_alarms_and_targets() -> None:
 
 
 def _repaired(asr_after: dict[str, float], cleared: dict[str, bool], clean: float = 0.05,
-              budget: dict | None = None) -> dict:
+              budget: dict | None = None, p: float = 0.5) -> dict:
     """A repair benchmark record (tasks.zoo.repair) of one model, one row per method."""
     truth = {"asr": 0.99, "clean_accuracy": 0.70, "attack": {"size": 3, "location": "random",
              "trigger": "bw", "rate": 0.1}, "base": "b", "arch": "resnet8"}
     rows = [{"budget": budget or {"epochs": 2}, "method": m, "seconds": 60.0, "asr": a,
              "accuracy": 0.69, "reactivated_asr": 0.3 if m == "mesa" else None,
              "outcome": {"verdict": "clean" if cleared[m] else "backdoored",
-                         "targets": [{"target": 1}]}}
+                         "targets": [{"target": 1}], "rescan": {"p_value": p}}}
             for m, a in asr_after.items()]
     return {"truth": truth, "clean_asr": clean, "scan": {"verdict": "backdoored",
                                                          "targets": [1]}, "repairs": rows}
@@ -164,22 +164,28 @@ def test_the_repair_table_counts_residuals_clearances_and_pairs() -> None:
                                        budget={"epochs": 5})["repairs"]
     slow["m2"]["repairs"] += _repaired({"mesa": 0.50}, {"mesa": True},
                                        budget={"epochs": 2})["repairs"]
-    assert choose(slow, [{"epochs": 2}, {"epochs": 5}])["budget"] == {"epochs": 5}
+    # m1's 2-epoch repair is a false clearance at p 0.5: the bar rises above it (grid 0.04)
+    assert choose(slow, [{"epochs": 2}, {"epochs": 5}], 0.04)["budget"] == {
+        "epochs": 5, "min_rescan_p": 0.52}
     # the targets, judged: mesa's residuals 0 / +1 points, -1 point of accuracy, 60 s
     assert "clean models' for >= 90% | 2/2 | met |" in text
     assert "| median clean-accuracy loss <= 1 point | 1.0 | met |" in text
     assert "| zero false clearances (cleared, > 10 points above clean) | 0 | met |" in text
     assert "excluding 0 | -34.5 [-45.0, -24.0] | met |" in text
     assert "| a repair within 3 minutes per ResNet-8 (2 cores) | max 60 s | met |" in text
-    # a budget that clears a still-working backdoor loses to one that does not, however many
-    # other models it brings within 2 points
-    risky = {"m1": _repaired({"mesa": 0.30}, {"mesa": True}, budget={"epochs": 2}),
+    # the re-scan bar: just above every false clearance of the selection, at any budget (here
+    # the 5-epoch one's, p 0.12), so the good repair at p 0.5 stays cleared; the budget is
+    # then chosen at that bar
+    risky = {"m1": _repaired({"mesa": 0.30}, {"mesa": False}, budget={"epochs": 2}, p=0.01),
              "m2": _repaired({"mesa": 0.05}, {"mesa": True}, budget={"epochs": 2})}
-    risky["m1"]["repairs"] += _repaired({"mesa": 0.30}, {"mesa": False},
-                                        budget={"epochs": 5})["repairs"]
+    risky["m1"]["repairs"] += _repaired({"mesa": 0.30}, {"mesa": True}, budget={"epochs": 5},
+                                        p=0.12)["repairs"]
     risky["m2"]["repairs"] += _repaired({"mesa": 0.09}, {"mesa": True},
                                         budget={"epochs": 5})["repairs"]
-    assert choose(risky, [{"epochs": 2}, {"epochs": 5}])["budget"] == {"epochs": 5}
+    chosen = choose(risky, [{"epochs": 2}, {"epochs": 5}], 0.04)
+    assert chosen["budget"] == {"epochs": 2, "min_rescan_p": 0.16}
+    assert chosen["cleared"]["{'epochs': 5}"] == {"no bar": 2, "at the bar": 1}
+    assert choose({"m2": risky["m2"]}, [{"epochs": 2}], 0.04)["budget"]["min_rescan_p"] == 0.0
     unmet = repair_table({"m1": _repaired({"mesa": 0.30}, {"mesa": True})}, {"epochs": 2}, "cmd")
     assert "| 1 | NOT met |" in unmet
 
@@ -213,3 +219,68 @@ def test_the_zoo_scans_the_images_the_shipped_scanner_draws(monkeypatch) -> None
     with pytest.raises(StopIteration):
         cli.scan_one(stem, ref, params, None, torch.device("cpu"))
     assert torch.equal(seen["zoo"], seen["cli"]) and len(seen["zoo"]) == params.scan.images
+
+
+def test_a_two_trigger_entry_plants_both_and_records_each(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`also` plants a second trigger for a second target in the same model: the truth record
+    names both targets and each trigger's own ASR; a second trigger for the same target, or
+    one without an attack, is refused."""
+    second = {"attack": "finetune_injection", "target": 7, "trigger": "random_color",
+              "size": 4, "location": "0,0", "rate": 0.3, "alpha": 1.0}
+    two = {"zoo": "calibration", "base": "c-base", "seed": 4, "target": 3,
+           "attack": "finetune_injection", "trigger": "bw", "size": 4, "location": "corner",
+           "rate": 0.3, "alpha": 1.0, "also": second}
+    params = load_zoo_params(tiny_zoo(tmp_path, backdoors={"c-two": two}))
+    monkeypatch.chdir(tmp_path)
+    build.run(params, "c-base")
+    truth = json.loads(build.run(params, "c-two").read_text())
+    assert truth["targets"] == [3, 7] and truth["also"] == second
+    assert len(truth["asrs"]) == 2 and truth["asr"] == truth["asrs"][0]
+    assert truth["counts"] == (min(truth["asrs"]) >= 0.8)
+    # both triggers go into the training batches, each with its own target and place
+    first, other = build.attacks_of(params.backdoors["c-two"])
+    hook = build._chained([first.batch_hook(), other.batch_hook()])
+    x = torch.full((400, 3, 32, 32), 128, dtype=torch.uint8)
+    _, y = hook(x.clone(), torch.zeros(400, dtype=torch.int64), torch.arange(400))
+    xs, _ = hook(x.clone(), torch.zeros(400, dtype=torch.int64), torch.arange(400))
+    assert 60 < (y == 3).sum() < 140 and 60 < (y == 7).sum() < 140, y.bincount()
+    assert (xs[:, :, :4, :4] != 128).any() and (xs[:, :, -4:, -4:] != 128).any()
+    for bad, message in (({**second, "target": 3}, "another target"),
+                         ({"target": 7}, "needs 'attack'")):
+        with pytest.raises(ConfigError, match=message):
+            load_zoo_params(tiny_zoo(tmp_path, backdoors={"c-two": {**two, "also": bad}}))
+
+
+def test_leaving_an_architecture_out_refits_without_it_and_judges_it() -> None:
+    """The left-out architecture is judged against a null of the others only: its clean models
+    are not in the fit, an outlying backdoor of it is flagged with its target, and too small a
+    remainder gives no verdict instead of a false one."""
+    from tasks.zoo.transfer import judge, markdown as transfer_md, refit
+
+    gen = torch.Generator().manual_seed(0)
+
+    def record(name: str, arch: str, zoo: str, target: int | None = None) -> tuple:
+        scores = torch.randn(10, generator=gen).tolist()
+        if target is not None:
+            scores[target] = 25.0  # far above every clean model's score for that class
+        truth = {"arch": arch, "zoo": zoo, "backdoored": target is not None, "counts": True,
+                 "target": target}
+        return name, {"detectors": {"mask": {"scores": dict(enumerate(scores))}}}, truth
+
+    rows = ([record(f"a{i}", "wide", "calibration") for i in range(21)]
+            + [record(f"b{i}", "deep", "calibration") for i in range(3)]
+            + [record("b-test", "deep", "test"), record("b-bd", "deep", "test", target=4)])
+    scans = {n: s for n, s, _ in rows}
+    truth = {n: t for n, _, t in rows}
+    released = cal.fit([{"mask": scans[n]["detectors"]["mask"]["scores"]} for n in scans
+                        if n.startswith(("a", "b")) and not truth[n]["backdoored"]],
+                       0.05, 0.1, {"mask": {}})
+    left_out = refit(released, scans, [f"a{i}" for i in range(21)])
+    assert len(left_out.combined_null) == 21
+    judged = judge(left_out, scans, truth, ["b0", "b1", "b2", "b-test", "b-bd"])
+    assert judged["hits"] == judged["right"] == ["b-bd"]
+    assert judged["clean"] == ["b0", "b1", "b2", "b-test"]
+    text = transfer_md(released, scans, truth, "cmd")
+    assert "| deep, test zoo, left out | 21 of wide |" in text
+    assert "| wide, both zoos (21 models) | 3 of deep | no verdict possible" in text

@@ -153,6 +153,8 @@ class RepairParams(Group):
     max_residual: Probability = Field(
         description="highest ASR a recovered trigger may keep after a repair")
     max_accuracy_drop: Probability = Field(description="largest clean-accuracy loss allowed")
+    min_rescan_p: Probability = Field(
+        description="smallest p-value the re-scan of a repaired model may give")
     verification: Probability = Field(
         description="share of the reference images the scan did not use kept to verify")
     selection: Probability = Field(

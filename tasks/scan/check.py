@@ -32,7 +32,7 @@ from prefect.exceptions import MissingContextError
 from mesa_lib import modelfiles
 from mesa_lib.calibration import Calibration
 from mesa_lib.data import DataError
-from mesa_lib.modelfiles import MANIFEST_SUFFIX, SAFETENSORS, WEIGHTS_SUFFIX
+from mesa_lib.modelfiles import MANIFEST_SUFFIX, WEIGHTS_SUFFIX
 from mesa_lib.modelio import ModelFileError, save_model
 from mesa_lib.seed import resolve_device
 from tasks.common.configs import scan_settings
@@ -83,7 +83,8 @@ def _copy(cand: Candidate, work: Path) -> dict[str, Path]:
     """Copy the candidate's model files to `work/model.*`; refuse if they changed meanwhile."""
     work.mkdir(parents=True, exist_ok=True)
     copies = {}
-    for suffix in (*SAFETENSORS.suffixes, REFERENCE_SUFFIX, SIGNATURE_SUFFIX):
+    fmt = modelfiles.format_of(cand.weights() or MODEL_STEM)
+    for suffix in (*fmt.suffixes, REFERENCE_SUFFIX, SIGNATURE_SUFFIX):
         src = cand.file(suffix)
         if src is not None:
             copies[suffix] = Path(shutil.copyfile(src, work / f"{MODEL_STEM}{suffix}"))
@@ -97,7 +98,8 @@ def _unsupported(cand: Candidate) -> str:
     if cand.file(MANIFEST_SUFFIX) is not None:
         return f"{names}: weights file <stem>{WEIGHTS_SUFFIX} is missing"
     return (f"{names}: unsupported file; only <stem>{WEIGHTS_SUFFIX} + <stem>{MANIFEST_SUFFIX} "
-            "models are accepted (pickled checkpoints such as .pt/.pth/.pkl/.bin are never loaded)")
+            "and <stem>.onnx models are accepted (pickled checkpoints such as .pt/.pth/.pkl/.bin "
+            "are never loaded)")
 
 
 def _rejected(cand: Candidate, reason: str, work: Path, start: float) -> Checked:
@@ -123,7 +125,7 @@ def _check(cand: Candidate, params: Params) -> Checked:
     start, work = time.perf_counter(), work_dir(params, cand.key)
     if cand.problem:
         return _rejected(cand, cand.problem, work, start)
-    if cand.file(WEIGHTS_SUFFIX) is None:
+    if cand.weights() is None:
         return _rejected(cand, _unsupported(cand), work, start)
     copies = _copy(cand, work)
     stem, own_ref = work / MODEL_STEM, copies.get(REFERENCE_SUFFIX)
@@ -167,8 +169,8 @@ def _verify_signature(cand: Candidate, copies: dict[str, Path], work: Path,
         return ""
     staged = work / "arrived"
     staged.mkdir(exist_ok=True)
-    own = modelfiles.stem(cand.file(WEIGHTS_SUFFIX) or MODEL_STEM).name
-    for suffix in SAFETENSORS.suffixes:
+    own = modelfiles.stem(cand.weights() or MODEL_STEM).name
+    for suffix in modelfiles.format_of(cand.weights() or MODEL_STEM).suffixes:
         if suffix in copies:
             shutil.copyfile(copies[suffix], staged / f"{own}{suffix}")
     shown = Path(cand.file(SIGNATURE_SUFFIX) or sig).name

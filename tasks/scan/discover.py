@@ -73,6 +73,10 @@ class Candidate:
         """The candidate's file ending in `suffix`, if any."""
         return next((Path(f) for f in self.files if f.endswith(suffix)), None)
 
+    def weights(self) -> Path | None:
+        """The candidate's weights file, whatever its format (mesa_lib.modelfiles), if any."""
+        return next((Path(f) for f in self.files if modelfiles.role(f) == "weights"), None)
+
 
 def model_key(files: list[Path]) -> tuple[str, str]:
     """(key over all files' digests by role, sha256 of the weights or "")."""
@@ -162,9 +166,9 @@ def fetch_version(version: dict, work: Path) -> Candidate:
     problem = ""
     if len(weights) != 1:
         names = [str(p.relative_to(folder)) for p in files][:10]
-        problem = (f"the version's artifacts hold {len(weights)} {WEIGHTS_SUFFIX} files (need "
-                   f"one <stem>{WEIGHTS_SUFFIX} + <stem>{MANIFEST_SUFFIX}; pickled models are "
-                   f"refused): {names}")
+        problem = (f"the version's artifacts hold {len(weights)} weights files (need one "
+                   f"<stem>{WEIGHTS_SUFFIX} + <stem>{MANIFEST_SUFFIX} or one <stem>.onnx; "
+                   f"pickled models are refused): {names}")
     chosen = files if problem else [p for p in files if _stem(p.name) == _stem(weights[0].name)]
     key, sha = model_key(chosen) if chosen else (hashlib.sha256(label.encode()).hexdigest(), "")
     return Candidate(key, "registry", label, tuple(str(p) for p in chosen), sha,

@@ -37,8 +37,7 @@ from prefect.cache_policies import NO_CACHE
 from mesa_lib import modelfiles
 from mesa_lib.calibration import Calibration
 from mesa_lib.defence import Outcome
-from mesa_lib.modelfiles import WEIGHTS_SUFFIX
-from mesa_lib.modelio import load_manifest, model_fingerprint
+from mesa_lib.modelio import model_fingerprint
 from mesa_lib.verdict import Verdict
 from tasks.common import tracking
 from tasks.common.configs import scan_settings
@@ -74,7 +73,7 @@ def verdict_of(checked: Checked, chunks: list[ChunkResult], params: Params) -> d
                 "scores": {}}
     calibration = calibration_for(params)
     verdict = verdict_dict(verdict_of_chunks(chunks, calibration))
-    why = coverage.gap(calibration, load_manifest(checked.stem))
+    why = coverage.gap(calibration, modelfiles.load(checked.stem)[1])  # any format's
     if why:  # scores kept for the reader; no verdict, no repair, no signature
         return verdict | {"status": coverage.UNCALIBRATED, "target": None, "targets": [],
                           "reason": coverage.reason(why)}
@@ -278,7 +277,7 @@ def _publish_registry(checked: Checked, verdict: dict[str, Any], run: tracking.S
     cand = checked.candidate
     status = _signature_status(checked, verdict)
     if verdict["status"] == "clean" and checked.ok:
-        weights = cand.file(WEIGHTS_SUFFIX)
+        weights = cand.weights()
         sig, signed = _sign(modelfiles.stem(str(weights)), params)
         status += signed
         if sig is not None:
@@ -369,7 +368,7 @@ def reuse_verdict(cand: Candidate, done: dict[str, Any], params: Params) -> str:
     tags = {**verdict_tags(verdict, done["run_id"]), "scan_reused_from": done["label"],
             "scan_key": cand.key}
     status = _signature_status(Checked(cand), verdict)
-    weights = cand.file(WEIGHTS_SUFFIX)
+    weights = cand.weights()
     if verdict["status"] == "clean" and weights is not None:
         sig, status = _sign(modelfiles.stem(weights), params)
         if sig is not None:

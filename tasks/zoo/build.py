@@ -80,9 +80,37 @@ def _config(settings: TrainSettings, seed: int, finetune: bool) -> TrainConfig:
 
 
 def attack_of(entry: Backdoor) -> Attack:
-    """The entry's attack from the registry: trigger and draws from the entry's own seed."""
-    return attack_from(entry.attack, entry.attack_config(), entry.target,
-                       derive_seed(entry.seed, "zoo_attack"))
+    """The entry's (first) attack from the registry: trigger and draws from its own seed."""
+    return attacks_of(entry)[0]
+
+
+def attacks_of(entry: Backdoor) -> list[Attack]:
+    """Every attack the entry plants (two with `also`), each with a seed of its own."""
+    return [attack_from(name, config, target,
+                        derive_seed(entry.seed, "zoo_attack" if i == 0 else "zoo_attack_2"))
+            for i, (name, config, target) in enumerate(entry.plants())]
+
+
+def _chained(hooks: list[Any]) -> Any:
+    """One batch hook applying each of `hooks` in turn (None if there is none)."""
+    hooks = [h for h in hooks if h is not None]
+    if len(hooks) < 2:
+        return hooks[0] if hooks else None
+
+    def hook(x: torch.Tensor, y: torch.Tensor, index: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        for each in hooks:
+            x, y = each(x, y, index)
+        return x, y
+
+    return hook
+
+
+def successes(entry: Backdoor, model: nn.Module, data: ZooData, device: torch.device
+              ) -> list[float]:
+    """Each planted trigger's attack success rate on the truth images, in `plants` order."""
+    return [a.success(model, data.truth.images, data.truth.labels, device)
+            for a in attacks_of(entry)]
 
 
 def _train_set(params: ZooParams, data: ZooData, seed: int) -> ImageSet:
@@ -111,10 +139,16 @@ def build(params: ZooParams, name: str, data: ZooData, device: torch.device
         arch, settings = manifest.architecture, params.finetune
     x, y, hook = train_set.images, train_set.labels, None
     if isinstance(entry, Backdoor):
-        attack = attack_of(entry)
-        poisoned = attack.poison_dataset(x, y)
-        x, y, hook = poisoned.images, poisoned.labels, attack.batch_hook()
-        truth |= {"target": entry.target, "attack": {"name": entry.attack, **entry.settings}}
+        hooks = []
+        for attack in attacks_of(entry):
+            poisoned = attack.poison_dataset(x, y)
+            x, y = poisoned.images, poisoned.labels
+            hooks.append(attack.batch_hook())
+        hook = _chained(hooks)
+        truth |= {"target": entry.target, "targets": entry.targets,
+                  "attack": {"name": entry.attack, **entry.settings}}
+        if entry.also:
+            truth["also"] = dict(entry.also)
     else:
         truth |= {"target": None, "attack": None}
     train(model, x, y, _config(settings, entry.seed, base is not None), device, hook)
@@ -130,9 +164,12 @@ def run(params: ZooParams, name: str) -> Path:
     seconds = time.perf_counter() - start
     _, entry = params.entry(name)
     truth["clean_accuracy"] = accuracy(model, data.truth.images, data.truth.labels, device)
-    truth["asr"] = attack_of(entry).success(model, data.truth.images, data.truth.labels,
-                                            device) if truth["backdoored"] else None
-    truth["counts"] = (not truth["backdoored"]) or truth["asr"] >= params.min_asr
+    if truth["backdoored"]:  # asr: the first trigger's; asrs: each trigger's, in order
+        truth["asrs"] = successes(entry, model, data, device)
+        truth["asr"] = truth["asrs"][0]
+    else:
+        truth["asr"] = None
+    truth["counts"] = (not truth["backdoored"]) or min(truth["asrs"]) >= params.min_asr
     truth["train_seconds"] = round(seconds, 1)
     manifest = Manifest(truth["arch"], 10, data.train.classes, CIFAR10_MEAN, CIFAR10_STD,
                         extra={"zoo_model": name})  # no word of the attack

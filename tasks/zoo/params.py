@@ -78,13 +78,29 @@ class Backdoor(Group):
     attack: str = Field(description="a name of mesa_lib.poison.ATTACKS")
     base: str | None = None
     arch: Literal[MODEL_NAMES] | None = None  # type: ignore[valid-type]
+    also: dict[str, Any] | None = Field(
+        default=None, description="a second trigger planted with the first: {attack, target, "
+        "its settings}; the model then has two targets")
 
     @model_validator(mode="after")
     def _planted_once(self) -> Backdoor:
         if (self.base is None) == (self.arch is None):
             raise ValueError("give exactly one of base (fine-tune injection into a base model) "
                              "and arch (trained from scratch)")
+        if self.also is not None:
+            second = dict(self.also)
+            if not isinstance(second.pop("attack", None), str) or \
+                    second.pop("target", None) not in range(10):
+                raise ValueError("also: needs 'attack' (a registry name) and 'target' (0-9)")
+            if self.also["target"] == self.target:
+                raise ValueError("also.target: the second trigger needs another target")
+            plugins.build(attack_class(self.also["attack"]).config, second)
         return self
+
+    @property
+    def targets(self) -> list[int]:
+        """Every target class: the first trigger's, then the second's."""
+        return [self.target] + ([self.also["target"]] if self.also else [])
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -94,6 +110,16 @@ class Backdoor(Group):
     def attack_config(self) -> Any:
         """The attack's config dataclass."""
         return plugins.build(attack_class(self.attack).config, self.settings)
+
+    def plants(self) -> list[tuple[str, Any, int]]:
+        """(attack name, config, target) of every trigger, the first one first."""
+        out = [(self.attack, self.attack_config(), self.target)]
+        if self.also:
+            settings = {k: v for k, v in self.also.items() if k not in ("attack", "target")}
+            out.append((self.also["attack"],
+                        plugins.build(attack_class(self.also["attack"]).config, settings),
+                        self.also["target"]))
+        return out
 
 
 class ZooParams(Group):

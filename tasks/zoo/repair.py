@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import statistics
 import time
 from dataclasses import replace
@@ -47,16 +48,28 @@ from tasks.dev.codedeps import closure
 from tasks.scan.core import load_calibration
 from tasks.scan.defend import repair_scanned
 from tasks.scan.reference import Reference, reference_batch
-from tasks.zoo.build import ZooData, attack_of, load_data, model_path, stem_of, truth_path
+from tasks.zoo.build import (
+    ZooData,
+    attack_of,
+    attacks_of,
+    load_data,
+    model_path,
+    stem_of,
+    truth_path,
+)
 from tasks.zoo.params import ZooParams, load_zoo_params
+from tasks.zoo.repair_report import residual
 
 REPAIRS = Path("zoo/repairs")
 BUDGET = Path("zoo/repair_budget.json")
 RESULTS = Path("benchmarks/results/zoo_repair.md")
 REACTIVATION_RATE = 0.01
 # The repair budgets tried on the calibration zoo: the demo pipeline's, and longer / gentler.
-GRID = [{"epochs": 2, "lr": 0.01, "rate": 0.5}, {"epochs": 5, "lr": 0.01, "rate": 0.5},
-        {"epochs": 5, "lr": 0.01, "rate": 0.2}]
+# Each is run with no re-scan bar (the re-scan's verdict alone): `choose` fits the bar on them.
+SELECT_BAR = 0.0
+GRID = [{"epochs": e, "lr": 0.01, "rate": r, "min_rescan_p": SELECT_BAR}
+        for e, r in ((2, 0.5), (5, 0.5), (5, 0.2))]
+FALSE_CLEARANCE = 0.10  # a true trigger this far above the clean models' own still works
 
 
 def code_key(params: Params, extra: Any) -> str:
@@ -74,31 +87,33 @@ def code_key(params: Params, extra: Any) -> str:
 
 
 def _settings(params: Params) -> dict[str, Any]:
-    """The defence's settings but the budget, which each record states itself (`with_budget`):
+    """The defence's settings but the budget and the re-scan bar, which each record states itself
+    (`with_budget`):
     the budget chosen here, once written into params.yaml, leaves the records valid."""
     settings = defence_config(params).record()
     settings["repair"] = {k: v for k, v in settings["repair"].items()
                           if k not in ("epochs", "lr", "stamp_rate")}
+    settings.pop("min_rescan_p")
     return {k: v for k, v in settings.items() if k != "method"}
 
 
 def with_budget(params: Params, budget: dict[str, Any], method: str = "mesa") -> Params:
-    """`params` with the repair's epochs / lr / rate (and method) replaced."""
+    """`params` with the repair's epochs / lr / rate / re-scan bar (and method) replaced."""
     repair = params.repair.model_copy(update={**budget, "method": method})
     return params.model_copy(update={"repair": repair})
 
 
-def clean_asr(zoo: ZooParams, name: str, data: ZooData, device: torch.device) -> float:
-    """The true trigger's ASR on clean models: the entry's base, or the median over the zoo's
-    clean bases of its architecture."""
+def clean_asrs(zoo: ZooParams, name: str, data: ZooData, device: torch.device) -> list[float]:
+    """Each planted trigger's ASR on clean models: the entry's base, or the median over the
+    zoo's clean bases of its architecture."""
     _, entry = zoo.entry(name)
-    attack = attack_of(entry)
     base = getattr(entry, "base", None)
     bases = [base] if base else [n for n, b in zoo.bases.items()
                                  if b.zoo == entry.zoo and b.arch == entry.arch]
-    asr = [attack.success(load_model(model_path(entry.zoo, b, base=True), map_location=device)[0],
-                          data.truth.images, data.truth.labels, device) for b in bases]
-    return statistics.median(asr)
+    models = [load_model(model_path(entry.zoo, b, base=True), map_location=device)[0]
+              for b in bases]
+    return [statistics.median(a.success(m, data.truth.images, data.truth.labels, device)
+                              for m in models) for a in attacks_of(entry)]
 
 
 def reactivation(model: torch.nn.Module, zoo: ZooParams, name: str, ref: Reference,
@@ -120,7 +135,8 @@ def reactivation(model: torch.nn.Module, zoo: ZooParams, name: str, ref: Referen
 def measure_model(name: str, zoo: ZooParams, data: ZooData, params: Params,
                   budgets: list[dict[str, Any]], methods: tuple[str, ...],
                   device: torch.device) -> dict[str, Any]:
-    """Scan one zoo backdoor and repair it with each (budget, method); its record."""
+    """Scan one zoo backdoor and repair it with each (budget, method); its record (every
+    planted trigger's ASR: `asrs`, `clean_asrs`; `asr`, `clean_asr`: the first's)."""
     _, entry = zoo.entry(name)
     attack, stem = attack_of(entry), stem_of(zoo, name)
     truth = read_json(truth_path(entry.zoo, name))
@@ -132,8 +148,9 @@ def measure_model(name: str, zoo: ZooParams, data: ZooData, params: Params,
     # the product's scan subset: the one `prepare` keeps out of the verification part
     x, y = reference_batch(ref, params.scan.images, params.base.seed)
     verdict = decide(run_detectors(model, x, y, 10, scan_settings(params), device), calibration)
-    out = {"name": name, "zoo": entry.zoo, "truth": truth, "clean_asr": clean_asr(
-        zoo, name, data, device), "scan": {"verdict": verdict.status, "target": verdict.target,
+    clean = clean_asrs(zoo, name, data, device)
+    out = {"name": name, "zoo": entry.zoo, "truth": truth, "clean_asr": clean[0],
+           "clean_asrs": clean, "scan": {"verdict": verdict.status, "target": verdict.target,
         "targets": list(verdict.targets), "p_value": verdict.p_value,
         "seconds": time.perf_counter() - start}, "repairs": []}
     if verdict.status != "backdoored":
@@ -146,9 +163,10 @@ def measure_model(name: str, zoo: ZooParams, data: ZooData, params: Params,
             done = repair_scanned(model, ref, verdict.targets, verdict.detector, p, calibration,
                                   device)
             seconds = time.perf_counter() - start
+            asrs = [a.success(model, data.truth.images, data.truth.labels, device)
+                    for a in attacks_of(entry)]
             row = {"budget": budget, "method": method, "seconds": seconds,
-                   "outcome": done.outcome.record(),
-                   "asr": attack.success(model, data.truth.images, data.truth.labels, device),
+                   "outcome": done.outcome.record(), "asr": asrs[0], "asrs": asrs,
                    "accuracy": accuracy(model, data.truth.images, data.truth.labels, device)}
             if method == "mesa":
                 again = reactivation(model, zoo, name, ref, done.splits.repair, p, device)
@@ -186,23 +204,53 @@ def run_zoo(which: str, params: Params, zoo: ZooParams, budgets: list[dict[str, 
     return records
 
 
-def choose(records: dict[str, dict[str, Any]], budgets: list[dict[str, Any]]) -> dict[str, Any]:
-    """The budget whose MESA repairs, over the calibration zoo's detected backdoors, clear the
-    fewest models whose true trigger still works (> 10 points above the clean models' own: a
-    false clearance), then bring the most true triggers within 2 points of the clean models'
-    own; ties: the smaller mean accuracy loss, then the earlier in the grid."""
+def cleared(row: dict[str, Any], bar: float) -> bool:
+    """Would the verification clear this repair with the re-scan bar `bar` (its other checks
+    as recorded)? Selection repairs are recorded with no bar (`SELECT_BAR`)."""
+    rescan = row["outcome"]["rescan"]
+    return row["outcome"]["verdict"] == "clean" and (rescan is None or rescan["p_value"] >= bar)
+
+
+def rescan_bar(records: dict[str, dict[str, Any]], step: float) -> float:
+    """The verification's re-scan bar (`repair.min_rescan_p`): the smallest p-value on the
+    calibration's conformal grid (multiples of `step` = 1 / (clean models + 1)) above the re-scan
+    p of every selection repair, at ANY budget of the grid, that the verification cleared while
+    its true trigger still worked (a false clearance); 0 when there was none. Fitted on every
+    budget, not only the chosen one: a verification rule must not rest on the budget's luck."""
+    false = [row["outcome"]["rescan"]["p_value"] for r in records.values()
+             for row in r["repairs"] if row["method"] == "mesa"
+             and cleared(row, SELECT_BAR) and residual(r, row) > FALSE_CLEARANCE]
+    if not false:
+        return 0.0
+    return round((math.floor(max(false) / step + 1e-9) + 1) * step, 6)
+
+
+def choose(records: dict[str, dict[str, Any]], budgets: list[dict[str, Any]], step: float
+           ) -> dict[str, Any]:
+    """The re-scan bar (`rescan_bar`), then the budget whose MESA repairs, over the calibration
+    zoo's detected backdoors, clear the fewest models whose true trigger still works (> 10
+    points above the clean models' own: a false clearance) at that bar, then bring the most true
+    triggers within 2 points of the clean models' own; ties: the smaller mean accuracy loss, then
+    the earlier in the grid."""
+    bar = rescan_bar(records, step)
+
     def score(budget: dict[str, Any]) -> tuple[int, int, float]:
         rows = [(r, row) for r in records.values() for row in r["repairs"]
                 if row["budget"] == budget and row["method"] == "mesa"]
-        false = sum(row["outcome"]["verdict"] == "clean" and row["asr"] - r["clean_asr"] > 0.10
-                    for r, row in rows)
-        within = sum(row["asr"] - r["clean_asr"] <= 0.02 for r, row in rows)
+        false = sum(cleared(row, bar) and residual(r, row) > FALSE_CLEARANCE for r, row in rows)
+        within = sum(residual(r, row) <= 0.02 for r, row in rows)
         loss = statistics.mean(r["truth"]["clean_accuracy"] - row["accuracy"]
                                for r, row in rows) if rows else 1.0
         return (false, -within, loss)
 
+    def clearances(budget: dict[str, Any], at: float) -> int:
+        return sum(cleared(row, at) for r in records.values() for row in r["repairs"]
+                   if row["budget"] == budget and row["method"] == "mesa")
+
     best = min(budgets, key=lambda b: (*score(b), budgets.index(b)))
-    return {"budget": best, "scores": {str(b): score(b) for b in budgets},
+    return {"budget": {**best, "min_rescan_p": bar}, "scores": {str(b): score(b) for b in budgets},
+            "cleared": {str(b): {"no bar": clearances(b, SELECT_BAR), "at the bar":
+                                 clearances(b, bar)} for b in budgets},
             "models": sorted(records)}
 
 
@@ -219,7 +267,8 @@ def main(argv: list[str] | None = None) -> None:
     params, zoo = load_params(args.params), load_zoo_params()
     if args.command == "select":
         records = run_zoo("calibration", params, zoo, GRID, ("mesa",), args.reverse)
-        write_json(BUDGET, choose(records, GRID))
+        calibration = load_calibration(Path(params.scan.calibration), scan_settings(params))
+        write_json(BUDGET, choose(records, GRID, 1 / (len(calibration.combined_null) + 1)))
         return
     budget = read_json(BUDGET)["budget"]
     records = run_zoo("test", params, zoo, [budget], METHODS, args.reverse)

@@ -30,13 +30,21 @@ def _pts(x: tuple[float, float, float]) -> str:
     return f"{100 * x[0]:+.1f} [{100 * x[1]:+.1f}, {100 * x[2]:+.1f}]"
 
 
+def residual(record: dict[str, Any], row: dict[str, Any]) -> float:
+    """The repair's residual: the largest, over the planted triggers, of a trigger's ASR after
+    the repair minus its ASR on clean models (a record of one trigger: that one's)."""
+    if "asrs" in row and "clean_asrs" in record:
+        return max(a - c for a, c in zip(row["asrs"], record["clean_asrs"], strict=True))
+    return row["asr"] - record["clean_asr"]
+
+
 def by_method(records: dict[str, dict[str, Any]]) -> dict[str, Rows]:
     """method -> model -> row with `residual`, `accuracy_change` and the model's record."""
     out: dict[str, Rows] = {}
     for name, rec in records.items():
         for row in rec["repairs"]:
             out.setdefault(row["method"], {})[name] = row | {
-                "residual": row["asr"] - rec["clean_asr"],
+                "residual": residual(rec, row),
                 "accuracy_change": row["accuracy"] - rec["truth"]["clean_accuracy"],
                 "cleared": row["outcome"]["verdict"] == "clean", "record": rec}
     return out

@@ -53,6 +53,11 @@ def auc(positive: list[float], negative: list[float]) -> float:
     return wins / (len(positive) * len(negative))
 
 
+def targets_of(truth: dict[str, Any]) -> list[int]:
+    """Every target class a truth record's triggers were planted for (two with `also`)."""
+    return truth.get("targets") or [truth["target"]]
+
+
 def attack_text(attack: dict[str, Any]) -> str:
     """A truth record's attack in a few words: a patch by its trigger, size, place and rate;
     any other attack by its name and settings."""
@@ -108,7 +113,7 @@ def _row(label: str, bd: list[str], clean: list[str], truth: Truth,
     pos = [scores[n][which][0] for n in bd]
     neg = [scores[n][which][0] for n in clean]
     hits = [n for n in bd if scores[n][which][1]]
-    right = [n for n in hits if scores[n][which][2] == truth[n]["target"]]
+    right = [n for n in hits if scores[n][which][2] in targets_of(truth[n])]
     lo, hi = wilson(len(hits), len(bd))
     target = f"{len(right)}/{len(hits)}" if hits else "-"
     return (f"| {label} | {len(bd)} | {auc(pos, neg):.3f} | {len(hits)}/{len(bd)} "
@@ -127,7 +132,7 @@ def _each_detector(truth: Truth, scans: dict[str, Any], calibration: Calibration
         stat = {n: calibration.statistic(d, class_scores(scans[n])[d]) for n in scans}
         flag = {n: calibration.detector_p(d, stat[n][0]) <= calibration.alpha for n in scans}
         hits = [n for n in bd if flag[n]]
-        right = sum(stat[n][1] == truth[n]["target"] for n in hits)
+        right = sum(stat[n][1] in targets_of(truth[n]) for n in hits)
         lines.append(f"| {d} | {auc([stat[n][0] for n in bd], [stat[n][0] for n in clean]):.3f}"
                      f" | {len(hits)}/{len(bd)} | {sum(flag[n] for n in clean)}/{len(clean)} | "
                      f"{right}/{len(hits)} |")
@@ -187,6 +192,10 @@ def markdown(truth: Truth, scans: dict[str, Any], calibration: Calibration, comm
         t = truth[n]
         what = f"target {t['target']}, {attack_text(t['attack'])}" if t["backdoored"] \
             else "clean"
+        if t.get("also"):
+            also = {("name" if k == "attack" else k): v for k, v in t["also"].items()
+                    if k != "target"}
+            what += f"; and target {t['also']['target']}, {attack_text(also)}"
         new, old = scores[n]["new"], scores[n]["before"]
         asr = "-" if t["asr"] is None else f"{t['asr']:.0%}"
         lines.append(f"| {n} | {what} | {asr} | {1 - new[0]:.3f} | "
