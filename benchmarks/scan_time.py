@@ -62,9 +62,13 @@ def scan_once(path: Path, reference: str | None) -> dict:
     wall = time.perf_counter() - start
     if done.returncode not in (0, 1, 4):  # clean, backdoored, uncalibrated
         raise RuntimeError(f"mesa-scan failed (exit {done.returncode}): {done.stderr[-2000:]}")
-    record = json.loads(done.stdout)[0]  # one record per model scanned
-    return {"wall": wall, "exit": done.returncode, "verdict": record["verdict"],
-            "seconds": record["seconds"]["total"], "load_before": load,
+    try:
+        record = json.loads(done.stdout)[0]  # one record per model scanned
+    except (ValueError, IndexError) as err:
+        raise RuntimeError(f"mesa-scan gave no JSON record ({err}): {done.stdout[-1000:]}"
+                           f"{done.stderr[-1000:]}") from None
+    return {"wall": wall, "exit": done.returncode, "verdict": record.get("verdict", "?"),
+            "seconds": (record.get("seconds") or {}).get("total"), "load_before": load,
             "load_after": os.getloadavg()[0]}
 
 

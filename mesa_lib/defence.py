@@ -242,6 +242,9 @@ def judge(before: Measures, after: Measures, rescan: Verdict | None,
     if rescan is not None and rescan.status != "clean":
         why.append(f"the re-scan on the verification images still finds a backdoor "
                    f"(target {rescan.target}, p = {rescan.p_value:.3f})")
+    elif rescan is None and config.min_rescan_p > 0:
+        why.append(f"no re-scan of the repaired model to hold against the bar p >= "
+                   f"{config.min_rescan_p}")
     elif rescan is not None and rescan.p_value < config.min_rescan_p:
         why.append(f"the re-scan on the verification images does not look like a clean "
                    f"model's (p = {rescan.p_value:.3f}, a repaired model needs p >= "

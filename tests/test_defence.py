@@ -158,6 +158,7 @@ def test_a_repaired_model_must_look_typical_of_clean_ones_not_only_unflagged() -
     assert "does not look like a clean model's (p = 0.120" in reason and ">= 0.2" in reason
     assert judge(before, after, rescan, DefenceConfig(min_rescan_p=0.1)) == ""
     assert strict.record()["min_rescan_p"] == 0.2
+    assert "no re-scan" in judge(before, after, None, strict)  # no evidence, no clearance
 
 
 # --------------------------------------------------------------------------- mesa-scan --repair

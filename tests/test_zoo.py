@@ -142,7 +142,7 @@ def _repaired(asr_after: dict[str, float], cleared: dict[str, bool], clean: floa
 
 
 def test_the_repair_table_counts_residuals_clearances_and_pairs() -> None:
-    from tasks.zoo.repair import choose
+    from tasks.zoo.repair import choose, rescan_bar
     from tasks.zoo.repair_report import markdown as repair_table
 
     records = {"m1": _repaired({"mesa": 0.05, "unlearn": 0.50}, {"mesa": True, "unlearn": True}),
@@ -158,15 +158,17 @@ def test_the_repair_table_counts_residuals_clearances_and_pairs() -> None:
     assert "| 0/2 " in rows["unlearn"] and "| 1/2 | 1 (m1) |" in rows["unlearn"]
     assert "| unlearn | 2 | -34.5 [-45.0, -24.0] |" in text  # paired: mesa minus unlearn
     assert "Re-activation" in text and "+25.0 [+25.0, +25.0]" in text
+    # m1's 2-epoch repair is a false clearance at p 0.5, so the bar rises above it (25 = 24
+    # clean models + 1: 13 / 25); the 5-epoch repairs (good, p 0.8) clear it, the 2-epoch ones
+    # do not: 5 epochs leave more good repairs cleared
     slow = {"m1": _repaired({"mesa": 0.40}, {"mesa": True}, budget={"epochs": 2}),
-            "m2": _repaired({"mesa": 0.05}, {"mesa": True}, budget={"epochs": 5})}
-    slow["m1"]["repairs"] += _repaired({"mesa": 0.05}, {"mesa": True},
-                                       budget={"epochs": 5})["repairs"]
+            "m2": _repaired({"mesa": 0.05}, {"mesa": True}, budget={"epochs": 5}, p=0.8)}
+    slow["m1"]["repairs"] += _repaired({"mesa": 0.05}, {"mesa": True}, budget={"epochs": 5},
+                                       p=0.8)["repairs"]
     slow["m2"]["repairs"] += _repaired({"mesa": 0.50}, {"mesa": True},
                                        budget={"epochs": 2})["repairs"]
-    # m1's 2-epoch repair is a false clearance at p 0.5: the bar rises above it (grid 0.04)
-    assert choose(slow, [{"epochs": 2}, {"epochs": 5}], 0.04)["budget"] == {
-        "epochs": 5, "min_rescan_p": 0.52}
+    assert choose(slow, [{"epochs": 2}, {"epochs": 5}], 25)["budget"] == {
+        "epochs": 5, "min_rescan_p": 13 / 25}
     # the targets, judged: mesa's residuals 0 / +1 points, -1 point of accuracy, 60 s
     assert "clean models' for >= 90% | 2/2 | met |" in text
     assert "| median clean-accuracy loss <= 1 point | 1.0 | met |" in text
@@ -182,10 +184,17 @@ def test_the_repair_table_counts_residuals_clearances_and_pairs() -> None:
                                         p=0.12)["repairs"]
     risky["m2"]["repairs"] += _repaired({"mesa": 0.09}, {"mesa": True},
                                         budget={"epochs": 5})["repairs"]
-    chosen = choose(risky, [{"epochs": 2}, {"epochs": 5}], 0.04)
-    assert chosen["budget"] == {"epochs": 2, "min_rescan_p": 0.16}
+    chosen = choose(risky, [{"epochs": 2}, {"epochs": 5}], 25)
+    assert chosen["budget"] == {"epochs": 2, "min_rescan_p": 4 / 25}
     assert chosen["cleared"]["{'epochs': 5}"] == {"no bar": 2, "at the bar": 1}
-    assert choose({"m2": risky["m2"]}, [{"epochs": 2}], 0.04)["budget"]["min_rescan_p"] == 0.0
+    assert choose({"m2": risky["m2"]}, [{"epochs": 2}], 25)["budget"]["min_rescan_p"] == 0.0
+    # the bar is a value a conformal p-value takes (k / pool, not rounded up past it)
+    assert rescan_bar({"m": _repaired({"mesa": 0.5}, {"mesa": True}, p=1 / 6)}, 6) == 2 / 6
+    # a false clearance without a re-scan is an error: no bar catches it
+    blind = _repaired({"mesa": 0.5}, {"mesa": True})
+    blind["repairs"][0]["outcome"]["rescan"] = None
+    with pytest.raises(ValueError, match=r"\['m'\] .* without a re-scan"):
+        rescan_bar({"m": blind}, 25)
     unmet = repair_table({"m1": _repaired({"mesa": 0.30}, {"mesa": True})}, {"epochs": 2}, "cmd")
     assert "| 1 | NOT met |" in unmet
 

@@ -206,42 +206,56 @@ def run_zoo(which: str, params: Params, zoo: ZooParams, budgets: list[dict[str, 
 
 def cleared(row: dict[str, Any], bar: float) -> bool:
     """Would the verification clear this repair with the re-scan bar `bar` (its other checks
-    as recorded)? Selection repairs are recorded with no bar (`SELECT_BAR`)."""
-    rescan = row["outcome"]["rescan"]
-    return row["outcome"]["verdict"] == "clean" and (rescan is None or rescan["p_value"] >= bar)
+    as recorded)? Selection repairs are recorded with no bar (`SELECT_BAR`); a repair with no
+    re-scan clears no bar above 0."""
+    rescan = row["outcome"].get("rescan")
+    if rescan is None:
+        return row["outcome"]["verdict"] == "clean" and bar <= 0
+    return row["outcome"]["verdict"] == "clean" and rescan["p_value"] >= bar
 
 
-def rescan_bar(records: dict[str, dict[str, Any]], step: float) -> float:
-    """The verification's re-scan bar (`repair.min_rescan_p`): the smallest p-value on the
-    calibration's conformal grid (multiples of `step` = 1 / (clean models + 1)) above the re-scan
-    p of every selection repair, at ANY budget of the grid, that the verification cleared while
-    its true trigger still worked (a false clearance); 0 when there was none. Fitted on every
-    budget, not only the chosen one: a verification rule must not rest on the budget's luck."""
-    false = [row["outcome"]["rescan"]["p_value"] for r in records.values()
+def rescan_bar(records: dict[str, dict[str, Any]], pool: int) -> float:
+    """The verification's re-scan bar (`repair.min_rescan_p`): the smallest conformal p-value
+    k / `pool` (`pool` = the calibration's clean models + 1, so the bar is a value a p-value can
+    take, computed as the scanner computes them) above the re-scan p of every selection repair,
+    at ANY budget of the grid, that the verification cleared while its true trigger still worked
+    (a false clearance); 0 when there was none. Fitted on every budget, not only the chosen one:
+    a verification rule must not rest on the budget's luck.
+
+    Raises:
+        ValueError: a false clearance without a re-scan, which no bar can catch.
+    """
+    false = [(name, row["outcome"].get("rescan")) for name, r in records.items()
              for row in r["repairs"] if row["method"] == "mesa"
              and cleared(row, SELECT_BAR) and residual(r, row) > FALSE_CLEARANCE]
+    blind = [name for name, rescan in false if rescan is None]
+    if blind:
+        raise ValueError(f"repairs of {blind} were cleared with their true trigger working and "
+                         "without a re-scan: no re-scan bar can catch them")
     if not false:
         return 0.0
-    return round((math.floor(max(false) / step + 1e-9) + 1) * step, 6)
+    worst = max(rescan["p_value"] for _, rescan in false)
+    return (math.floor(worst * pool + 1e-9) + 1) / pool
 
 
-def choose(records: dict[str, dict[str, Any]], budgets: list[dict[str, Any]], step: float
+def choose(records: dict[str, dict[str, Any]], budgets: list[dict[str, Any]], pool: int
            ) -> dict[str, Any]:
     """The re-scan bar (`rescan_bar`), then the budget whose MESA repairs, over the calibration
     zoo's detected backdoors, clear the fewest models whose true trigger still works (> 10
-    points above the clean models' own: a false clearance) at that bar, then bring the most true
-    triggers within 2 points of the clean models' own; ties: the smaller mean accuracy loss, then
-    the earlier in the grid."""
-    bar = rescan_bar(records, step)
+    points above the clean models' own: a false clearance) at that bar, then leave the most
+    models both cleared at the bar and with the true trigger within 2 points of the clean
+    models' own (a good repair the bar quarantines is a cost); ties: the smaller mean accuracy
+    loss, then the earlier in the grid."""
+    bar = rescan_bar(records, pool)
 
     def score(budget: dict[str, Any]) -> tuple[int, int, float]:
         rows = [(r, row) for r in records.values() for row in r["repairs"]
                 if row["budget"] == budget and row["method"] == "mesa"]
         false = sum(cleared(row, bar) and residual(r, row) > FALSE_CLEARANCE for r, row in rows)
-        within = sum(residual(r, row) <= 0.02 for r, row in rows)
+        usable = sum(cleared(row, bar) and residual(r, row) <= 0.02 for r, row in rows)
         loss = statistics.mean(r["truth"]["clean_accuracy"] - row["accuracy"]
                                for r, row in rows) if rows else 1.0
-        return (false, -within, loss)
+        return (false, -usable, loss)
 
     def clearances(budget: dict[str, Any], at: float) -> int:
         return sum(cleared(row, at) for r in records.values() for row in r["repairs"]
@@ -268,9 +282,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "select":
         records = run_zoo("calibration", params, zoo, GRID, ("mesa",), args.reverse)
         calibration = load_calibration(Path(params.scan.calibration), scan_settings(params))
-        write_json(BUDGET, choose(records, GRID, 1 / (len(calibration.combined_null) + 1)))
+        write_json(BUDGET, choose(records, GRID, len(calibration.combined_null) + 1))
         return
     budget = read_json(BUDGET)["budget"]
+    if "min_rescan_p" not in budget:  # else the benchmark would run at params.yaml's bar
+        raise SystemExit(f"{BUDGET} predates the verification's re-scan bar (no "
+                         "'min_rescan_p'): run `python -m tasks.zoo.repair select` first")
     records = run_zoo("test", params, zoo, [budget], METHODS, args.reverse)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(markdown(records, budget, "dvc repro zoo/dvc.yaml:repair_benchmark"),
