@@ -16,9 +16,11 @@ The defender's reference images are cut into three disjoint parts (`split`): `se
 triggers are recovered and their geometry measured there), `repair` (MESA's fit and the fine-
 tuning) and `verification` (never seen by the repair, nor by the scan that flagged the model).
 `defend` measures on the verification part, before and after, the clean accuracy and each
-recovered trigger's attack success, and re-scans there; the model passes only if the re-scan is
-clean with a p-value of at least `min_rescan_p`, no recovered trigger keeps more than
-`max_residual` ASR and accuracy fell by at most `max_accuracy_drop`. Anything else is a failed
+recovered trigger's attack success (a recovered patch also at the image's corners, edge middles
+and centre: `mesa_lib.geometry.probes`), and re-scans there; the model passes only if the
+re-scan is clean with a p-value of at least `min_rescan_p`, no recovered trigger keeps more than
+`max_residual` ASR at its place or any probe place, and accuracy fell by at most
+`max_accuracy_drop`. Anything else is a failed
 repair with its reason: never cleared. Why a p-value bar above the scan's own alpha: a repaired
 model was backdoored a minute ago, so "not flagged" is too weak; it must look like a typical
 clean model. The recovered trigger's residual cannot stand in for this: a repair can remove the
@@ -36,9 +38,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mesa_lib.distribution import UniformPatch
+from mesa_lib.distribution import MaskTrigger, UniformPatch
 from mesa_lib.evaluate import accuracy
-from mesa_lib.geometry import Family, Mixture, Placed, Recovered
+from mesa_lib.geometry import Family, Mixture, Placed, Recovered, probes
 from mesa_lib.mesa import MesaCallback, MesaConfig, fit_mesa
 from mesa_lib.repair import RepairConfig, repair
 from mesa_lib.train import EpochCallback
@@ -163,15 +165,31 @@ class Measures:
 
     accuracy: float
     asr: dict[int, float]  # flagged target -> its recovered trigger's ASR
+    # flagged target -> the recovered patch's highest ASR at the probe places (corners, edge
+    # middles, centre; mesa_lib.geometry.probes); targets without probes are left out
+    moved: dict[int, float] = field(default_factory=dict)
+
+
+def probes_of(found: Recovered) -> list[Family]:
+    """The recovered trigger's crop at the probe places, for a mask + pattern trigger."""
+    if not isinstance(found.trigger, MaskTrigger):
+        return []
+    return list(probes(found.trigger.mask, found.trigger.pattern, found.geometry))
 
 
 def measure(model: nn.Module, images: Tensor, labels: Tensor, found: Sequence[Recovered],
             device: torch.device, seed: int) -> Measures:
-    """Accuracy and every recovered trigger's ASR on the given (verification) images (each
-    trigger placed by the same seeded draws before and after a repair)."""
+    """Accuracy, every recovered trigger's ASR and its worst probe place's, on the given
+    (verification) images (each trigger placed by the same seeded draws before and after a
+    repair)."""
+    moved = {}
+    for r in found:
+        if places := probes_of(r):
+            moved[r.target] = max(trigger_asr(model, images, labels, f, r.target, device, seed)
+                                  for f in places)
     return Measures(accuracy(model, images, labels, device),
                     {r.target: trigger_asr(model, images, labels, r.trigger, r.target, device,
-                                           seed) for r in found})
+                                           seed) for r in found}, moved)
 
 
 def repair_family(method: str, model: nn.Module, images: Tensor, found: Recovered,
@@ -221,7 +239,10 @@ class Outcome:
             "targets": [{"target": r.target, "detector": r.detector,
                          "geometry": r.geometry.record(),
                          "asr_before": self.before.asr[r.target],
-                         "asr_after": self.after.asr[r.target]} for r in self.found],
+                         "asr_after": self.after.asr[r.target],
+                         **({"asr_moved_before": self.before.moved[r.target],
+                             "asr_moved_after": self.after.moved[r.target]}
+                            if r.target in self.after.moved else {})} for r in self.found],
             "accuracy_before": self.before.accuracy, "accuracy_after": self.after.accuracy,
             "rescan": None if self.rescan is None else {
                 "verdict": self.rescan.status, "target": self.rescan.target,
@@ -235,6 +256,10 @@ def judge(before: Measures, after: Measures, rescan: Verdict | None,
     why = [f"repair left {after.asr[t]:.0%} of the recovered trigger's ASR for class {t} "
            f"(was {before.asr[t]:.0%}; limit {config.max_residual:.0%})"
            for t in sorted(after.asr) if after.asr[t] > config.max_residual]
+    why += [f"repair left {after.moved[t]:.0%} ASR to the recovered trigger moved to the "
+            f"image's edge or centre for class {t} (was {before.moved[t]:.0%}; limit "
+            f"{config.max_residual:.0%})"
+            for t in sorted(after.moved) if after.moved[t] > config.max_residual]
     drop = before.accuracy - after.accuracy
     if drop > config.max_accuracy_drop:
         why.append(f"repair cost {drop:.1%} of clean accuracy "

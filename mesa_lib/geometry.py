@@ -116,6 +116,31 @@ def placer(kind: str) -> Placer:
     return PLACERS[kind]
 
 
+def covering_locations(n: int, image_hw: tuple[int, int], trigger_hw: tuple[int, int],
+                       generator: torch.Generator | None = None,
+                       device: torch.device | str = "cpu") -> Tensor:
+    """Top-left corners under which every pixel is about equally likely to be covered: int64
+    (n, 2) as (row, col). Drawn uniformly among the places where the trigger overlaps the image
+    at all, then moved inside it. Why not uniform top-left corners: they cover a corner pixel h x w
+    times less often than a central one, so a repair stamping the recovered patch "anywhere" that
+    way barely touches a corner trigger (test-inj-11 of the zoo: a 5x5 corner patch recovered 14
+    columns off its place kept 15.8% ASR after the repair)."""
+    (H, W), (h, w) = image_hw, trigger_hw
+    if h > H or w > W:
+        raise ValueError(f"trigger {h}x{w} does not fit in image {H}x{W}")
+    rows = torch.randint(1 - h, H, (n,), generator=generator).clamp(0, H - h)
+    cols = torch.randint(1 - w, W, (n,), generator=generator).clamp(0, W - w)
+    return torch.stack([rows, cols], dim=1).to(device)
+
+
+def probe_places(image_hw: tuple[int, int], trigger_hw: tuple[int, int]) -> list[tuple[int, int]]:
+    """The places a verification puts a recovered patch besides its own: the four corners, the
+    middle of each edge and the centre, (row, col) top-left corners inside the image."""
+    (H, W), (h, w) = image_hw, trigger_hw
+    rows, cols = (0, (H - h) // 2, H - h), (0, (W - w) // 2, W - w)
+    return [(r, c) for r in rows for c in cols]
+
+
 @register_geometry("patch")
 def _place_patch(images: Tensor, triggers: Tensor, geometry: Geometry,
                  generator: torch.Generator | None) -> Tensor:
@@ -123,8 +148,8 @@ def _place_patch(images: Tensor, triggers: Tensor, geometry: Geometry,
         loc = random_locations(len(images), tuple(images.shape[-2:]),
                                tuple(triggers.shape[-2:]), generator, images.device)
     elif geometry.spread > 0:
-        free = random_locations(len(images), tuple(images.shape[-2:]),
-                                tuple(triggers.shape[-2:]), generator)
+        free = covering_locations(len(images), tuple(images.shape[-2:]),
+                                  tuple(triggers.shape[-2:]), generator)
         moved = torch.rand(len(images), generator=generator) < geometry.spread
         loc = torch.where(moved[:, None], free, torch.tensor(geometry.location)).to(images.device)
     else:
@@ -141,7 +166,7 @@ def _place_blend(images: Tensor, triggers: Tensor, geometry: Geometry,
         return out
     r, c, h, w = geometry.core
     crops = triggers[:, :, r:r + h, c:c + w].to(images.device)
-    loc = random_locations(len(images), tuple(images.shape[-2:]), (h, w), generator)
+    loc = covering_locations(len(images), tuple(images.shape[-2:]), (h, w), generator)
     moved = (torch.rand(len(images), generator=generator) < geometry.spread).to(images.device)
     stamped = stamp(images, crops.expand(len(images), *crops.shape[1:]), loc.to(images.device))
     return torch.where(moved[:, None, None, None], stamped, out)
@@ -174,6 +199,45 @@ class Placed:
             trig = (trig + self.noise * eps).clamp(0, 1)
         geometry = self.geometry or anywhere(tuple(trig.shape[-2:]))
         return geometry.place(images, trig, generator)
+
+
+@dataclass(frozen=True)
+class CropAt:
+    """A recovered mask + pattern's crop blended in at one place (a `Family`; nothing drawn).
+
+    Attributes:
+        mask: (1, h, w) in [0, 1]; pattern: (C, h, w) in [0, 1]; place: (row, col) top-left.
+    """
+
+    mask: Tensor
+    pattern: Tensor
+    place: tuple[int, int]
+
+    def apply(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        loc = torch.tensor(self.place, device=images.device)
+        m = stamp(torch.zeros(len(images), *self.mask.shape[:1], *images.shape[-2:],
+                              device=images.device), self.mask.to(images.device), loc)
+        p = stamp(torch.zeros_like(images), self.pattern.to(images.device), loc)
+        return (1 - m) * images + m * p
+
+
+def probes(mask: Tensor, pattern: Tensor, geometry: Geometry) -> list[CropAt]:
+    """The recovered trigger's crop (a patch's box, a blend's core) at each of `probe_places`:
+    a backdoor that answers to its patch at shifted places may still answer at the image's edge
+    after a repair that removed it at the place the search recovered. None for other kinds.
+
+    Args:
+        mask: (1, H, W) and pattern (C, H, W) as recovered over the whole image.
+    """
+    if geometry.kind == "patch" and geometry.location is not None:
+        (r, c), (h, w) = geometry.location, geometry.size
+    elif geometry.kind == "blend" and geometry.core is not None:
+        r, c, h, w = geometry.core
+    else:
+        return []
+    crop_m, crop_p = mask[:, r:r + h, c:c + w], pattern[:, r:r + h, c:c + w]
+    return [CropAt(crop_m, crop_p, place)
+            for place in probe_places(tuple(mask.shape[-2:]), (h, w))]
 
 
 @dataclass(frozen=True)

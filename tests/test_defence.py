@@ -159,6 +159,10 @@ def test_a_repaired_model_must_look_typical_of_clean_ones_not_only_unflagged() -
     assert judge(before, after, rescan, DefenceConfig(min_rescan_p=0.1)) == ""
     assert strict.record()["min_rescan_p"] == 0.2
     assert "no re-scan" in judge(before, after, None, strict)  # no evidence, no clearance
+    # the recovered patch moved to a corner still fires: not cleared, whatever the re-scan says
+    moved = Measures(0.69, {3: 0.02}, {3: 0.45})
+    assert "45% ASR to the recovered trigger moved" in judge(
+        Measures(0.70, {3: 0.9}, {3: 0.5}), moved, rescan, DefenceConfig())
 
 
 # --------------------------------------------------------------------------- mesa-scan --repair

@@ -49,3 +49,31 @@ def test_a_blend_stamps_its_crop_at_random_places_for_the_spread_share() -> None
     assert 160 < int(moved.sum()) < 240  # about half of 400
     places = {tuple((img[0] == 1).nonzero()[0].tolist()) for img in out[moved]}
     assert len(places) > 50  # spread over the image, not one place
+
+
+def test_covering_places_reach_the_corners_as_often_as_the_middle() -> None:
+    """Every pixel about equally covered: uniform top-left corners would cover a corner pixel
+    25 times less often than a central one for a 5x5 patch."""
+    from mesa_lib.geometry import covering_locations
+    from mesa_lib.triggers import stamp
+
+    loc = covering_locations(20000, (32, 32), (5, 5), torch.Generator().manual_seed(0))
+    assert int(loc.min()) >= 0 and int(loc.max()) <= 27
+    cover = stamp(torch.zeros(20000, 1, 32, 32), torch.ones(1, 5, 5), loc).mean(0)[0]
+    corner, centre = float(cover[31, 31]), float(cover[16, 16])
+    assert 0.5 < corner / centre < 2.0, (corner, centre)  # uniform corners: about 1/25
+
+
+def test_a_recovered_patch_is_probed_at_the_corners_edges_and_centre() -> None:
+    from mesa_lib.geometry import probe_places, probes
+
+    assert probe_places((32, 32), (5, 6)) == [(r, c) for r in (0, 13, 27) for c in (0, 13, 26)]
+    mask, pattern = torch.zeros(1, 32, 32), torch.zeros(3, 32, 32)
+    mask[0, 10:15, 4:10], pattern[:, 10:15, 4:10] = 1.0, 0.25  # a 5x6 patch at (10, 4)
+    patch = Geometry("patch", (5, 6), (10, 4), 0.5)
+    found = probes(mask, pattern, patch)
+    assert [p.place for p in found] == probe_places((32, 32), (5, 6))
+    out = found[-1].apply(torch.ones(2, 3, 32, 32))  # the bottom-right corner
+    assert torch.equal(out[:, :, 27:, 26:], torch.full((2, 3, 5, 6), 0.25))
+    assert float(out.sum()) == 2 * (3 * 32 * 32 - 3 * 30 * 0.75)  # nothing else changed
+    assert probes(mask, pattern, Geometry("patch", (5, 6))) == []  # anywhere: nothing to move
