@@ -1,7 +1,9 @@
-"""A tiny ONNX classifier made with onnx.helper (no exporter, no torch involved)."""
+"""Models that are not ours, made in the tests: a tiny ONNX classifier (onnx.helper, no exporter)
+and a Hugging Face / timm folder."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -25,4 +27,19 @@ def onnx_net(path: Path, side: int = 32, classes: int = 10) -> Path:
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, side, side])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", classes])], inits)
     save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def hf_folder(path: Path, config: dict) -> Path:
+    """A timm-style folder at `path`: config.json (`config`, naming a timm architecture and its
+    num_classes) + model.safetensors of a fresh network of that architecture."""
+    from safetensors.torch import save_file
+
+    from mesa_lib.models import build_model
+
+    path.mkdir(parents=True)
+    net = build_model(f"timm:{config['architecture']}", config["num_classes"])
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()},
+              str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps(config))
     return path

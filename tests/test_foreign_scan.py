@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from foreign_fixture import onnx_net
+from foreign_fixture import hf_folder, onnx_net
 from pipeline_fixture import ROOT, write_plumbing_calibration
 from safetensors.torch import save_file
 
@@ -25,16 +25,6 @@ from tasks.scan.cli import EXIT, main, model_stems
 TIMM = "timm:mobilenetv3_small_050"
 CHEAP = {"scan.images": 64, "scan.detectors.mask.steps": 4,
          "scan.detectors.mask.batch_size": 8, "base.device": "cpu"}
-
-
-def _folder(path: Path, config: dict) -> Path:
-    """A timm-style folder: config.json + model.safetensors of a fresh TIMM network."""
-    path.mkdir()
-    net = build_model(TIMM, 10)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()},
-              str(path / "model.safetensors"))
-    (path / "config.json").write_text(json.dumps(config))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +49,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     save_model(build_model(TIMM, 10), models / "timm_pair",
                Manifest(TIMM, 10, tuple(f"c{k}" for k in range(10)), CIFAR10_MEAN, CIFAR10_STD))
     onnx_net(models / "tiny.onnx")
-    _folder(models / "hf", {"architecture": TIMM.split(":")[1], "num_classes": 10,
+    hf_folder(models / "hf", {"architecture": TIMM.split(":")[1], "num_classes": 10,
                             "pretrained_cfg": {"input_size": [3, 32, 32], "mean": CIFAR10_MEAN,
                                                "std": CIFAR10_STD}})
     return {"root": root, "params": params, "models": models}
@@ -102,7 +92,7 @@ def test_foreign_models_get_no_verdict_outside_the_calibration_and_one_inside(
 
 def test_foreign_files_that_cannot_be_loaded_safely_are_refused_by_name(
         models, tmp_path: Path) -> None:
-    no_mean = _folder(tmp_path / "nomean", {"architecture": "mobilenetv3_small_050",
+    no_mean = hf_folder(tmp_path / "nomean", {"architecture": "mobilenetv3_small_050",
                                             "num_classes": 10})
     with pytest.raises(ModelFileError, match=r"nomean/config.json: needs 'input_size'"):
         modelfiles.load(no_mean)

@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 from backdoor_fixture import TARGET, synthetic_data
-from foreign_fixture import onnx_net
+from foreign_fixture import hf_folder, onnx_net
 from pipeline_fixture import write_scan_params
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
@@ -35,7 +35,7 @@ from tasks.common import tracking
 from tasks.common.configs import scan_settings
 from tasks.common.params import ConfigError, apply_overrides, load_params, params_from_dict
 from tasks.common.tracking import TrackingError
-from tasks.scan import service
+from tasks.scan import check, discover, service
 from tasks.scan.claims import ClaimStore, Ledger
 from tasks.scan.core import load_calibration, measure_chunk, merge, verdict_of
 from tasks.scan.discover import drop_groups, model_key
@@ -48,6 +48,7 @@ TUNED = {"scan.images": 1024, "scan.detectors.mask.steps": 200,
          "scan.detectors.mask.batch_size": 16, "repair.epochs": 1, "repair.batch_size": 64}
 # Where the verdict does not matter: the cheapest scan.
 FAST = {"scan.images": 64, "scan.detectors.mask.steps": 4, "scan.detectors.mask.batch_size": 8}
+HF_ARCH = "mobilenetv3_small_050"  # a timm network small enough for 16 x 16 test images
 @pytest.fixture(scope="module", autouse=True)
 def harness():
     """One temporary Prefect API for the flow tests of this module."""
@@ -83,7 +84,10 @@ def drop(root: Path, name: str, source: str = "clean", variant: str = "") -> Non
 
 
 def folder_digest(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+    """Every file below `folder` (a symlink as its target's name) -> its digest."""
+    return {str(p.relative_to(folder)): str(p.readlink()) if p.is_symlink() else
+            hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() or p.is_symlink()}
 
 
 def scan_runs(root: Path) -> list:
@@ -302,24 +306,57 @@ def test_a_model_outside_the_calibration_is_held_not_cleared(project: Path) -> N
         run.data.metrics
 
 
-def test_an_onnx_model_dropped_is_scanned_and_registered_as_it_came(project: Path) -> None:
-    """An ONNX file in the drop folder goes the same way as a pair: checked (allow-list),
-    scanned, registered with its own file and, cleared, signed; outside the calibration's
-    coverage it is uncalibrated."""
+def test_models_that_are_not_ours_are_scanned_and_registered_as_they_came(project: Path
+                                                                         ) -> None:
+    """An ONNX file and a Hugging Face / timm folder in the drop folder, and a folder registered
+    by someone, go the same way as a pair: checked, scanned, registered with their own files
+    and, cleared, signed (a re-scan of what we registered finds our signature); a folder with a
+    nesting-bomb config.json or a symbolic link is refused naming the file."""
     write_params(project, FAST)
     calibration = json.loads((project / "calibration.json").read_text())
-    calibration["provenance"]["coverage"] = {"architectures": ["onnx"]}
+    calibration["provenance"]["coverage"] = {"architectures": ["onnx", f"timm:{HF_ARCH}"]}
     calibration["alpha"] = 1e-9  # no p-value is that small: cleared, so signed
     (project / "calibration.json").write_text(json.dumps(calibration))
     onnx_net(project / "drop" / "net.onnx", side=16, classes=6)
+    config = {"architecture": HF_ARCH, "num_classes": 6,
+              "pretrained_cfg": {"input_size": [3, 16, 16], "mean": [0.5] * 3, "std": [0.25] * 3}}
+    hf_folder(project / "drop" / "hf", config)
+    bomb = hf_folder(project / "drop" / "bomb", config)
+    (bomb / "config.json").write_text("[" * 100 + "]" * 100)
+    linked = hf_folder(project / "drop" / "linked", config)
+    (linked / "config.json").unlink()
+    (linked / "config.json").symlink_to(project / "drop" / "hf" / "config.json")
+    upload = hf_folder(project / "upload" / "model", {**config, "label_names": ["a"] * 6})
+    run = tracking.start_run("upload", {}, experiment="uploads")
+    tracking.register_model(run, tuple(sorted(upload.iterdir())), "uploaded-hf",
+                            {"scan_verdict": "not scanned"}, "someone's folder")
+    before = folder_digest(project / "drop")
     result = scan_flows.discover_and_scan(params_path=str(project / "params.yaml"))
-    (out,) = result["scanned"]
-    assert out["status"] == "clean", out
-    (v,) = versions("mesa-dropped")
-    run_files = {a.path for a in tracking.client().list_artifacts(v["run_id"], "model")}
-    assert "model/model.onnx" in run_files, run_files
-    assert v["tags"]["signature"].startswith("signed by key"), v["tags"]["signature"]
-    assert "model/model.sig" in run_files, run_files
+    by_label = {o["label"]: o for o in result["scanned"]}
+    for label in ("drop:net", "drop:hf", "registry:uploaded-hf/1"):
+        assert by_label[label]["status"] == "clean", by_label[label]
+    assert "bomb/config.json: manifest nests JSON deeper" in by_label["drop:bomb"]["reason"]
+    assert "linked/: config.json is a symbolic link" in by_label["drop:linked"]["reason"]
+    assert folder_digest(project / "drop") == before  # only read
+    c = tracking.client()
+    dropped = {v["tags"]["drop_files"]: v for v in versions("mesa-dropped")}
+    assert len(dropped) == 2, dropped  # the refused folders stay out of the registry
+    for v in dropped.values():
+        assert v["tags"]["signature"].startswith("signed by key"), v["tags"]["signature"]
+    files = {n: {a.path for a in c.list_artifacts(v["run_id"], "model")}
+             for n, v in dropped.items()}
+    assert {"model/model.onnx", "model/model.sig"} in files.values(), files
+    assert {"model/model.safetensors", "model/config.json", "model/model.sig"} in \
+        files.values(), files
+    (kept,) = tracking.model_versions(("uploaded-hf",))
+    assert kept["tags"]["scan_verdict"] == "clean" and kept["tags"]["signature"].startswith(
+        "signed by key")
+    # what we registered comes back whole: our folder, with our signature inside, verifies
+    back = discover.fetch_version.fn({**kept, "tags": {}}, project / "refetch")
+    assert back.folder and [Path(f).name for f in back.files] == \
+        ["model.safetensors", "config.json", "model.sig"]
+    assert check.check_model.fn(back, load_params(project / "params.yaml")).signature.startswith(
+        "verified: signed by key")
 
 
 # --------------------------------------------------------------------------- hostile inputs

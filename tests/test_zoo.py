@@ -265,7 +265,8 @@ def test_leaving_an_architecture_out_refits_without_it_and_judges_it() -> None:
     """The left-out architecture is judged against a null of the others only: its clean models
     are not in the fit, an outlying backdoor of it is flagged with its target, and too small a
     remainder gives no verdict instead of a false one."""
-    from tasks.zoo.transfer import judge, markdown as transfer_md, refit
+    from tasks.zoo.transfer import judge, refit
+    from tasks.zoo.transfer import markdown as transfer_md
 
     gen = torch.Generator().manual_seed(0)
 

@@ -40,7 +40,13 @@ from tasks.common.escape import escape
 from tasks.common.params import Params
 from tasks.scan.core import ChunkResult, Rejected, inspect, measure_chunk
 from tasks.scan.defend import Repaired, repair_scanned
-from tasks.scan.discover import REFERENCE_SUFFIX, SIGNATURE_SUFFIX, Candidate, model_key
+from tasks.scan.discover import (
+    REFERENCE_SUFFIX,
+    SIGNATURE_SUFFIX,
+    Candidate,
+    model_format,
+    model_key,
+)
 from tasks.scan.hygiene import manifest_problem
 from tasks.scan.reference import load_reference, reference_batch
 from tasks.scan.signing import SignatureError, trusted_keys, verify
@@ -80,11 +86,20 @@ class Checked:
 
 
 def _copy(cand: Candidate, work: Path) -> dict[str, Path]:
-    """Copy the candidate's model files to `work/model.*`; refuse if they changed meanwhile."""
+    """Copy the candidate's files to `work/model.*` (a folder model's into `work/model/` under
+    their own names); refuse if they changed meanwhile. Returns role or suffix -> copy."""
     work.mkdir(parents=True, exist_ok=True)
     copies = {}
-    fmt = modelfiles.format_of(cand.weights() or MODEL_STEM)
-    for suffix in (*fmt.suffixes, REFERENCE_SUFFIX, SIGNATURE_SUFFIX):
+    if cand.folder:
+        (work / MODEL_STEM).mkdir(exist_ok=True)
+        for name in model_format(Path(cand.folder)).suffixes:  # a folder's file names
+            copies[name] = Path(shutil.copyfile(Path(cand.folder) / name,
+                                                work / MODEL_STEM / name))
+        suffixes: tuple[str, ...] = (REFERENCE_SUFFIX, SIGNATURE_SUFFIX)
+    else:
+        suffixes = (*modelfiles.format_of(cand.weights() or MODEL_STEM).suffixes,
+                    REFERENCE_SUFFIX, SIGNATURE_SUFFIX)
+    for suffix in suffixes:
         src = cand.file(suffix)
         if src is not None:
             copies[suffix] = Path(shutil.copyfile(src, work / f"{MODEL_STEM}{suffix}"))
@@ -97,9 +112,9 @@ def _unsupported(cand: Candidate) -> str:
     names = ", ".join(Path(f).name for f in cand.files)
     if cand.file(MANIFEST_SUFFIX) is not None:
         return f"{names}: weights file <stem>{WEIGHTS_SUFFIX} is missing"
-    return (f"{names}: unsupported file; only <stem>{WEIGHTS_SUFFIX} + <stem>{MANIFEST_SUFFIX} "
-            "and <stem>.onnx models are accepted (pickled checkpoints such as .pt/.pth/.pkl/.bin "
-            "are never loaded)")
+    return (f"{names}: unsupported file; only <stem>{WEIGHTS_SUFFIX} + <stem>{MANIFEST_SUFFIX}, "
+            "<stem>.onnx and Hugging Face / timm folders (config.json + model.safetensors) are "
+            "accepted (pickled checkpoints such as .pt/.pth/.pkl/.bin are never loaded)")
 
 
 def _rejected(cand: Candidate, reason: str, work: Path, start: float) -> Checked:
@@ -169,10 +184,14 @@ def _verify_signature(cand: Candidate, copies: dict[str, Path], work: Path,
         return ""
     staged = work / "arrived"
     staged.mkdir(exist_ok=True)
-    own = modelfiles.stem(cand.weights() or MODEL_STEM).name
-    for suffix in modelfiles.format_of(cand.weights() or MODEL_STEM).suffixes:
-        if suffix in copies:
-            shutil.copyfile(copies[suffix], staged / f"{own}{suffix}")
+    if cand.folder:  # the signature covers the folder's files by their names
+        own = Path(cand.folder).name
+        shutil.copytree(work / MODEL_STEM, staged / own, dirs_exist_ok=True)
+    else:
+        own = modelfiles.stem(cand.weights() or MODEL_STEM).name
+        for suffix in modelfiles.format_of(cand.weights() or MODEL_STEM).suffixes:
+            if suffix in copies:
+                shutil.copyfile(copies[suffix], staged / f"{own}{suffix}")
     shown = Path(cand.file(SIGNATURE_SUFFIX) or sig).name
     try:
         key = verify(staged / own, sig, trusted_keys(params))

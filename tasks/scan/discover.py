@@ -9,14 +9,17 @@ keyed by it.
 Drop folder: flat, only read (never written, moved or deleted). Files are grouped by stem:
 `<stem>.safetensors` weights, `<stem>.json` manifest, optional `<stem>.data.npz` reference data
 (uint8 `images` (N, C, H, W), int64 `labels` (N,), str `classes`), optional `<stem>.sig`
-signature (tasks.scan.signing: verified before anything else); any other file is a group of
-its own, rejected by the scan (pickles are never loaded). Hidden files, sub-folders, symlinks and
-`*.tmp` / `*.part` files are ignored; a group changed less than `scan.settle_s` ago waits for the
-next run (a copy in progress).
+signature (tasks.scan.signing: verified before anything else); `<stem>.onnx`; a sub-folder
+`<stem>/` that is a Hugging Face / timm model (config.json + model.safetensors, its other files
+ignored; a `<stem>.sig` beside it joins it); any other file is a group of its own, rejected by
+the scan (pickles are never loaded). Hidden files, other sub-folders, symlinks and `*.tmp` /
+`*.part` files are ignored, and a model folder holding a symlink is rejected (the service would
+copy what it points at); a group changed less than `scan.settle_s` ago waits for the next run (a
+copy in progress).
 
 Registry: every version of `scan.registry_models` whose `scan_verdict` tag is missing or
-"not scanned"; its artifact folder is downloaded into the state folder and must hold one
-`.safetensors` + `.json` pair.
+"not scanned"; its artifact folder is downloaded into the state folder and must hold one model:
+a `.safetensors` + `.json` pair, an `.onnx` file or a Hugging Face / timm folder.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ class Candidate:
         name, version: the registered model version (registry candidates).
         stats: (escaped file name, size, mtime_ns) of drop files, for the ledger.
         problem: a reason to reject found before loading (e.g. unfetchable artifacts).
+        folder: the model's folder when it is a folder format (mesa_lib.modelfiles), else "".
     """
 
     key: str
@@ -68,6 +72,7 @@ class Candidate:
     version: str = ""
     stats: tuple[tuple[str, int, int], ...] = field(default=())
     problem: str = ""
+    folder: str = ""
 
     def file(self, suffix: str) -> Path | None:
         """The candidate's file ending in `suffix`, if any."""
@@ -109,20 +114,46 @@ def _stem(name: str) -> str:
 
 
 def drop_groups(folder: Path) -> dict[str, list[Path]]:
-    """Files of the drop folder grouped by model stem (see the module docstring)."""
+    """Files of the drop folder grouped by model stem (see the module docstring); a model
+    folder's group holds its format's files (`model_folder` tells it apart)."""
     groups: dict[str, list[Path]] = {}
     if not folder.is_dir():
         return groups
     for path in sorted(folder.iterdir()):
-        if (path.name.startswith(".") or path.is_symlink() or not path.is_file()
-                or path.name.endswith(_IGNORED_SUFFIXES)):
+        if path.name.startswith(".") or path.is_symlink():
             continue
-        groups.setdefault(_stem(path.name), []).append(path)
+        if path.is_dir():
+            if model_format(path) is not None:
+                groups.setdefault(path.name, []).extend(model_format(path).paths(path))
+        elif path.is_file() and not path.name.endswith(_IGNORED_SUFFIXES):
+            groups.setdefault(_stem(path.name), []).append(path)
     return groups
 
 
-def _stats(files: list[Path]) -> tuple[tuple[str, int, int], ...]:
-    return tuple((escape(p.name), (s := p.stat()).st_size, s.st_mtime_ns) for p in files)
+def model_format(folder: Path) -> modelfiles.ModelFormat | None:
+    """The folder format `folder` is a model of (modelfiles.FolderFormat), or None."""
+    return next((f for f in modelfiles.FORMATS.values()
+                 if isinstance(f, modelfiles.FolderFormat) and f.holds(folder)), None)
+
+
+def model_folder(files: list[Path]) -> Path | None:
+    """The model folder a group's files are in, if they are a folder model's."""
+    parents = {p.parent for p in files if _role(p) == "weights"}
+    return next((d for d in parents if model_format(d) is not None), None)
+
+
+def _folder_problem(folder: Path, files: list[Path]) -> str:
+    """Why a folder model is refused before it is read ('' if it is not)."""
+    links = [p.name for p in files if p.parent == folder and p.is_symlink()]
+    if links:
+        return (f"{escape(folder.name)}/: {', '.join(map(escape, links))} is a symbolic link; "
+                "refused (a model's files must be plain files)")
+    return ""
+
+
+def _stats(files: list[Path], root: Path) -> tuple[tuple[str, int, int], ...]:
+    return tuple((escape(p.relative_to(root).as_posix()), (s := p.stat()).st_size,
+                  s.st_mtime_ns) for p in files)
 
 
 def drop_candidates(params: Params, ledger: Ledger, settle_s: float | None = None
@@ -133,14 +164,16 @@ def drop_candidates(params: Params, ledger: Ledger, settle_s: float | None = Non
     seen = ledger.seen()
     out = []
     for stem, files in drop_groups(folder).items():
-        stats = _stats(files)
+        stats = _stats(files, folder)
         if time.time() - max(s[2] for s in stats) / 1e9 < settle:
             continue  # still being copied
         if all(tuple(s) in seen for s in stats) and len({seen[s] for s in stats}) == 1:
             continue  # exactly these files were processed before
         key, weights = model_key(files)
+        home = model_folder(files)
         out.append(Candidate(key, "drop", f"drop:{escape(stem)}", tuple(str(p) for p in files),
-                             weights, stats=stats))
+                             weights, stats=stats, folder=str(home or ""),
+                             problem=_folder_problem(home, files) if home else ""))
     return out
 
 
@@ -162,14 +195,23 @@ def fetch_version(version: dict, work: Path) -> Candidate:
         return Candidate(digest, "registry", label, (), name=version["name"],
                          version=version["version"], problem=str(err))
     files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
+    home = next((d for d in (Path(folder), *sorted(Path(folder).rglob("*")))
+                 if d.is_dir() and model_format(d) is not None), None)
     weights = [p for p in files if modelfiles.role(p) == "weights"]
     problem = ""
-    if len(weights) != 1:
+    if home is not None:  # a signature of it: inside (a version we signed) or beside it
+        chosen = list(model_format(home).paths(home))
+        chosen += [s for s in (home / f"{home.name}{SIGNATURE_SUFFIX}",
+                               home.parent / f"{home.name}{SIGNATURE_SUFFIX}") if s.is_file()][:1]
+    elif len(weights) != 1:
         names = [str(p.relative_to(folder)) for p in files][:10]
         problem = (f"the version's artifacts hold {len(weights)} weights files (need one "
-                   f"<stem>{WEIGHTS_SUFFIX} + <stem>{MANIFEST_SUFFIX} or one <stem>.onnx; "
-                   f"pickled models are refused): {names}")
-    chosen = files if problem else [p for p in files if _stem(p.name) == _stem(weights[0].name)]
+                   f"<stem>{WEIGHTS_SUFFIX} + <stem>{MANIFEST_SUFFIX}, one <stem>.onnx or one "
+                   f"Hugging Face folder; pickled models are refused): {names}")
+        chosen = files
+    else:
+        chosen = [p for p in files if _stem(p.name) == _stem(weights[0].name)]
     key, sha = model_key(chosen) if chosen else (hashlib.sha256(label.encode()).hexdigest(), "")
     return Candidate(key, "registry", label, tuple(str(p) for p in chosen), sha,
-                     version["name"], version["version"], problem=problem)
+                     version["name"], version["version"], problem=problem,
+                     folder=str(home or ""))

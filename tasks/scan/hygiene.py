@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mesa_lib import modelfiles
+
 MAX_JSON_DEPTH = 64  # a manifest is a flat record; JSON nested deeper is refused unparsed
 
 
@@ -41,9 +43,12 @@ def json_depth(path: Path, limit: int = MAX_JSON_DEPTH) -> int:
 
 
 def manifest_problem(stem: Path, shown: str) -> str:
-    """A reason to refuse `<stem>.json` before parsing it ('' if none); names it as `shown`."""
-    path = Path(f"{stem}.json")
-    if path.is_file() and json_depth(path) > MAX_JSON_DEPTH:
-        return (f"{shown}.json: manifest nests JSON deeper than {MAX_JSON_DEPTH} levels (a "
-                "nesting bomb); refused unparsed")
+    """A reason to refuse a JSON file of the model `stem` (`<stem>.json`, a folder's
+    config.json) before parsing it ('' if none); names it with `shown` in place of the stem."""
+    for path in modelfiles.files(stem):
+        if path.name.endswith(".json") and path.is_file() and \
+                json_depth(path) > MAX_JSON_DEPTH:
+            tail = path.as_posix()[len(Path(stem).as_posix()):]
+            return (f"{shown}{tail}: manifest nests JSON deeper than {MAX_JSON_DEPTH} levels "
+                    "(a nesting bomb); refused unparsed")
     return ""

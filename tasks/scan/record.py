@@ -277,8 +277,8 @@ def _publish_registry(checked: Checked, verdict: dict[str, Any], run: tracking.S
     cand = checked.candidate
     status = _signature_status(checked, verdict)
     if verdict["status"] == "clean" and checked.ok:
-        weights = cand.weights()
-        sig, signed = _sign(modelfiles.stem(str(weights)), params)
+        stem = Path(cand.folder) if cand.folder else modelfiles.stem(str(cand.weights()))
+        sig, signed = _sign(stem, params)
         status += signed
         if sig is not None:
             where = _store_signature(sig, tracking.model_version(cand.name, cand.version),
