@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,9 @@ from pipeline_fixture import write_archive
 from mesa_lib import calibration as cal
 from tasks.common.settings import ConfigError
 from tasks.zoo import build
+from tasks.zoo.detection_report import cross_entropy, fit_probability, markdown, probability
 from tasks.zoo.params import load_zoo_params
-from tasks.zoo.report import auc, markdown, wilson
+from tasks.zoo.report import auc, wilson
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,8 +104,9 @@ def _record(mask: dict[int, float], mesa: dict[int, float]) -> dict:
 
 
 def test_the_benchmark_table_counts_hits_false_alarms_and_targets() -> None:
-    """Twenty clean models with small scores, two backdoors (one strong at class 3 that the mask
-    finds, one too weak to count); the table must say exactly that."""
+    """Twenty clean models with small scores, three backdoors (one strong at class 3 that the
+    mask finds, one with two targets of which the scan reports both, one too weak to count); the
+    table must say exactly that."""
     flat = dict.fromkeys(range(10), 0.0)
     clean_scores = [{"mask": {c: 0.01 * ((i + c) % 5) for c in range(10)}, "mesa": flat}
                     for i in range(20)]
@@ -114,17 +117,55 @@ def test_the_benchmark_table_counts_hits_false_alarms_and_targets() -> None:
                        "arch": "resnet8", "attack": None} for i in range(20)}
     truth |= {"b-strong": {"backdoored": True, "counts": True, "target": 3, "asr": 0.99,
                            "arch": "resnet8", "attack": attack},
+              "b-two": {"backdoored": True, "counts": True, "target": 4, "targets": [4, 9],
+                        "asr": 0.95, "arch": "resnet8", "attack": attack,
+                        "also": {"target": 9, "attack": "finetune_injection", "size": 3}},
               "b-weak": {"backdoored": True, "counts": False, "target": 5, "asr": 0.2,
                          "arch": "resnet8", "attack": attack}}
     scans = {f"c{i}": _record(clean_scores[i]["mask"], flat) for i in range(20)}
     scans["b-strong"] = _record({**flat, 3: 5.0}, flat)
+    scans["b-two"] = _record({**flat, 4: 6.0, 9: 4.0}, flat)
     scans["b-weak"] = _record(flat, flat)
-    table = markdown(truth, scans, fitted, "cmd", "here")
-    assert "20 clean models, 1 backdoored models whose attack succeeds" in table
+    table = markdown(truth, scans, fitted, (-3.0, 1.0), {"command": "cmd", "machine": "here"})
+    assert "20 clean models, 2 backdoored models whose attack succeeds" in table
     assert "left out: b-weak" in table
-    assert "| all backdoors | 1 | 1.000 | 1/1 (100%;" in table and "| 1/1 |" in table
-    assert "| mask | 1.000 | 1/1 | 0/20 | 1/1 |" in table
+    row = next(r for r in table.splitlines() if r.startswith("| all backdoors |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1:3] == ["2", "1.000"] and cells[4].startswith("2/2 (100%;")
+    assert cells[5:] == ["2/2", "2/2"]  # right first target; every target of b-two reported
+    assert "| b-two |" in table and "backdoored 4, 9 |" in table
+    assert "| mask | 1.000 | 2/2 | 0/20 | 2/2 |" in table
     assert auc([1.0, 0.5], [0.5]) == 0.75 and wilson(0, 20)[1] == pytest.approx(0.161, abs=1e-3)
+
+
+def test_a_two_target_model_missing_one_target_is_counted_so() -> None:
+    flat = dict.fromkeys(range(10), 0.0)
+    clean_scores = [{"mask": {c: 0.01 * ((i + c) % 5) for c in range(10)}} for i in range(20)]
+    fitted = cal.fit(clean_scores, 0.05, 0.1, {}, {})
+    truth = {f"c{i}": {"backdoored": False, "counts": True, "target": None, "asr": None,
+                       "arch": "resnet8", "attack": None} for i in range(20)}
+    truth["b-two"] = {"backdoored": True, "counts": True, "target": 4, "targets": [4, 9],
+                      "asr": 0.95, "arch": "resnet8", "attack": {"name": "x"}}
+    scans = {f"c{i}": _record(clean_scores[i]["mask"], {}) for i in range(20)}
+    scans["b-two"] = _record({**flat, 4: 6.0}, {})
+    for rec in scans.values():
+        del rec["detectors"]["mesa"]
+    table = markdown(truth, scans, fitted, (-3.0, 1.0), {"command": "cmd", "machine": "here"})
+    row = next(r for r in table.splitlines() if r.startswith("| all backdoors |"))
+    assert row.rstrip(" |").endswith("1/1 | 0/1")  # the first target right, not every one
+
+
+def test_cross_entropy_is_trojais_and_its_map_is_fitted_where_told() -> None:
+    """q = sigmoid(a + b (-log p)) fitted on overlapping p-values ranks as p does, is near the
+    empirical rate where the classes mix, and the cross-entropy is the mean -log q(truth)."""
+    ps = [0.04] * 8 + [0.5] * 10 + [0.04] * 2 + [0.5] * 2  # 10 backdoored of 12 at p 0.04
+    truth = [True] * 8 + [False] * 10 + [False] * 2 + [True] * 2
+    model = fit_probability(ps, truth)
+    low, high = probability(model, 0.5), probability(model, 0.04)
+    assert high == pytest.approx(0.8, abs=0.01) and low == pytest.approx(2 / 12, abs=0.01)
+    assert cross_entropy([0.9, 0.2], [True, False]) == pytest.approx(
+        (-math.log(0.9) - math.log(0.8)) / 2)
+    assert 0 < probability(model, 1.0) < low < high < 1
 
 
 def _repaired(asr_after: dict[str, float], cleared: dict[str, bool], clean: float = 0.05,

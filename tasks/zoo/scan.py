@@ -1,14 +1,15 @@
 """Scanning the zoo: calibrate the scanner on the calibration zoo, measure it on the test zoo.
 
     python -m tasks.zoo.scan calibrate    # calibration zoo -> zoo/calibration.json
-    python -m tasks.zoo.scan benchmark    # test zoo -> benchmarks/results/zoo_detection.md
+    python -m tasks.zoo.scan benchmark    # test zoo -> zoo/scans/test_zoo.json (+ _meta.json)
 
 Both scan with params.yaml's `scan.*` settings on the zoo's reference images (the scanner never
 sees the images the truth records were measured on). `calibrate` fits the clean-model null
 (mesa_lib.calibration) on the calibration zoo's clean models only and records, for information,
 how the calibration zoo's backdoored models score. `benchmark` never fits anything: it scans the
-test zoo with the calibration file, and with the detector of the previous release ("before":
-fixed MAD thresholds, MESA only, random places), and writes the table (tasks.zoo.report).
+test zoo with the calibrated settings, and with the detector of the previous release ("before":
+fixed MAD thresholds, MESA only, random places); tasks.zoo.detection_report judges the scans
+against the calibration file and writes the table.
 """
 
 from __future__ import annotations
@@ -34,18 +35,16 @@ from mesa_lib.seed import resolve_device
 from tasks.common.configs import scan_settings
 from tasks.common.io import read_json, write_json
 from tasks.common.params import Params, load_params
-from tasks.scan.core import load_calibration
 from tasks.scan.reference import Reference, reference_batch
 from tasks.zoo.build import load_data, stem_of, truth_path
 from tasks.zoo.params import ZooParams, load_zoo_params
-from tasks.zoo.report import class_scores, markdown, p_value
+from tasks.zoo.report import class_scores, p_value
 
 SCANS = Path("zoo/scans")
 # The zoo's calibration. The scanner ships a released copy, calibration/scanner.json (params.yaml
 # scan.calibration; tests/test_zoo.py checks the two agree): a copy, not this stage's output, so
 # the demo pipeline, whose `evaluate` reads it, never pulls the hours-long zoo into `dvc repro`.
 CALIBRATION = Path("zoo/calibration.json")
-RESULTS = Path("benchmarks/results/zoo_detection.md")
 # The detector before this release: MESA on 3x3 random-place triggers, flagged when a class's
 # ASR was a MAD outlier (index > 2.0) reaching min_asr 0.5 (params.yaml at commit 997402b).
 BEFORE = DetectConfig(mesa=MesaConfig(betas=(0.8,), epochs=1, batch_size=32, lr=0.002),
@@ -143,20 +142,19 @@ def calibrate(params: Params, zoo: ZooParams) -> Path:
 
 
 def benchmark(params: Params, zoo: ZooParams, command: str) -> Path:
-    """Scan the test zoo with the calibration file and with the old detector; write the table."""
-
-    calibration = load_calibration(CALIBRATION, scan_settings(params))
+    """Scan the test zoo with the scan settings and with the old detector; record the scans and
+    how they were made (the settings, which the report checks against the calibration's)."""
     names = zoo.names("test")
-    truth = {n: read_json(truth_path("test", n)) for n in names}
     load = os.getloadavg()
     scans = scan_zoo(names, params, zoo, before=True)
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                f"torch {torch.__version__} on {torch.get_num_threads()} threads; load average "
                f"before the scans {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}")
-    write_json(SCANS / "test_zoo.json", scans)  # first: a report that fails loses no scan
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(markdown(truth, scans, calibration, command, machine), encoding="utf-8")
-    return RESULTS
+    write_json(SCANS / "test_zoo.json", scans)
+    write_json(SCANS / "test_zoo_meta.json", {
+        "command": command, "machine": machine, "code_version": _git_commit(),
+        "settings": scan_settings(params).fingerprint()})
+    return SCANS / "test_zoo.json"
 
 
 def main(argv: list[str] | None = None) -> None:
