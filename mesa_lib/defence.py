@@ -26,13 +26,20 @@ model was backdoored a minute ago, so "not flagged" is too weak; it must look li
 clean model. The recovered trigger's residual cannot stand in for this: a repair can remove the
 trigger the search recovered while the planted one, which the search found only part of, keeps
 working (docs/repair.md gives the selection figures).
+
+Rounds (`rounds` > 1): the search recovers *a* trigger, not always the planted one (a corner
+patch recovered as a spread mask, a patch recovered a few pixels off). After a round, `again`
+looks at the repaired model (the scan service re-scans it on the selection part) and recovers
+the triggers of the classes that still stand out; the next round stamps every round's triggers.
+The verification measures all of them, against the model as it arrived and as it leaves.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -62,6 +69,10 @@ class DefenceConfig:
         max_accuracy_drop: largest clean-accuracy loss on the verification images.
         min_rescan_p: smallest p-value the re-scan of the repaired model may give (0: the
             re-scan's verdict alone).
+        rounds: most repair rounds (module docstring); a round runs only if `again` recovers
+            a trigger after the previous one.
+        again_p: a class whose re-scan p-value between rounds is below this stands out even
+            when not flagged (read by the caller's `again`).
     """
 
     method: str = "mesa"
@@ -71,17 +82,22 @@ class DefenceConfig:
     max_residual: float = 0.1
     max_accuracy_drop: float = 0.03
     min_rescan_p: float = 0.0
+    rounds: int = 1
+    again_p: float = 0.0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown repair method {self.method!r}; known: {METHODS}")
+        if self.rounds < 1:
+            raise ValueError(f"repair rounds must be >= 1, got {self.rounds}")
 
     def record(self) -> dict[str, Any]:
         """JSON-able settings for the audit record."""
         return {"method": self.method, "repair": asdict(self.repair),
                 "mesa": {k: v for k, v in asdict(self.mesa).items() if v is not None},
                 "mesa_images": self.mesa_images, "max_residual": self.max_residual,
-                "max_accuracy_drop": self.max_accuracy_drop, "min_rescan_p": self.min_rescan_p}
+                "max_accuracy_drop": self.max_accuracy_drop, "min_rescan_p": self.min_rescan_p,
+                "rounds": self.rounds, "again_p": self.again_p}
 
 
 @dataclass(frozen=True)
@@ -164,7 +180,7 @@ class Measures:
     """What the verification images say about a model: accuracy and each trigger's ASR."""
 
     accuracy: float
-    asr: dict[int, float]  # flagged target -> its recovered trigger's ASR
+    asr: dict[int, float]  # flagged target -> its recovered triggers' highest ASR
     # flagged target -> the recovered patch's highest ASR at the probe places (corners, edge
     # middles, centre; mesa_lib.geometry.probes); targets without probes are left out
     moved: dict[int, float] = field(default_factory=dict)
@@ -181,15 +197,17 @@ def measure(model: nn.Module, images: Tensor, labels: Tensor, found: Sequence[Re
             device: torch.device, seed: int) -> Measures:
     """Accuracy, every recovered trigger's ASR and its worst probe place's, on the given
     (verification) images (each trigger placed by the same seeded draws before and after a
-    repair)."""
-    moved = {}
+    repair); a target with several triggers (rounds) gets the highest."""
+    asr: dict[int, float] = {}
+    moved: dict[int, float] = {}
     for r in found:
+        hit = trigger_asr(model, images, labels, r.trigger, r.target, device, seed)
+        asr[r.target] = max(hit, asr.get(r.target, 0.0))
         if places := probes_of(r):
-            moved[r.target] = max(trigger_asr(model, images, labels, f, r.target, device, seed)
-                                  for f in places)
-    return Measures(accuracy(model, images, labels, device),
-                    {r.target: trigger_asr(model, images, labels, r.trigger, r.target, device,
-                                           seed) for r in found}, moved)
+            worst = max(trigger_asr(model, images, labels, f, r.target, device, seed)
+                        for f in places)
+            moved[r.target] = max(worst, moved.get(r.target, 0.0))
+    return Measures(accuracy(model, images, labels, device), asr, moved)
 
 
 def repair_family(method: str, model: nn.Module, images: Tensor, found: Recovered,
@@ -216,7 +234,9 @@ class Outcome:
 
     Attributes:
         passed: the verification's decision; `reason` says why not.
+        found: every recovered trigger, in the order the rounds recovered them.
         before, after: measures on the verification images.
+        rounds: the repair rounds run.
         rescan: the calibrated verdict of the repaired model on the verification images.
     """
 
@@ -230,24 +250,39 @@ class Outcome:
     settings: dict[str, Any]
     splits: dict[str, int]
     seconds: float
+    rounds: int = 1
+
+    @property
+    def targets(self) -> list[int]:
+        """The repaired target classes, each once, in the order they were found."""
+        return list(dict.fromkeys(r.target for r in self.found))
 
     def record(self) -> dict[str, Any]:
         """JSON-able: the verification verdict, per-target residual ASR, accuracy, settings."""
         return {
             "verdict": "clean" if self.passed else "backdoored", "reason": self.reason,
             "method": self.method,
-            "targets": [{"target": r.target, "detector": r.detector,
-                         "geometry": r.geometry.record(),
-                         "asr_before": self.before.asr[r.target],
-                         "asr_after": self.after.asr[r.target],
-                         **({"asr_moved_before": self.before.moved[r.target],
-                             "asr_moved_after": self.after.moved[r.target]}
-                            if r.target in self.after.moved else {})} for r in self.found],
+            "targets": [self._target_record(t) for t in self.targets], "rounds": self.rounds,
             "accuracy_before": self.before.accuracy, "accuracy_after": self.after.accuracy,
             "rescan": None if self.rescan is None else {
                 "verdict": self.rescan.status, "target": self.rescan.target,
                 "targets": list(self.rescan.targets), "p_value": self.rescan.p_value},
             "settings": self.settings, "images": self.splits, "seconds": self.seconds}
+
+    def _target_record(self, target: int) -> dict[str, Any]:
+        """One target: its triggers' detectors and geometries (one per round that recovered
+        one) and the highest ASR among them before and after."""
+        mine = [r for r in self.found if r.target == target]
+        out = {"target": target, "detector": mine[0].detector,
+               "geometry": mine[0].geometry.record(),
+               "asr_before": self.before.asr[target], "asr_after": self.after.asr[target]}
+        if len(mine) > 1:
+            out["again"] = [{"detector": r.detector, "geometry": r.geometry.record()}
+                            for r in mine[1:]]
+        if target in self.after.moved:
+            out |= {"asr_moved_before": self.before.moved[target],
+                    "asr_moved_after": self.after.moved[target]}
+        return out
 
 
 def judge(before: Measures, after: Measures, rescan: Verdict | None,
@@ -277,11 +312,27 @@ def judge(before: Measures, after: Measures, rescan: Verdict | None,
     return "; ".join(why)
 
 
+Again = Callable[[nn.Module, int], Sequence[Recovered]]
+"""(repaired model, next round's number) -> the triggers recovered for the classes that still
+stand out; empty: no further round."""
+
+
+# Later rounds' seeds: far from the offsets of mesa_lib.seed.SEED_OFFSETS, which a run's other
+# draws add to the same base seed.
+ROUND_SEED_STRIDE = 1009
+
+
+def round_config(config: RepairConfig, n: int) -> RepairConfig:
+    """Round n's fine-tuning: round 1 is `config` itself; later rounds draw their own batches,
+    stamps and triggers."""
+    return replace(config, seed=config.seed + ROUND_SEED_STRIDE * (n - 1))
+
+
 def defend(model: nn.Module, images: Tensor, labels: Tensor, splits: Splits,
            found: Sequence[Recovered], config: DefenceConfig, device: torch.device,
            rescan: Callable[[nn.Module, Tensor, Tensor], Verdict] | None = None,
            families: Sequence[Family | None] | None = None,
-           callback: EpochCallback | None = None) -> Outcome:
+           callback: EpochCallback | None = None, again: Again | None = None) -> Outcome:
     """Repair `model` IN PLACE against every recovered trigger, then verify it.
 
     Args:
@@ -293,21 +344,36 @@ def defend(model: nn.Module, images: Tensor, labels: Tensor, splits: Splits,
         families: what each target's repair stamps, when fitted beforehand on the repair part
             (the demo pipeline fits MESA in a stage of its own); default `repair_family`.
         callback: receives the fine-tuning's per-epoch statistics.
+        again: between rounds (`config.rounds` > 1), the triggers still standing out; must not
+            look at the verification images.
     """
     start = time.perf_counter()
     if not found:
         raise ValueError("nothing to repair: no flagged target was recovered")
     ver_x, ver_y = images[splits.verification], labels[splits.verification]
     rep_x, rep_y = images[splits.repair], labels[splits.repair]
-    before = measure(model, ver_x, ver_y, found, device, config.repair.seed)
+    arrived = copy.deepcopy(model)  # "before" is measured on it, for every round's triggers
+    found = list(found)
     if families is None:
         families = [repair_family(config.method, model, rep_x, r, config, device) for r in found]
     elif len(families) != len(found):
         raise ValueError(f"{len(families)} trigger families for {len(found)} flagged targets")
-    family = None if config.method == "finetune" else Mixture([f for f in families if f])
-    repair(model, rep_x, rep_y, family, config.repair, device, callback)
+    families = list(families)
+    rounds = 0
+    for n in range(1, config.rounds + 1):
+        if n > 1:
+            new = list(again(model, n)) if again is not None else []
+            if not new:
+                break
+            found += new
+            families += [repair_family(config.method, model, rep_x, r, config, device)
+                         for r in new]
+        family = None if config.method == "finetune" else Mixture([f for f in families if f])
+        repair(model, rep_x, rep_y, family, round_config(config.repair, n), device, callback)
+        rounds = n
+    before = measure(arrived, ver_x, ver_y, found, device, config.repair.seed)
     after = measure(model, ver_x, ver_y, found, device, config.repair.seed)
     verdict = rescan(model, ver_x, ver_y) if rescan is not None else None
     reason = judge(before, after, verdict, config)
     return Outcome(not reason, reason, config.method, tuple(found), before, after, verdict,
-                   config.record(), splits.sizes(), time.perf_counter() - start)
+                   config.record(), splits.sizes(), time.perf_counter() - start, rounds)

@@ -10,6 +10,7 @@ one model (two targets). Each trains in about 10 s.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -29,6 +30,7 @@ from pipeline_fixture import (
 from mesa_lib.calibration import decide, fit
 from mesa_lib.defence import DefenceConfig, Outcome, defend, split
 from mesa_lib.detectors import ScanSettings, run_detectors, trigger_source
+from mesa_lib.distribution import MaskTrigger
 from mesa_lib.evaluate import attack_success_rate
 from mesa_lib.masksearch import MaskSearchConfig
 from mesa_lib.mesa import MesaConfig
@@ -163,6 +165,62 @@ def test_a_repaired_model_must_look_typical_of_clean_ones_not_only_unflagged() -
     moved = Measures(0.69, {3: 0.02}, {3: 0.45})
     assert "45% ASR to the recovered trigger moved" in judge(
         Measures(0.70, {3: 0.9}, {3: 0.5}), moved, rescan, DefenceConfig())
+
+
+def test_a_second_round_repairs_what_the_first_recovery_missed(corner: Lab) -> None:
+    """Rounds: the first recovery is a wrong pattern at the planted place (what the zoo's search
+    gave for some models: a trigger, not the planted one); a gentle unlearning of it leaves the
+    backdoor working, the repaired model still stands out, and the second round, recovering
+    anew from the repaired model, removes it. The verification measures both rounds' triggers
+    against the model as it arrived."""
+    parts = split(len(corner.defender_x), torch.arange(256), 0.3, 0.2, seed=0)
+    sx, sy = corner.defender_x[parts.selection], corner.defender_y[parts.selection]
+    real = trigger_source("mask", corner.model, sx, sy, 0, SETTINGS, CPU)
+    decoy = dataclasses.replace(real, trigger=MaskTrigger(real.trigger.mask,
+                                                          1 - real.trigger.pattern))
+    asked = []
+
+    def again(model: torch.nn.Module, n: int) -> list:
+        asked.append(n)
+        return [trigger_source("mask", model, sx, sy, 0, SETTINGS, CPU)]
+
+    gentle = RepairConfig(epochs=1, batch_size=64, lr=1e-3, stamp_rate=0.5)
+    results = {}
+    for rounds in (1, 2):
+        model = copy.deepcopy(corner.model)
+        outcome = defend(model, corner.defender_x, corner.defender_y, parts, [decoy],
+                         DefenceConfig("unlearn", gentle, rounds=rounds), CPU, again=again)
+        results[rounds] = (true_asr(model, corner, BW4, 0, "corner"), outcome)
+    assert asked == [2]  # one round asks nothing; two ask once
+    assert results[1][0] >= 0.5, results[1][0]  # the decoy's unlearning missed the backdoor
+    asr, outcome = results[2]
+    assert asr <= RESIDUAL and outcome.rounds == 2 and len(outcome.found) == 2
+    (target,) = outcome.record()["targets"]  # one target, recovered twice
+    assert target["target"] == 0 and len(target["again"]) == 1
+    # both rounds' triggers verified gone (the tiny model's accuracy is the verification's
+    # own business: a cost over the limit fails it, as it should)
+    assert target["asr_before"] >= 0.5 and target["asr_after"] <= 0.1, target
+    assert "repair left" not in outcome.reason, outcome.reason
+    # a next round only when `again` finds something
+    model = copy.deepcopy(corner.model)
+    quiet = defend(model, corner.defender_x, corner.defender_y, parts, [real],
+                   DefenceConfig("unlearn", gentle, rounds=3), CPU, again=lambda m, n: [])
+    assert quiet.rounds == 1 and quiet.record()["rounds"] == 1
+
+
+def test_between_rounds_a_class_stands_out_if_flagged_or_below_the_bar() -> None:
+    from mesa_lib.verdict import Verdict
+    from tasks.scan.defend import standing_out
+
+    summary = {"mask": {"statistic": 2.0, "p_value": 0.1, "target": 3, "seconds": 1.0}}
+    flagged = Verdict("backdoored", 3, 0.01, 0.99, "mask", "", summary, {}, (3, 5))
+    assert standing_out(flagged, 0.24) == (3, 5)
+    shy = Verdict("clean", None, 0.1, 0.9, "mask", "", summary, {})
+    assert standing_out(shy, 0.24) == (3,) and standing_out(shy, 0.05) == ()
+    typical = Verdict("clean", None, 0.6, 0.4, "mask", "", summary, {})
+    assert standing_out(typical, 0.24) == ()
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        DefenceConfig(rounds=0)
 
 
 # --------------------------------------------------------------------------- mesa-scan --repair

@@ -155,6 +155,10 @@ class RepairParams(Group):
     max_accuracy_drop: Probability = Field(description="largest clean-accuracy loss allowed")
     min_rescan_p: Probability = Field(
         description="smallest p-value the re-scan of a repaired model may give")
+    rounds: Count = Field(description="most repair rounds: after each, the classes that still "
+                                      "stand out get their triggers recovered anew")
+    again_p: Probability = Field(description="between rounds, a class whose re-scan p-value is "
+                                             "below this stands out even when not flagged")
     verification: Probability = Field(
         description="share of the reference images the scan did not use kept to verify")
     selection: Probability = Field(

@@ -38,9 +38,10 @@ def repair_with(params: Params, device: torch.device, run: StageRun, fit: FitFam
     """Repair a copy of the backdoored model against `fit`'s triggers for every flagged target,
     verify it, and save it as catalog model `out` (unchanged if the scan flagged nothing)."""
     # `fit` gives the triggers; the config's method would only choose them (and `finetune`
-    # would drop them), so it is pinned to a method that stamps what it is given.
+    # would drop them), so it is pinned to a method that stamps what it is given; and to one
+    # round: later rounds' triggers would be recovered here, outside the recover stage.
     params = params.model_copy(update={"repair": params.repair.model_copy(
-        update={"method": "mesa"})})
+        update={"method": "mesa", "rounds": 1})})
     model, manifest = load_model(catalog.path("backdoored"), map_location=device)
     data = load_npz(catalog.path("dataset"))
     ref = defender_reference(data)

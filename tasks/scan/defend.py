@@ -4,18 +4,19 @@
 The reference images are cut into repair / selection / verification parts, the verification and
 selection parts drawn from the images the scan did not measure; every flagged target's trigger
 is recovered on the selection part by the detector that fired; the model is repaired and then
-verified on the verification part, re-scanned there with the calibrated scanner.
+verified on the verification part, re-scanned there with the calibrated scanner. Between repair
+rounds (`repair.rounds`) the repaired model is scanned on the selection part (`standing_out`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 
 from mesa_lib.calibration import Calibration
-from mesa_lib.defence import Outcome, Splits, defend, split
+from mesa_lib.defence import Again, Outcome, Splits, defend, split
 from mesa_lib.detectors import trigger_source
 from mesa_lib.geometry import Family, Recovered
 from mesa_lib.seed import derive_seed
@@ -80,6 +81,34 @@ def prepare(model: nn.Module, ref: Reference, targets: tuple[int, ...], detector
     return Prepared(found, parts, scanned)
 
 
+def standing_out(verdict: Verdict, again_p: float) -> tuple[int, ...]:
+    """The classes a next repair round recovers triggers for: every class the scan of the
+    repaired model flags, or, when it flags none, its top class if the p-value is below
+    `again_p` (a model repaired a minute ago that does not look like a typical clean one)."""
+    if verdict.status == "backdoored":
+        return verdict.targets
+    if verdict.p_value is not None and verdict.p_value < again_p:
+        return (int(verdict.detectors[verdict.detector]["target"]),)
+    return ()
+
+
+def recover_again(ref: Reference, prepared: Prepared, params: Params,
+                  calibration: Calibration, device: torch.device) -> Again:
+    """Between rounds: scan the repaired model on the selection part (never the verification
+    part) and recover, with the detector that stands out, the triggers of `standing_out`."""
+    settings = scan_settings(params)
+    sel_x, sel_y = ref.images[prepared.splits.selection], ref.labels[prepared.splits.selection]
+    classes = tuple(range(len(ref.classes)))
+
+    def again(model: nn.Module, n: int) -> list[Recovered]:
+        verdict = verdict_of([measure_chunk(model, sel_x, sel_y, classes, settings, device,
+                                            params.scan.grid_samples)], calibration)
+        return [trigger_source(verdict.detector, model, sel_x, sel_y, t, settings, device)
+                for t in standing_out(verdict, params.repair.again_p)]
+
+    return again
+
+
 def repair_prepared(model: nn.Module, ref: Reference, prepared: Prepared, params: Params,
                     calibration: Calibration, device: torch.device,
                     families: list[Family | None] | None = None,
@@ -88,7 +117,8 @@ def repair_prepared(model: nn.Module, ref: Reference, prepared: Prepared, params
     part, re-scanned there with the calibrated scanner.
 
     Args:
-        families: each target's triggers when fitted beforehand (mesa_lib.defence.defend).
+        families: each target's triggers when fitted beforehand (mesa_lib.defence.defend);
+            then one round (later rounds' triggers would have to be fitted here).
         callback: the fine-tuning's per-epoch statistics.
     """
     settings = scan_settings(params)
@@ -99,8 +129,12 @@ def repair_prepared(model: nn.Module, ref: Reference, prepared: Prepared, params
                                    params.scan.grid_samples)]
         return verdict_of(chunks, calibration)
 
-    outcome = defend(model, ref.images, ref.labels, prepared.splits, prepared.found,
-                     defence_config(params), device, rescan, families, callback)
+    config = defence_config(params)
+    if families is not None:
+        config = replace(config, rounds=1)
+    outcome = defend(model, ref.images, ref.labels, prepared.splits, prepared.found, config,
+                     device, rescan, families, callback,
+                     recover_again(ref, prepared, params, calibration, device))
     return Repaired(outcome, chunks, prepared.splits, prepared.scanned)
 
 

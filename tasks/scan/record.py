@@ -92,7 +92,7 @@ def repaired_verdict(outcome: Outcome) -> dict[str, Any]:
     unseen images clean, no recovered trigger left working, accuracy kept); else backdoored,
     with the verification's reasons."""
     rescan = verdict_dict(outcome.rescan)
-    flagged = [r.target for r in outcome.found]
+    flagged = outcome.targets
     if outcome.passed:
         return rescan | {"status": "clean", "target": None, "targets": [],
                          "reason": "repair verified on images neither the scan nor the "
@@ -385,7 +385,7 @@ def _repair_tags(outcome: Outcome) -> dict[str, str]:
     rec = outcome.record()
     return {"repair_verdict": rec["verdict"], "repair_method": outcome.method,
             "repair_reason": escape(outcome.reason or "verified")[:TAG_LIMIT],
-            "repair_targets": json.dumps([r.target for r in outcome.found]),
+            "repair_targets": json.dumps(outcome.targets),
             "repair_residual_asr": json.dumps({str(t["target"]): round(t["asr_after"], 4)
                                                for t in rec["targets"]}),
             "repair_asr_before": json.dumps({str(t["target"]): round(t["asr_before"], 4)
