@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -29,14 +27,13 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.record import head, save  # noqa: E402
 from tasks.common.params import apply_overrides  # noqa: E402
-from tasks.common.tracking import git_state  # noqa: E402
 
 
 def repair_once(stem: Path, rounds: int, tmp: Path) -> dict:
@@ -66,21 +63,12 @@ def repair_once(stem: Path, rounds: int, tmp: Path) -> dict:
 def report(args: argparse.Namespace, rows: list[tuple[str, int, int, dict]],
            started: datetime) -> str:
     """The record as Markdown."""
-    commit, dirty = git_state()
-    command = shlex.join([".venv/bin/python", "benchmarks/repair_time.py", *sys.argv[1:]])
-    lines = [f"### mesa-scan --repair seconds ({started:%Y-%m-%d})", "",
-             f"- command: `{command}`",
-             f"- date: {started.isoformat(timespec='seconds')} to "
-             f"{datetime.now().astimezone().isoformat(timespec='seconds')}",
-             f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-             f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
-             f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
-             f"- code: {commit[:12]}{' (uncommitted changes)' if dirty else ''}; params.yaml "
-             "(repair.rounds replaced), its released calibration",
-             f"- model: {args.note}", f"- load: {args.load_note}", "",
-             "| model | rounds asked | run | wall seconds (process) | repair seconds (JSON) | "
-             "rounds run | scan verdict (exit) | repair verdict | load (1 min) before -> after |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = head("mesa-scan --repair seconds", "benchmarks/repair_time.py", started,
+                 "params.yaml (repair.rounds replaced), its released calibration")
+    lines += [f"- model: {args.note}", f"- load: {args.load_note}", "",
+              "| model | rounds asked | run | wall seconds (process) | repair seconds (JSON) | "
+              "rounds run | scan verdict (exit) | repair verdict | load (1 min) before -> after |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for model, rounds, k, r in rows:
         secs = "-" if r["repair_seconds"] is None else f"{r['repair_seconds']:.1f}"
         lines.append(f"| {model} | {rounds} | {k} | {r['wall']:.1f} | {secs} | "
@@ -111,10 +99,7 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"{stem.name} rounds {rounds} run {k}: {r['wall']:.1f} s wall, "
                           f"repair {r['repair_seconds']}, {r['repair_verdict']}", flush=True)
                     rows.append((stem.name, rounds, k, r))
-    text = report(args, rows, started)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text, encoding="utf-8")
-    print(text)
+    save(args.out, report(args, rows, started))
 
 
 if __name__ == "__main__":

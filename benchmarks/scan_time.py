@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -35,9 +33,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mesa_lib.models import CIFAR10_MEAN, CIFAR10_STD, build_model  # noqa: E402
+from benchmarks.record import head, save  # noqa: E402
 from mesa_lib.modelio import Manifest, save_model  # noqa: E402
-from tasks.common.tracking import git_state  # noqa: E402
+from mesa_lib.models import CIFAR10_MEAN, CIFAR10_STD, build_model  # noqa: E402
 
 
 def make_model(arch: str, folder: Path, seed: int = 0) -> Path:
@@ -75,20 +73,12 @@ def scan_once(path: Path, reference: str | None) -> dict:
 def report(args: argparse.Namespace, rows: list[tuple[str, int, dict]], started: datetime
            ) -> str:
     """The record as Markdown."""
-    commit, dirty = git_state()
-    lines = [f"### mesa-scan seconds per architecture ({started:%Y-%m-%d})", "",
-             f"- command: `{shlex.join(['.venv/bin/python', 'benchmarks/scan_time.py', *sys.argv[1:]])}`",
-             f"- date: {started.isoformat(timespec='seconds')} to "
-             f"{datetime.now().astimezone().isoformat(timespec='seconds')}",
-             f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-             f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
-             f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
-             f"- code: {commit[:12]}{' (uncommitted changes)' if dirty else ''}; params.yaml, "
-             "its released calibration; reference: "
-             f"{args.reference or 'params.yaml scan.reference (the offline CIFAR-10 copy)'}",
-             f"- load: {args.load_note}", "",
-             "| architecture | run | wall seconds (process) | scan seconds (JSON) | verdict "
-             "(exit) | load (1 min) before -> after |", "|---|---|---|---|---|---|"]
+    lines = head("mesa-scan seconds per architecture", "benchmarks/scan_time.py", started,
+                 "params.yaml, its released calibration; reference: "
+                 f"{args.reference or 'params.yaml scan.reference (the offline CIFAR-10 copy)'}")
+    lines += [f"- load: {args.load_note}", "",
+              "| architecture | run | wall seconds (process) | scan seconds (JSON) | verdict "
+              "(exit) | load (1 min) before -> after |", "|---|---|---|---|---|---|"]
     for arch, k, r in rows:
         secs = "-" if r["seconds"] is None else f"{r['seconds']:.1f}"
         lines.append(f"| {arch} | {k} | {r['wall']:.1f} | {secs} | {r['verdict']} ({r['exit']}) "
@@ -116,10 +106,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{arch} run {k}: {r['wall']:.1f} s wall, scan {r['seconds']}, "
                       f"{r['verdict']}", flush=True)
                 rows.append((arch, k, r))
-    text = report(args, rows, started)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text, encoding="utf-8")
-    print(text)
+    save(args.out, report(args, rows, started))
 
 
 if __name__ == "__main__":
