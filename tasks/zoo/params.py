@@ -11,10 +11,11 @@ registry with its settings (checked against the attack's config), and is planted
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, ValidationError, model_validator
 
+from mesa_lib.models import FOREIGN_REGISTRIES, is_foreign
 from mesa_lib.poison import attack_class, registered
 from tasks.common import plugins
 from tasks.common.settings import (
@@ -31,6 +32,18 @@ from tasks.common.settings import (
 
 PARAMS_FILE = Path("zoo/params.yaml")
 Zoo = Literal["calibration", "test"]
+
+
+def _architecture(name: str) -> str:
+    """Our own architectures, or `torchvision:<name>` / `timm:<name>`: the library builds it
+    (mesa_lib.foreign), which names the spec if its registry has no such model."""
+    if name in MODEL_NAMES or is_foreign(name):
+        return name
+    raise ValueError(f"unknown architecture {name!r}: one of {', '.join(MODEL_NAMES)} or "
+                     f"<registry>:<name> of {', '.join(FOREIGN_REGISTRIES)}")
+
+
+Architecture = Annotated[str, AfterValidator(_architecture)]
 
 
 class DataSettings(Group):
@@ -54,7 +67,7 @@ class Base(Group):
     """A clean model trained from scratch."""
 
     zoo: Zoo
-    arch: Literal[MODEL_NAMES]  # type: ignore[valid-type]
+    arch: Architecture
     seed: int = Field(ge=0)
 
 
@@ -77,7 +90,7 @@ class Backdoor(Group):
     target: int = Field(ge=0, le=9)
     attack: str = Field(description="a name of mesa_lib.poison.ATTACKS")
     base: str | None = None
-    arch: Literal[MODEL_NAMES] | None = None  # type: ignore[valid-type]
+    arch: Architecture | None = None
     also: dict[str, Any] | None = Field(
         default=None, description="a second trigger planted with the first: {attack, target, "
         "its settings}; the model then has two targets")
