@@ -155,6 +155,33 @@ def test_a_two_target_model_missing_one_target_is_counted_so() -> None:
     assert row.rstrip(" |").endswith("1/1 | 0/1")  # the first target right, not every one
 
 
+def test_a_model_outside_the_calibrations_coverage_is_listed_not_judged() -> None:
+    """A clean ResNet-18 scoring like a backdoor, against a calibration of ResNet-8 and RepVGG
+    models: no false alarm counted, listed apart; the covered timm model gets its own row."""
+    flat = dict.fromkeys(range(10), 0.0)
+    clean_scores = [{"mask": {c: 0.01 * ((i + c) % 5) for c in range(10)}} for i in range(20)]
+    fitted = cal.fit(clean_scores, 0.05, 0.1, {}, {"coverage": {
+        "architectures": ["resnet8", "timm:repvgg_a0"]}})
+    attack = {"name": "finetune_injection", "trigger": "bw", "size": 3, "location": "corner",
+              "rate": 0.1, "alpha": 1.0}
+    truth = {f"c{i}": {"backdoored": False, "counts": True, "target": None, "asr": None,
+                       "arch": "resnet8", "attack": None} for i in range(20)}
+    truth["r18"] = {**truth["c0"], "arch": "resnet18"}
+    truth["vgg-inj"] = {"backdoored": True, "counts": True, "target": 3, "asr": 0.99,
+                        "arch": "timm:repvgg_a0", "attack": attack}
+    scans = {f"c{i}": _record(clean_scores[i]["mask"], {}) for i in range(20)}
+    scans["r18"] = _record({**flat, 2: 9.0}, {})
+    scans["vgg-inj"] = _record({**flat, 3: 5.0}, {})
+    for rec in scans.values():
+        del rec["detectors"]["mesa"]
+    table = markdown(truth, scans, fitted, (-3.0, 1.0), {"command": "cmd", "machine": "here"})
+    assert "False alarms on the 20 clean test models: 0 " in table
+    assert "by architecture: resnet8 0/20" in table
+    assert "| r18 | resnet18 | clean | 0.048 |" in table  # shown with its p, not judged
+    row = next(r for r in table.splitlines() if r.startswith("| architecture timm:repvgg_a0 |"))
+    assert "| 1/1 (100%;" in row
+
+
 def test_cross_entropy_is_trojais_and_its_map_is_fitted_where_told() -> None:
     """q = sigmoid(a + b (-log p)) fitted on overlapping p-values ranks as p does, is near the
     empirical rate where the classes mix, and the cross-entropy is the mean -log q(truth)."""

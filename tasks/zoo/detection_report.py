@@ -9,7 +9,9 @@ Only models that count are used: every clean model, and backdoored ones whose at
 scanner (the combined conformal p-value) and the largest decision margin for the old detector;
 "detected" is each one's own decision (p <= alpha; the old fixed thresholds), whose false-alarm
 rate on the test zoo's clean models is reported beside it. Rates carry 95% Wilson intervals:
-with a few dozen models they are wide, and say so.
+with a few dozen models they are wide, and say so. A test model of an architecture the
+calibration's clean models do not cover (tasks.scan.coverage) gets no verdict from the shipped
+scanner (`uncalibrated`), so it is left out of the rates and listed with its scores.
 
 Cross-entropy is TrojAI's measure: the mean over models of -log q(truth), where q is a
 probability that the model is backdoored. A conformal p-value is not one (a clean model's p is
@@ -28,6 +30,7 @@ from typing import Any
 
 from mesa_lib.calibration import Calibration
 from tasks.common.io import read_json
+from tasks.scan.coverage import coverage_of
 from tasks.zoo.build import truth_path
 from tasks.zoo.report import (
     Truth,
@@ -158,10 +161,14 @@ def _family_table(which: str, title: str, truth: Truth, scores: dict[str, dict[s
                   clean: list[str], bd: list[str], q: dict[str, float] | None) -> list[str]:
     false = [n for n in clean if scores[n][which][1]]
     lo, hi = wilson(len(false), len(clean))
+    by_arch = {a: [n for n in clean if truth[n]["arch"] == a]
+               for a in sorted({truth[n]["arch"] for n in clean})}
     lines = [f"## {title}", "",
              f"False alarms on the {len(clean)} clean test models: {len(false)} "
              f"({len(false) / max(len(clean), 1):.1%}; 95% interval {lo:.0%}-{hi:.0%})"
-             + (f": {', '.join(false)}" if false else ""), "",
+             + (f": {', '.join(false)}" if false else "") + "; by architecture: "
+             + ", ".join(f"{a} {sum(n in false for n in ns)}/{len(ns)}"
+                         for a, ns in by_arch.items()), "",
              "| family | backdoored models | ROC-AUC | cross-entropy | detected (TPR; 95% "
              "interval) | right target | all targets |", "|---|---|---|---|---|---|---|"]
     for label, keep in families(truth).items():
@@ -198,6 +205,9 @@ def markdown(truth: Truth, scans: dict[str, Any], calibration: Calibration,
              fitted: tuple[float, float], meta: dict[str, Any]) -> str:
     """The whole benchmark file; `fitted` is the calibration zoo's probability map, `meta` the
     scan run's command and machine."""
+    covered = coverage_of(calibration).get("architectures")
+    outside = {n: r for n, r in scans.items() if covered and truth[n]["arch"] not in covered}
+    scans = {n: r for n, r in scans.items() if n not in outside}
     scores = _scores(truth, scans, calibration)
     clean = [n for n in scans if not truth[n]["backdoored"]]
     bd = [n for n in scans if truth[n]["backdoored"] and truth[n]["counts"]]
@@ -234,7 +244,24 @@ def markdown(truth: Truth, scans: dict[str, Any], calibration: Calibration,
               "| scanner | median s | max s |", "|---|---|---|",
               f"| calibrated scanner | {statistics.median(new_s):.1f} | {max(new_s):.1f} |",
               f"| before | {statistics.median(old_s):.1f} | {max(old_s):.1f} |", ""]
-    return "\n".join(lines + _per_model(truth, scans, scores, q)) + "\n"
+    return "\n".join(lines + _outside(truth, outside, calibration)
+                     + _per_model(truth, scans, scores, q)) + "\n"
+
+
+def _outside(truth: Truth, outside: dict[str, Any], calibration: Calibration) -> list[str]:
+    """The models the calibration does not cover: no verdict, their p-values for information."""
+    if not outside:
+        return []
+    lines = ["## Outside the calibration (verdict `uncalibrated`, not in the rates above)", "",
+             "Architectures the calibration's clean models cover: "
+             f"{', '.join(coverage_of(calibration)['architectures'])}. The p-value below is what "
+             "the null of those would say; the shipped scanner shows it and gives no verdict.",
+             "", "| model | architecture | truth | scanner p |", "|---|---|---|---|"]
+    for n, rec in outside.items():
+        t = truth[n]
+        what = f"target {t['target']}" if t["backdoored"] else "clean"
+        lines.append(f"| {n} | {t['arch']} | {what} | {p_value(calibration, rec)[0]:.3f} |")
+    return lines + [""]
 
 
 def main(argv: list[str] | None = None) -> None:
