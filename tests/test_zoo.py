@@ -95,6 +95,26 @@ def test_each_kind_builds_with_a_truth_record_and_a_silent_manifest(
     assert not clean["backdoored"] and clean["asr"] is None and clean["counts"]
 
 
+@pytest.mark.parametrize("arch", ["torchvision:mobilenet_v2", "timm:repvgg_a0"])
+def test_a_zoo_model_of_a_library_architecture_builds_fine_tunes_and_loads(
+        arch: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The zoo's networks that are not ours: built by their library, fine-tuned into, saved
+    and loaded back through the model-format module with the same outputs."""
+    from mesa_lib.modelio import load_model
+
+    params = load_zoo_params(tiny_zoo(
+        tmp_path, bases={"c-base": {"zoo": "calibration", "arch": arch, "seed": 0}},
+        backdoors={}))
+    monkeypatch.chdir(tmp_path)
+    for name in ("c-base", "c-ft"):
+        truth = json.loads(build.run(params, name).read_text())
+        assert truth["arch"] == arch and 0 <= truth["clean_accuracy"] <= 1
+    model, manifest = load_model(tmp_path / build.stem_of(params, "c-ft"))
+    assert manifest.architecture == arch
+    x = torch.rand(4, 3, 32, 32)
+    assert model.eval()(x).shape == (4, 10) and torch.isfinite(model(x)).all()
+
+
 def _record(mask: dict[int, float], mesa: dict[int, float]) -> dict:
     """A scan record as tasks.zoo.scan writes it (detector -> class scores), old detector too."""
     return {"seconds": 2.0, "before": {"status": "clean", "target": None, "margin": 0.0,
