@@ -73,6 +73,9 @@ class DefenceConfig:
             a trigger after the previous one.
         again_p: a class whose re-scan p-value between rounds is below this stands out even
             when not flagged (read by the caller's `again`).
+        recheck: between rounds, every target repaired so far stands out too, whatever the
+            re-scan says (read by the caller's `again`): a repair can remove the recovered
+            trigger and leave the true one working while the model looks clean.
     """
 
     method: str = "mesa"
@@ -84,6 +87,7 @@ class DefenceConfig:
     min_rescan_p: float = 0.0
     rounds: int = 1
     again_p: float = 0.0
+    recheck: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -97,7 +101,7 @@ class DefenceConfig:
                 "mesa": {k: v for k, v in asdict(self.mesa).items() if v is not None},
                 "mesa_images": self.mesa_images, "max_residual": self.max_residual,
                 "max_accuracy_drop": self.max_accuracy_drop, "min_rescan_p": self.min_rescan_p,
-                "rounds": self.rounds, "again_p": self.again_p}
+                "rounds": self.rounds, "again_p": self.again_p, "recheck": self.recheck}
 
 
 @dataclass(frozen=True)

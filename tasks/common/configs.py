@@ -63,7 +63,7 @@ def defence_config(params: Params) -> DefenceConfig:
     return DefenceConfig(method=r.method, repair=repair_config(params), mesa=mesa_config(params),
                          mesa_images=params.recover.n_images, max_residual=r.max_residual,
                          max_accuracy_drop=r.max_accuracy_drop, min_rescan_p=r.min_rescan_p,
-                         rounds=r.rounds, again_p=r.again_p)
+                         rounds=r.rounds, again_p=r.again_p, recheck=r.recheck)
 
 
 def attack(params: Params) -> Attack:

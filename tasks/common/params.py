@@ -159,6 +159,8 @@ class RepairParams(Group):
                                       "stand out get their triggers recovered anew")
     again_p: Probability = Field(description="between rounds, a class whose re-scan p-value is "
                                              "below this stands out even when not flagged")
+    recheck: bool = Field(default=False, description="between rounds, every target repaired so "
+                          "far stands out too, whatever the re-scan says")
     verification: Probability = Field(
         description="share of the reference images the scan did not use kept to verify")
     selection: Probability = Field(

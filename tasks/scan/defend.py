@@ -81,15 +81,20 @@ def prepare(model: nn.Module, ref: Reference, targets: tuple[int, ...], detector
     return Prepared(found, parts, scanned)
 
 
-def standing_out(verdict: Verdict, again_p: float) -> tuple[int, ...]:
+def standing_out(verdict: Verdict, again_p: float, recheck: tuple[int, ...] = ()
+                 ) -> tuple[int, ...]:
     """The classes a next repair round recovers triggers for: every class the scan of the
     repaired model flags, or, when it flags none, its top class if the p-value is below
-    `again_p` (a model repaired a minute ago that does not look like a typical clean one)."""
+    `again_p` (a model repaired a minute ago that does not look like a typical clean one);
+    then every class of `recheck` not among them (repair.recheck: the targets repaired so far,
+    whose true trigger may work while the recovered one no longer does)."""
     if verdict.status == "backdoored":
-        return verdict.targets
-    if verdict.p_value is not None and verdict.p_value < again_p:
-        return (int(verdict.detectors[verdict.detector]["target"]),)
-    return ()
+        out = verdict.targets
+    elif verdict.p_value is not None and verdict.p_value < again_p:
+        out = (int(verdict.detectors[verdict.detector]["target"]),)
+    else:
+        out = ()
+    return out + tuple(dict.fromkeys(c for c in recheck if c not in out))
 
 
 def recover_again(ref: Reference, prepared: Prepared, params: Params,
@@ -99,12 +104,17 @@ def recover_again(ref: Reference, prepared: Prepared, params: Params,
     settings = scan_settings(params)
     sel_x, sel_y = ref.images[prepared.splits.selection], ref.labels[prepared.splits.selection]
     classes = tuple(range(len(ref.classes)))
+    # a target rechecked is searched by the detector that found it
+    found_by = {r.target: r.detector for r in prepared.found} if params.repair.recheck else {}
 
     def again(model: nn.Module, n: int) -> list[Recovered]:
         verdict = verdict_of([measure_chunk(model, sel_x, sel_y, classes, settings, device,
                                             params.scan.grid_samples)], calibration)
-        return [trigger_source(verdict.detector, model, sel_x, sel_y, t, settings, device)
-                for t in standing_out(verdict, params.repair.again_p)]
+        flagged = set(verdict.targets)
+        return [trigger_source(verdict.detector if t in flagged else
+                               found_by.get(t, verdict.detector),
+                               model, sel_x, sel_y, t, settings, device)
+                for t in standing_out(verdict, params.repair.again_p, tuple(found_by))]
 
     return again
 
