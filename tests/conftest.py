@@ -1,6 +1,7 @@
 """Shared fixtures: small thread count and tiny synthetic data sets."""
 
 import os
+import tempfile
 
 import torch
 
@@ -12,6 +13,8 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
+    # and a Prefect home of its own (profiles, local state), not one shared by both workers
+    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="prefect-home-")
 else:
     torch.set_num_threads(2)
 

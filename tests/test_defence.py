@@ -37,7 +37,7 @@ from mesa_lib.mesa import MesaConfig
 from mesa_lib.modelio import load_model
 from mesa_lib.repair import RepairConfig
 from mesa_lib.triggers import build_trigger, corner_location
-from tasks.common.params import apply_overrides
+from tasks.common.params import apply_overrides, load_params
 from tasks.scan.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -277,6 +277,41 @@ def test_mesa_scan_repair_writes_a_verified_pair(cli, capsys) -> None:
     assert {"accuracy_before", "accuracy_after", "settings", "images", "rescan"} <= set(rep)
     model, manifest = load_model(outdir / "suspect")
     assert manifest.extra["repaired_from"] == "suspect"
+
+
+def test_between_rounds_each_class_is_searched_by_the_detector_it_stands_out_by(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """recover_again with the scan stubbed: a class the re-scan makes stand out is searched by
+    the re-scan's detector; a repaired target added by recheck by the detector that found it,
+    and a target first found in a later round is rechecked in the rounds after it."""
+    from types import SimpleNamespace
+
+    from mesa_lib.verdict import Verdict
+    from tasks.scan import defend
+
+    summary = {"mask": {"statistic": 2.0, "p_value": 0.1, "target": 3, "seconds": 1.0}}
+    verdicts = iter([Verdict("clean", None, 0.1, 0.9, "mask", "", summary, {}),
+                     Verdict("clean", None, 0.6, 0.4, "mask", "", summary, {})])
+    monkeypatch.setattr(defend, "measure_chunk", lambda *a, **k: None)
+    monkeypatch.setattr(defend, "verdict_of", lambda chunks, cal: next(verdicts))
+    searched = []
+
+    def source(detector, model, x, y, target, settings, device):
+        searched.append((target, detector))
+        return SimpleNamespace(target=target, detector=detector)
+
+    monkeypatch.setattr(defend, "trigger_source", source)
+    ref = SimpleNamespace(images=torch.zeros(4, 3, 8, 8), labels=torch.zeros(4, dtype=torch.long),
+                          classes=[str(k) for k in range(6)])
+    prepared = SimpleNamespace(found=[SimpleNamespace(target=0, detector="transform")],
+                               splits=SimpleNamespace(selection=torch.arange(2)))
+    params = load_params(ROOT / "params.yaml")
+    params = params.model_copy(update={"repair": params.repair.model_copy(
+        update={"recheck": True, "again_p": 0.24})})
+    again = defend.recover_again(ref, prepared, params, None, CPU)
+    assert [(r.target, r.detector) for r in again(None, 1)] == [(3, "mask"), (0, "transform")]
+    again(None, 2)  # class 3, first found in round 1, is rechecked too
+    assert searched[2:] == [(0, "transform"), (3, "mask")]
 
 
 def test_with_recheck_a_second_round_searches_the_repaired_target_again(cli, capsys) -> None:

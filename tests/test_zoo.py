@@ -56,6 +56,14 @@ def test_the_project_zoo_is_valid_and_its_zoos_share_no_base() -> None:
     for side in (cal, test):
         attacks = {zoo.entry(n)[1].attack for n in side if zoo.entry(n)[0] == "backdoors"}
         assert {"sig", "wanet", "colour_filter", "low_frequency"} <= attacks
+    # a library's architecture exists in that pinned library (else its stage fails hours in)
+    import timm
+    import torchvision
+
+    known = {"timm": set(timm.list_models()), "torchvision": set(torchvision.models.list_models())}
+    for base in zoo.bases.values():
+        registry, _, name = base.arch.partition(":")
+        assert not name or name in known[registry], base.arch
 
 
 def test_the_released_calibration_is_the_zoos() -> None:

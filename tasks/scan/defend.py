@@ -100,21 +100,25 @@ def standing_out(verdict: Verdict, again_p: float, recheck: tuple[int, ...] = ()
 def recover_again(ref: Reference, prepared: Prepared, params: Params,
                   calibration: Calibration, device: torch.device) -> Again:
     """Between rounds: scan the repaired model on the selection part (never the verification
-    part) and recover, with the detector that stands out, the triggers of `standing_out`."""
+    part) and recover the triggers of `standing_out`: a class that stands out by the scan
+    with the detector that stands out; a repaired target added by `repair.recheck` with the
+    detector that found it."""
     settings = scan_settings(params)
     sel_x, sel_y = ref.images[prepared.splits.selection], ref.labels[prepared.splits.selection]
     classes = tuple(range(len(ref.classes)))
-    # a target rechecked is searched by the detector that found it
-    found_by = {r.target: r.detector for r in prepared.found} if params.repair.recheck else {}
+    repaired = {r.target: r.detector for r in prepared.found}  # grows with every round
 
     def again(model: nn.Module, n: int) -> list[Recovered]:
         verdict = verdict_of([measure_chunk(model, sel_x, sel_y, classes, settings, device,
                                             params.scan.grid_samples)], calibration)
-        flagged = set(verdict.targets)
-        return [trigger_source(verdict.detector if t in flagged else
-                               found_by.get(t, verdict.detector),
-                               model, sel_x, sel_y, t, settings, device)
-                for t in standing_out(verdict, params.repair.again_p, tuple(found_by))]
+        by_scan = standing_out(verdict, params.repair.again_p)
+        recheck = tuple(repaired) if params.repair.recheck else ()
+        found = [trigger_source(verdict.detector if t in by_scan else repaired[t],
+                                model, sel_x, sel_y, t, settings, device)
+                 for t in standing_out(verdict, params.repair.again_p, recheck)]
+        for r in found:
+            repaired.setdefault(r.target, r.detector)
+        return found
 
     return again
 

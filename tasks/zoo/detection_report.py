@@ -205,8 +205,10 @@ def markdown(truth: Truth, scans: dict[str, Any], calibration: Calibration,
              fitted: tuple[float, float], meta: dict[str, Any]) -> str:
     """The whole benchmark file; `fitted` is the calibration zoo's probability map, `meta` the
     scan run's command and machine."""
+    # the zoo's models share input shape and class count: the architecture is what can differ
     covered = coverage_of(calibration).get("architectures")
-    outside = {n: r for n, r in scans.items() if covered and truth[n]["arch"] not in covered}
+    outside = {n: r for n, r in scans.items()
+               if covered is not None and truth[n]["arch"] not in covered}
     scans = {n: r for n, r in scans.items() if n not in outside}
     scores = _scores(truth, scans, calibration)
     clean = [n for n in scans if not truth[n]["backdoored"]]
@@ -222,7 +224,8 @@ def markdown(truth: Truth, scans: dict[str, Any], calibration: Calibration,
              f"{calibration.alpha}); the test zoo shares no base model with it and was scanned "
              "only here",
              f"- test zoo: {len(clean)} clean models, {len(bd)} backdoored models whose attack "
-             f"succeeds (ASR >= 80%); left out: {', '.join(weak) or 'none'}",
+             f"succeeds (ASR >= 80%); left out: {', '.join(weak) or 'none'}; outside the "
+             f"calibration (below): {', '.join(outside) or 'none'}",
              f"- cross-entropy: q = sigmoid({fitted[0]:.2f} + {fitted[1]:.2f} (-log p)), fitted "
              "on the calibration zoo (module docstring); each family's over its backdoors and "
              "every clean model",
@@ -252,10 +255,11 @@ def _outside(truth: Truth, outside: dict[str, Any], calibration: Calibration) ->
     """The models the calibration does not cover: no verdict, their p-values for information."""
     if not outside:
         return []
+    covered = coverage_of(calibration).get("architectures") or []
     lines = ["## Outside the calibration (verdict `uncalibrated`, not in the rates above)", "",
-             "Architectures the calibration's clean models cover: "
-             f"{', '.join(coverage_of(calibration)['architectures'])}. The p-value below is what "
-             "the null of those would say; the shipped scanner shows it and gives no verdict.",
+             f"Architectures the calibration's clean models cover: {', '.join(covered)}. The "
+             "p-value below is what the null of those would say; the shipped scanner shows it "
+             "and gives no verdict.",
              "", "| model | architecture | truth | scanner p |", "|---|---|---|---|"]
     for n, rec in outside.items():
         t = truth[n]

@@ -70,9 +70,9 @@ REACTIVATION_RATE = 0.01
 # (`recheck`). Each is run with no re-scan bar (the re-scan's verdict alone): `choose` fits the
 # bar on them.
 SELECT_BAR = 0.0
-GRID = [{"epochs": e, "lr": 0.01, "rate": 0.5, "rounds": n, "recheck": again,
+GRID = [{"epochs": e, "lr": 0.01, "rate": 0.5, "rounds": n, "recheck": recheck,
          "min_rescan_p": SELECT_BAR}
-        for e, n, again in ((5, 1, False), (5, 2, False), (2, 2, False), (5, 2, True))]
+        for e, n, recheck in ((5, 1, False), (5, 2, False), (2, 2, False), (5, 2, True))]
 FALSE_CLEARANCE = 0.10  # a true trigger this far above the clean models' own still works
 
 

@@ -102,7 +102,8 @@ def families(truth: Truth) -> dict[str, Callable[[dict[str, Any]], bool]]:
              "colour filter": lambda t: setting(t, "name") == "colour_filter",
              "low-frequency": lambda t: setting(t, "name") == "low_frequency",
              "two triggers, two targets": lambda t: len(targets_of(t)) > 1}
-    # every architecture but the zoo's main one, whatever its attack (issue 25's networks)
+    # the other libraries' networks and ResNet-18, whatever the attack (issue 25); a row's
+    # negatives for ROC-AUC and cross-entropy stay every clean model, as in every row
     rows |= {f"architecture {a}": (lambda t, a=a: t["arch"] == a)
-             for a in sorted({t["arch"] for t in truth.values()} - {"resnet8"})}
+             for a in sorted({t["arch"] for t in truth.values()} - {"resnet8", "resnet20"})}
     return rows | {"all backdoors": lambda t: True}
