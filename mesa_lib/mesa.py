@@ -30,6 +30,7 @@ from mesa_lib.distribution import TriggerDistribution
 from mesa_lib.generator import TriggerGenerator
 from mesa_lib.geometry import Geometry, anywhere
 from mesa_lib.mine import Mine
+from mesa_lib.models import CifarResNet
 
 
 @dataclass(frozen=True)
@@ -99,13 +100,24 @@ MesaCallback = Callable[[MesaEpochStats], None]
 
 @contextmanager
 def frozen(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode and requires_grad=False for the duration; the previous state is restored."""
+    """Eval mode and requires_grad=False for the duration; the previous state is restored.
+
+    Our own networks (mesa_lib.models.CifarResNet) also run channels_last meanwhile: the mask
+    search is about a third faster on a CPU (benchmarks/results/mask_memory_format.md). Not a
+    network of another library: one whose forward calls `.view` on an activation would fail.
+    """
     flags = [p.requires_grad for p in model.parameters()]
     modes = [m.training for m in model.modules()]  # per module: train() would recurse
+    # (inside another `frozen` the layout is already changed and left to the outer one)
+    ours = isinstance(model, CifarResNet) and model.conv1.weight.is_contiguous()
     model.eval().requires_grad_(False)
+    if ours:
+        model.to(memory_format=torch.channels_last)
     try:
         yield model
     finally:
+        if ours:  # the same values, laid out as before (a saved file needs contiguous weights)
+            model.to(memory_format=torch.contiguous_format)
         for p, f in zip(model.parameters(), flags, strict=True):
             p.requires_grad_(f)
         for m, mode in zip(model.modules(), modes, strict=True):
