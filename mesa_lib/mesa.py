@@ -98,6 +98,11 @@ class MesaEpochStats:
 MesaCallback = Callable[[MesaEpochStats], None]
 
 
+# Our own networks run channels_last inside `frozen` (False: PyTorch's default layout; for
+# benchmarks/mask_memory_format.py, which compares the two).
+CHANNELS_LAST = True
+
+
 @contextmanager
 def frozen(model: nn.Module) -> Iterator[nn.Module]:
     """Eval mode and requires_grad=False for the duration; the previous state is restored.
@@ -109,7 +114,7 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
     flags = [p.requires_grad for p in model.parameters()]
     modes = [m.training for m in model.modules()]  # per module: train() would recurse
     # (inside another `frozen` the layout is already changed and left to the outer one)
-    ours = isinstance(model, CifarResNet) and model.conv1.weight.is_contiguous()
+    ours = CHANNELS_LAST and isinstance(model, CifarResNet) and model.conv1.weight.is_contiguous()
     model.eval().requires_grad_(False)
     if ours:
         model.to(memory_format=torch.channels_last)
