@@ -2,29 +2,47 @@
 
     python -m tasks.dev.shards zoo/dvc.yaml 2 [--match cal-]
     python -m tasks.dev.shards reproduce/dvc.yaml 2
-    python -m tasks.dev.shards reproduce/dvc.yaml 2 --first tuned@0-9 tuned@1-9 tuned@2-9
+    python -m tasks.dev.shards zoo/dvc.yaml 2 --match @ --first '*@cal-*'
 
 `dvc repro` runs one stage at a time, and two `dvc repro` processes would fight over the repo
-lock. This runs the stages DVC reports as changed, level by level of DVC's own graph (a stage
-starts once everything it depends on is done), N at a time, each with the command DVC would run
-and `OMP_NUM_THREADS=1` (two 2-thread torch jobs on 2 cores slow each other 8-10x), then records
-it with `dvc commit`, retried while another shard holds the lock. An interrupted run resumes
-where it stopped; `dvc status` stays true. Logs: <pipeline folder>/logs/<stage>.log.
+lock. This runs the stages DVC reports as changed, N at a time, each as soon as every stage of
+the pipeline it depends on is done (not level by level: a long stage no longer holds back the
+dependants of the short ones), each with the command DVC would run and `OMP_NUM_THREADS=1` (two
+2-thread torch jobs on 2 cores slow each other 8-10x), then records it with `dvc commit`, retried
+while another shard holds the lock. A stage whose upstream failed is skipped. An interrupted run
+resumes where it stopped; `dvc status` stays true. Logs: <pipeline folder>/logs/<stage>.log.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
+from typing import NamedTuple
 
 LOCKED = "Unable to acquire lock"
 BIN = str(Path(sys.executable).parent)  # this environment's dvc and python
 ENV = {**os.environ, "PATH": BIN + os.pathsep + os.environ.get("PATH", "")}
+
+
+class Stage(NamedTuple):
+    """One stage of the pipeline: its DVC address, command, working dir and the addresses of
+    the pipeline's stages it depends on, directly or through others."""
+
+    address: str
+    cmd: str
+    wdir: str
+    upstream: frozenset[str]
+
+    @property
+    def name(self) -> str:
+        return self.address.split(":")[-1]
 
 
 def _dvc(*args: str, retries: int = 120) -> subprocess.CompletedProcess:
@@ -37,24 +55,19 @@ def _dvc(*args: str, retries: int = 120) -> subprocess.CompletedProcess:
     raise RuntimeError(f"dvc {' '.join(args)}: the repo stayed locked")
 
 
-def levels(dvcfile: Path) -> list[list[tuple[str, str, str]]]:
-    """The pipeline's stages as (address, command, working dir), grouped by depth in the graph."""
+def stages(dvcfile: Path) -> list[Stage]:
+    """The pipeline's stages in DVC's order, each with its upstream stages in this pipeline."""
     import networkx as nx
     from dvc.repo import Repo
 
     target = dvcfile.resolve()
     with Repo(".") as repo:
-        graph = repo.index.graph
+        graph = repo.index.graph  # an edge runs from a stage to a stage it depends on
         ours = [s for s in graph if hasattr(s, "cmd") and Path(s.dvcfile.path).resolve() == target]
-        depth: dict = {}
-        for stage in reversed(list(nx.topological_sort(graph))):  # dependencies first
-            ups = [depth[u] for u in graph.successors(stage) if u in depth]
-            depth[stage] = 1 + max(ups, default=-1)
-        grouped: dict[int, list[tuple[str, str, str]]] = {}
-        for stage in ours:
-            grouped.setdefault(depth[stage], []).append((stage.addressing, stage.cmd,
-                                                         stage.wdir))
-    return [grouped[k] for k in sorted(grouped)]
+        mine = set(ours)
+        return [Stage(s.addressing, s.cmd, s.wdir,
+                      frozenset(u.addressing for u in nx.descendants(graph, s) if u in mine))
+                for s in ours]
 
 
 def changed(address: str) -> bool:
@@ -68,27 +81,58 @@ def _say(message: str) -> None:
     sys.stdout.flush()
 
 
-def run_stage(address: str, cmd: str, wdir: str, logs: Path) -> bool:
+def run_stage(stage: Stage, logs: Path) -> bool:
     """The stage's command, then `dvc commit`; False (logged) if either fails."""
-    name = address.split(":")[-1]
     env = {**ENV, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    _say(f"start {name}: {cmd}")
-    with (logs / f"{name}.log").open("w") as log:
-        ok = subprocess.run(cmd, shell=True, cwd=wdir, env=env, stdout=log,
+    _say(f"start {stage.name}: {stage.cmd}")
+    with (logs / f"{stage.name}.log").open("w") as log:
+        ok = subprocess.run(stage.cmd, shell=True, cwd=stage.wdir, env=env, stdout=log,
                             stderr=subprocess.STDOUT).returncode == 0
     if ok:
-        commit = _dvc("commit", "-f", "-q", address)
+        commit = _dvc("commit", "-f", "-q", stage.address)
         ok = commit.returncode == 0
         if not ok:
             print(commit.stderr, file=sys.stderr)
-    _say(f"{'done' if ok else 'FAILED'} {name}")
+    _say(f"{'done' if ok else 'FAILED'} {stage.name}")
     return ok
 
 
-def _rank(address: str, first: list[str]) -> int:
-    """Position of a stage in --first; stages not named keep their order after those named."""
-    name = address.split(":")[-1]
-    return first.index(name) if name in first else len(first)
+def prioritised(todo: list[Stage], first: list[str]) -> list[Stage]:
+    """`todo` ordered by the first --first pattern (fnmatch) each name matches; stages matching
+    none keep DVC's order after the rest."""
+    def rank(stage: Stage) -> int:
+        hits = [i for i, pattern in enumerate(first) if fnmatch.fnmatchcase(stage.name, pattern)]
+        return min(hits, default=len(first))
+    return sorted(todo, key=rank)
+
+
+def schedule(todo: list[Stage], shards: int, run: Callable[[Stage], bool]) -> tuple[int, int]:
+    """Run `todo` on `shards` threads, in its order, each stage once its upstream stages in
+    `todo` are done. Returns (failed, skipped): a stage is skipped when an upstream one failed.
+    """
+    waiting = {s.address for s in todo}
+    pending, done, lost = list(todo), set(), set()
+    running: dict[Future, str] = {}
+    skipped = 0
+    with ThreadPoolExecutor(shards) as pool:
+        while pending or running:
+            for stage in list(pending):
+                blockers = stage.upstream & waiting
+                if blockers & lost:
+                    pending.remove(stage)
+                    lost.add(stage.address)
+                    skipped += 1
+                    _say(f"skipped {stage.name}: {sorted(blockers & lost)[0]} failed")
+                elif blockers <= done and len(running) < shards:
+                    pending.remove(stage)
+                    running[pool.submit(run, stage)] = stage.address
+            if not running:
+                continue  # only skips happened in this pass; look again
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                address = running.pop(future)
+                (done if future.result() else lost).add(address)
+    return len(lost) - skipped, skipped
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,22 +142,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("shards", type=int, nargs="?", default=2)
     ap.add_argument("--match", default="", help="only stages whose name contains this")
     ap.add_argument("--first", nargs="*", default=[],
-                    help="stage names to run before the rest of their level, in this order "
-                         "(a partial grid then covers seeds evenly rather than seed 0 first)")
+                    help="stage names or fnmatch patterns to start before the rest, in this "
+                         "order, as soon as what they depend on is done (a partial grid then "
+                         "covers seeds evenly rather than seed 0 first)")
     args = ap.parse_args(argv)
     logs = args.dvcfile.parent / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    failed = 0
-    for level in levels(args.dvcfile):
-        todo = [s for s in level if args.match in s[0].split(":")[-1] and changed(s[0])]
-        todo.sort(key=lambda s: _rank(s[0], args.first))
-        if not todo:
-            continue
-        with ThreadPoolExecutor(args.shards) as pool:
-            results = list(pool.map(lambda s: run_stage(*s, logs), todo))
-        failed += results.count(False)
-    print(f"{failed} stage(s) failed" if failed else "all stages up to date")
-    return 1 if failed else 0
+    todo = [s for s in stages(args.dvcfile) if args.match in s.name and changed(s.address)]
+    failed, skipped = schedule(prioritised(todo, args.first), args.shards,
+                               lambda s: run_stage(s, logs))
+    if failed or skipped:
+        print(f"{failed} stage(s) failed, {skipped} skipped")
+        return 1
+    print("all stages up to date")
+    return 0
 
 
 if __name__ == "__main__":
