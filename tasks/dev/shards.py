@@ -70,9 +70,15 @@ def stages(dvcfile: Path) -> list[Stage]:
                 for s in ours]
 
 
-def changed(address: str) -> bool:
-    """True unless `dvc status` says the stage is up to date."""
-    return _dvc("status", "-q", address).returncode != 0
+def changed(dvcfile: Path) -> set[str]:
+    """Addresses of the pipeline's stages that `dvc status` does not call up to date (one call
+    for the whole pipeline: one per stage took 3 s each, five minutes for the zoo)."""
+    import json
+
+    done = _dvc("status", "--json", str(dvcfile))
+    if done.returncode != 0:
+        raise RuntimeError(f"dvc status {dvcfile}: {done.stderr.strip()}")
+    return set(json.loads(done.stdout or "{}"))
 
 
 def _say(message: str) -> None:
@@ -148,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logs = args.dvcfile.parent / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    todo = [s for s in stages(args.dvcfile) if args.match in s.name and changed(s.address)]
+    stale = changed(args.dvcfile)
+    todo = [s for s in stages(args.dvcfile) if args.match in s.name and s.address in stale]
     failed, skipped = schedule(prioritised(todo, args.first), args.shards,
                                lambda s: run_stage(s, logs))
     if failed or skipped:
