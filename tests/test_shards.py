@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
-from tasks.dev.shards import Stage, prioritised, schedule
+from tasks.dev.shards import Stage, prioritised, runnable, schedule
 
 
 def _stage(name: str, *upstream: str) -> Stage:
@@ -78,3 +78,14 @@ def test_first_patterns_order_the_ready_stages() -> None:
     schedule(prioritised(todo, ["*@cal-*"]), 1, run)
     assert [e for e in run.events if e.startswith("start")][:2] == [
         "start base@cal-1", "start backdoor@cal-2"]
+
+
+def test_a_stage_whose_stale_upstream_is_not_run_is_held_back() -> None:
+    # base is stale but skipped: child would build on a base about to change, grandchild on
+    # child; other's upstream (done) is up to date.
+    todo = [_stage("child", "base"), _stage("grandchild", "child", "base"), _stage("other", "done")]
+    stale = {"p/dvc.yaml:base", "p/dvc.yaml:child", "p/dvc.yaml:grandchild", "p/dvc.yaml:other"}
+    ready, held = runnable(todo, stale)
+    assert [s.name for s in ready] == ["other"]
+    assert [s.name for s in held] == ["child", "grandchild"]
+    assert runnable(todo + [_stage("base")], stale)[1] == []

@@ -2,7 +2,7 @@
 
     python -m tasks.dev.shards zoo/dvc.yaml 2 [--match cal-]
     python -m tasks.dev.shards reproduce/dvc.yaml 2
-    python -m tasks.dev.shards zoo/dvc.yaml 2 --match @ --first '*@cal-*'
+    python -m tasks.dev.shards zoo/dvc.yaml 2 --match @ --first '*@cal-*' --skip '*@test-r18*'
 
 `dvc repro` runs one stage at a time, and two `dvc repro` processes would fight over the repo
 lock. This runs the stages DVC reports as changed, N at a time, each as soon as every stage of
@@ -112,6 +112,20 @@ def prioritised(todo: list[Stage], first: list[str]) -> list[Stage]:
     return sorted(todo, key=rank)
 
 
+def runnable(todo: list[Stage], stale: set[str]) -> tuple[list[Stage], list[Stage]]:
+    """(the stages of `todo` that can run now, those held back): a stage is held back while
+    a stale stage it depends on is not in `todo` (skipped or not matched), directly or through
+    one held back. Run anyway, it would build on outputs about to change, or on none."""
+    held: set[str] = set()
+    while True:
+        ready = {s.address for s in todo} - held
+        more = {s.address for s in todo if s.address not in held and (s.upstream & stale) - ready}
+        if not more:
+            return [s for s in todo if s.address not in held], \
+                [s for s in todo if s.address in held]
+        held |= more
+
+
 def schedule(todo: list[Stage], shards: int, run: Callable[[Stage], bool]) -> tuple[int, int]:
     """Run `todo` on `shards` threads, in its order, each stage once its upstream stages in
     `todo` are done. Returns (failed, skipped): a stage is skipped when an upstream one failed.
@@ -147,15 +161,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("dvcfile", type=Path)
     ap.add_argument("shards", type=int, nargs="?", default=2)
     ap.add_argument("--match", default="", help="only stages whose name contains this")
+    ap.add_argument("--skip", nargs="*", default=[],
+                    help="stage names or fnmatch patterns not to run this time (e.g. a stage "
+                         "longer than the time left before the machine goes away)")
     ap.add_argument("--first", nargs="*", default=[],
                     help="stage names or fnmatch patterns to start before the rest, in this "
                          "order, as soon as what they depend on is done (a partial grid then "
                          "covers seeds evenly rather than seed 0 first)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="list what would run, in order, and what is held back; run nothing")
     args = ap.parse_args(argv)
     logs = args.dvcfile.parent / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     stale = changed(args.dvcfile)
-    todo = [s for s in stages(args.dvcfile) if args.match in s.name and s.address in stale]
+    todo = [s for s in stages(args.dvcfile) if args.match in s.name and s.address in stale
+            and not any(fnmatch.fnmatchcase(s.name, pattern) for pattern in args.skip)]
+    todo, held = runnable(todo, stale)
+    for stage in held:
+        _say(f"held back {stage.name}: it depends on a stale stage not run this time")
+    if args.dry_run:
+        print("\n".join(s.name for s in prioritised(todo, args.first)))
+        return 0
     failed, skipped = schedule(prioritised(todo, args.first), args.shards,
                                lambda s: run_stage(s, logs))
     if failed or skipped:
