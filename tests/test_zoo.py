@@ -270,7 +270,8 @@ def test_the_repair_table_counts_residuals_clearances_and_pairs() -> None:
     assert "| median clean-accuracy loss <= 1 point | 1.0 | met |" in text
     assert "| zero false clearances (cleared, > 10 points above clean) | 0 | met |" in text
     assert "excluding 0 | -34.5 [-45.0, -24.0] | met |" in text
-    assert "| a repair within 3 minutes per ResNet-8 (2 cores) | max 60 s | met |" in text
+    # the time target is a timing (benchmarks/repair_time.py), not these loaded runs' seconds
+    assert "these runs (one thread, beside another job) took at most 60 s | - |" in text
     # the re-scan bar: just above every false clearance of the selection, at any budget (here
     # the 5-epoch one's, p 0.12), so the good repair at p 0.5 stays cleared; the budget is
     # then chosen at that bar

@@ -132,9 +132,10 @@ def targets(records: dict[str, dict[str, Any]], methods: dict[str, Rows]) -> lis
         diff = bootstrap([res[n] - control[n]["residual"] for n in both])
         lines.append(f"| MESA's residual below the single-trigger control's, paired interval "
                      f"excluding 0 | {_pts(diff)} | {_verdict(diff[2] < 0)} |")
-    if r8:
-        lines.append(f"| a repair within 3 minutes per ResNet-8 (2 cores) | max "
-                     f"{max(r8):.0f} s | {_verdict(max(r8) <= 180)} |")
+    if r8:  # these runs share the cores (one thread each, a second job beside): not a timing
+        lines.append(f"| a repair within 3 minutes per ResNet-8 (2 cores, nothing else "
+                     f"running) | judged by benchmarks/repair_time.py, not here: these runs "
+                     f"(one thread, beside another job) took at most {max(r8):.0f} s | - |")
     return lines + [""]
 
 
