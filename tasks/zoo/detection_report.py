@@ -244,6 +244,9 @@ def markdown(truth: Truth, scans: dict[str, Any], calibration: Calibration,
     new_s = [scans[n]["seconds"] for n in scans]
     old_s = [scans[n]["before"]["seconds"] for n in scans]
     lines += ["## Scan time per model", "",
+              "Seconds of these scans, which may share the cores with other jobs: not a "
+              "timing. The scan time targets are measured by benchmarks/scan_time.py with "
+              "nothing else running.", "",
               "| scanner | median s | max s |", "|---|---|---|",
               f"| calibrated scanner | {statistics.median(new_s):.1f} | {max(new_s):.1f} |",
               f"| before | {statistics.median(old_s):.1f} | {max(old_s):.1f} |", ""]
