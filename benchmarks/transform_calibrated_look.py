@@ -83,7 +83,8 @@ def table(title: str, scans: dict[str, dict[str, Any]], truth: dict[str, dict[st
              f"clean models: {len(clean)}, flagged leave-one-out at alpha {alpha}: {alarms}; "
              f"working backdoors flagged: {len(hit)} of {len(backdoors)}, with every target: "
              f"{len(right)}", "",
-             "| model | attack | ASR | targets | p | flagged targets |", "|---|---|---|---|---|---|"]
+             "| model | attack | ASR | targets | p | flagged targets |",
+             "|---|---|---|---|---|---|"]
     for name in backdoors:
         t = truth[name]
         lines.append(f"| {name} | {t['attack']['name']} | {t['asr']:.1%} | {t['targets']} | "
