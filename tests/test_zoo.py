@@ -391,3 +391,36 @@ def test_leaving_an_architecture_out_refits_without_it_and_judges_it() -> None:
     text = transfer_md(released, scans, truth, "cmd")
     assert "| deep, test zoo, left out | 21 of wide |" in text
     assert "| wide, both zoos (21 models) | 3 of deep | no verdict possible" in text
+
+
+def test_zoo_scans_resume_from_records_of_the_same_code_settings_and_model(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interrupted `calibrate` / `benchmark` resumes: a model is scanned again only when its
+    files or the scan's settings differ from its record's; --reverse shares the records."""
+    from types import SimpleNamespace
+
+    import tasks.zoo.scan as zoo_scan
+    from tasks.common.params import load_params
+
+    params, zoo = load_params(ROOT / "params.yaml"), load_zoo_params()
+    files, calls = {"a": "1", "b": "2"}, []
+
+    def scan(stem, *args):
+        calls.append(stem)
+        return {"name": stem, "sha256": files[stem], "seconds": 1.0}
+
+    monkeypatch.setattr(zoo_scan, "MODEL_SCANS", tmp_path)
+    monkeypatch.setattr(zoo_scan, "load_data", lambda z: SimpleNamespace(
+        reference=SimpleNamespace(images=None, labels=None)))
+    monkeypatch.setattr(zoo_scan, "stem_of", lambda z, name: name)
+    monkeypatch.setattr(zoo_scan, "model_fingerprint", lambda stem: files[stem])
+    monkeypatch.setattr(zoo_scan, "_scan_model", scan)
+    first = zoo_scan.scan_zoo(["a", "b"], params, zoo, log=False)
+    again = zoo_scan.scan_zoo(["a", "b"], params, zoo, log=False, reverse=True)
+    assert calls == ["a", "b"] and again == first and list(again) == ["a", "b"]
+    files["b"] = "3"  # a rebuilt model is scanned again
+    zoo_scan.scan_zoo(["a", "b"], params, zoo, log=False)
+    assert calls == ["a", "b", "b"]
+    fewer = params.model_copy(update={"scan": params.scan.model_copy(update={"images": 128})})
+    zoo_scan.scan_zoo(["a", "b"], fewer, zoo, log=False)  # other settings: every model again
+    assert calls[3:] == ["a", "b"]

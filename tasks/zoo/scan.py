@@ -15,6 +15,7 @@ against the calibration file and writes the table.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import platform
 import subprocess
@@ -35,12 +36,18 @@ from mesa_lib.seed import resolve_device
 from tasks.common.configs import scan_settings
 from tasks.common.io import read_json, write_json
 from tasks.common.params import Params, load_params
+from tasks.dev.codedeps import closure
 from tasks.scan.reference import Reference, reference_batch
 from tasks.zoo.build import load_data, stem_of, truth_path
 from tasks.zoo.params import ZooParams, load_zoo_params
 from tasks.zoo.report import class_scores, p_value
 
 SCANS = Path("zoo/scans")
+# One record per model, keyed by the code, the settings and the model's files: an interrupted
+# `calibrate` or `benchmark` (an hour of CPU for the test zoo) resumes, and a second process
+# started with --reverse on the other core shares the work (git-ignored; the stage's outputs
+# are the files above it)
+MODEL_SCANS = SCANS / "models"
 # The zoo's calibration. The scanner ships a released copy, calibration/scanner.json (params.yaml
 # scan.calibration; tests/test_zoo.py checks the two agree): a copy, not this stage's output, so
 # the demo pipeline, whose `evaluate` reads it, never pulls the hours-long zoo into `dvc repro`.
@@ -83,20 +90,39 @@ def _scan_model(stem: Path, images: torch.Tensor, labels: torch.Tensor, params: 
     return out
 
 
+def scan_key(params: Params, zoo: ZooParams, before: bool) -> str:
+    """A hash of this command's source files and of everything a scan record depends on but
+    the model (whose sha256 each record holds)."""
+    h = hashlib.sha256()
+    for path in sorted(closure("tasks.zoo.scan", Path("."))):
+        h.update(path.read_bytes())
+    h.update(repr((scan_settings(params).fingerprint(), params.scan.images, params.base.seed,
+                   params.base.device, zoo.data.model_dump(), before)).encode())
+    return h.hexdigest()[:16]
+
+
 def scan_zoo(names: list[str], params: Params, zoo: ZooParams, before: bool = False,
-             log: bool = True) -> dict[str, dict[str, Any]]:
-    """Scan zoo models by name on the zoo's reference images; one record each."""
+             log: bool = True, reverse: bool = False) -> dict[str, dict[str, Any]]:
+    """Scan zoo models by name on the zoo's reference images; one record each, in `names`'
+    order, taken from MODEL_SCANS where one was made with the same key and model files
+    (`reverse`: last model first, for a helper process on the other core)."""
     device = resolve_device(params.base.device)
     data = load_data(zoo)
+    key = scan_key(params, zoo, before)
     out = {}
-    for name in names:
-        stem = stem_of(zoo, name)
+    for name in reversed(names) if reverse else names:
+        stem, path = stem_of(zoo, name), MODEL_SCANS / f"{name}.json"
+        kept = read_json(path) if path.is_file() else {}
+        if kept.get("key") == key and kept.get("sha256") == model_fingerprint(stem):
+            out[name] = {k: v for k, v in kept.items() if k != "key"}
+            continue
         out[name] = _scan_model(stem, data.reference.images, data.reference.labels, params,
                                 device, before)
+        write_json(path, {"key": key, **out[name]})
         if log:
             print(f"{time.strftime('%H:%M:%S')} {name} ({out[name]['seconds']:.1f} s)",
                   flush=True)
-    return out
+    return {name: out[name] for name in names}
 
 
 def _git_commit() -> str:
@@ -113,11 +139,11 @@ def coverage(stems: list[Path], dataset: str) -> dict[str, Any]:
             "num_classes": sorted({m.num_classes for m in manifests}), "dataset": dataset}
 
 
-def calibrate(params: Params, zoo: ZooParams) -> Path:
+def calibrate(params: Params, zoo: ZooParams, reverse: bool = False) -> Path:
     """Scan the calibration zoo; fit the clean null; write the calibration file."""
     names = zoo.names("calibration")
     truth = {n: read_json(truth_path("calibration", n)) for n in names}
-    scans = scan_zoo(names, params, zoo)
+    scans = scan_zoo(names, params, zoo, reverse=reverse)
     write_json(SCANS / "calibration_zoo.json", scans)
     clean = [n for n in names if not truth[n]["backdoored"]]
     stats = [class_scores(scans[n]) for n in clean]
@@ -141,12 +167,12 @@ def calibrate(params: Params, zoo: ZooParams) -> Path:
     return CALIBRATION
 
 
-def benchmark(params: Params, zoo: ZooParams, command: str) -> Path:
+def benchmark(params: Params, zoo: ZooParams, command: str, reverse: bool = False) -> Path:
     """Scan the test zoo with the scan settings and with the old detector; record the scans and
     how they were made (the settings, which the report checks against the calibration's)."""
     names = zoo.names("test")
     load = os.getloadavg()
-    scans = scan_zoo(names, params, zoo, before=True)
+    scans = scan_zoo(names, params, zoo, before=True, reverse=reverse)
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                f"torch {torch.__version__} on {torch.get_num_threads()} threads; load average "
                f"before the scans {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}")
@@ -163,12 +189,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("command", choices=("calibrate", "benchmark"))
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--zoo", default="zoo/params.yaml")
+    ap.add_argument("--reverse", action="store_true",
+                    help="scan the last model first: a helper beside the stage's own run")
     args = ap.parse_args(argv)
     params, zoo = load_params(args.params), load_zoo_params(args.zoo)
     if args.command == "calibrate":
-        print(calibrate(params, zoo))
+        print(calibrate(params, zoo, args.reverse))
     else:
-        print(benchmark(params, zoo, "python -m tasks.zoo.scan benchmark"))
+        print(benchmark(params, zoo, "python -m tasks.zoo.scan benchmark", args.reverse))
 
 
 if __name__ == "__main__":
