@@ -45,8 +45,9 @@ class Stage(NamedTuple):
         return self.address.split(":")[-1]
 
 
-def _dvc(*args: str, retries: int = 120) -> subprocess.CompletedProcess:
-    """A dvc command, retried while another process holds the repo lock."""
+def _dvc(*args: str, retries: int = 900) -> subprocess.CompletedProcess:
+    """A dvc command, retried for up to half an hour while another process holds the repo
+    lock (a `dvc repro` of one long stage holds it throughout)."""
     for _ in range(retries):
         done = subprocess.run(["dvc", *args], capture_output=True, text=True, env=ENV)
         if LOCKED not in done.stderr:
@@ -95,7 +96,10 @@ def run_stage(stage: Stage, logs: Path) -> bool:
         ok = subprocess.run(stage.cmd, shell=True, cwd=stage.wdir, env=env, stdout=log,
                             stderr=subprocess.STDOUT).returncode == 0
     if ok:
-        commit = _dvc("commit", "-f", "-q", stage.address)
+        try:
+            commit = _dvc("commit", "-f", "-q", stage.address)
+        except RuntimeError as err:  # built but not recorded: `dvc commit` it by hand
+            commit = subprocess.CompletedProcess([], 1, "", str(err))
         ok = commit.returncode == 0
         if not ok:
             print(commit.stderr, file=sys.stderr)
