@@ -44,16 +44,17 @@ def _record(scores: dict, seconds: float) -> dict[str, Any]:
         for d, s in scores.items()}}
 
 
-def transform_scans(names: list[str], settings: ScanSettings, cache: Path | None
-                    ) -> dict[str, dict[str, Any]]:
-    """Each model's transform scan record, from the cache when made with these settings."""
+def transform_scans(names: list[str], settings: ScanSettings, cache: Path | None,
+                    reverse: bool = False) -> dict[str, dict[str, Any]]:
+    """Each model's transform scan record, from the cache when made with these settings
+    (`reverse`: last model first, for a helper on the other core)."""
     params, zoo = load_params("params.yaml"), load_zoo_params()
     data = load_data(zoo)
     ref = Reference(data.reference.images, data.reference.labels, data.reference.classes, "zoo")
     x, y = reference_batch(ref, params.scan.images, params.base.seed)
     key = json.dumps(settings.fingerprint(), sort_keys=True)
     out = {}
-    for name in names:
+    for name in reversed(names) if reverse else names:
         path = cache / f"{name}.json" if cache else None
         if path and path.exists() and read_json(path).get("key") == key:
             out[name] = read_json(path)
@@ -66,7 +67,7 @@ def transform_scans(names: list[str], settings: ScanSettings, cache: Path | None
         if path:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_json(path, out[name])
-    return out
+    return {name: out[name] for name in names}
 
 
 def table(title: str, scans: dict[str, dict[str, Any]], truth: dict[str, dict[str, Any]],
@@ -99,6 +100,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--cache", type=Path, default=None)
+    ap.add_argument("--reverse", action="store_true", help="last model first (a helper)")
     ap.add_argument("--joint", type=Path, default=None,
                     help="the calibrate stage's scans (mask search) of the same models")
     args = ap.parse_args()
@@ -114,7 +116,7 @@ def main() -> None:
     working = [n for n in names if truth[n]["backdoored"] and truth[n]["counts"]]
     if args.joint is None:  # the first look: the whole-image backdoors only
         working = [n for n in working if truth[n]["attack"]["name"] in WHOLE_IMAGE]
-    scans = transform_scans(clean + working, settings, args.cache)
+    scans = transform_scans(clean + working, settings, args.cache, args.reverse)
     fp, a, f = settings.fingerprint(), params.scan.alpha, params.scan.floor
     lines = table("transform alone", scans, truth, clean, working, fp, a, f)
     if args.joint is not None:
