@@ -321,7 +321,13 @@ def test_a_publisher_cannot_forge_a_verdict_that_survives_the_audit(
     # The reason is read from the version, not from this audit's log: in one CI run the log
     # did not carry it (its findings were empty, the versions already reset when it ran; the
     # path that reset them was not identified), while the version's own record always does.
-    assert "not the scan service's" in tampered[result["versions"][1]], tampered
+    # Its wording may come from either check that catches the forgery: in the fresh-clone CI
+    # run of 2026-12-06 18:08 UTC (two xdist workers) the run-of-its-own version read "do not
+    # match the scan service's seal", as if a second audit (the webhook-served deployment
+    # beside this one) had read its tags while the first rewrote them. Open: closing note.
+    assert any(why in tampered[result["versions"][1]]
+               for why in ("not the scan service's", "do not match the scan service's seal")), \
+        tampered
 
 
 def test_a_model_scanned_locally_is_scanned_for_real_on_the_server(
