@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from filelock import Timeout
 from pipeline_fixture import ROOT
 from platform_fixture import FAST, copy_model, make_project
 
@@ -230,9 +231,9 @@ def _version(tmp: Path, name: str, variant: str, alias: str | None = None) -> st
 
 
 def _scan_verdict(name: str, version: str, status: str, params,
-                  files_key: str | None = None) -> str:
+                  files_key: str | None = None, settle: bool = True) -> str:
     """What the service does after a scan: a scan run recording the key of the version's
-    files (default: exactly its own), the tags, quarantine, seal."""
+    files (default: exactly its own), the tags, quarantine, seal (`settle`: the last two)."""
     if files_key is None:
         (v,) = [v for v in tracking.model_versions([name]) if v["version"] == version]
         files_key = quarantine.FileKeys(params).of(v)
@@ -243,7 +244,8 @@ def _scan_verdict(name: str, version: str, status: str, params,
                "confidence": 0.9, "p_value": 0.1, "detector": "mesa", "reason": "test"}
     tags = {**verdict_tags(verdict, run.run_id), "scan_key": "ab" * 32}
     tracking.tag_model_version(name, version, tags)
-    quarantine.apply(name, version, tracking.model_version_tags(name, version), params)
+    if settle:
+        quarantine.apply(name, version, tracking.model_version_tags(name, version), params)
     tracking.end_run(run)
     return run.run_id
 
@@ -289,6 +291,34 @@ def test_quarantine_takes_every_alias_and_the_audit_undoes_hand_edits(project: P
     assert "quarantined" not in tracking.model_version_tags("model", v1)
     _scan_verdict("model", v2, "clean", params)
     assert tracking.model_aliases("model") == {}
+
+
+def test_no_check_reads_a_verdict_between_a_scans_tag_writes(project: Path,
+                                                             monkeypatch) -> None:
+    """MLflow sets tags one request at a time, so between a scan's verdict tags and its seal the
+    version looks edited by hand. The scan holds the model's verdict lock throughout; the audit,
+    the alias guard and the event path check under it (the audit skips a version it cannot
+    lock until its next run), and none calls the service's own write a forgery."""
+    params, tmp = load_params(project), project.parent
+    v = _version(tmp, "model", "a")
+    _scan_verdict("model", v, "backdoored", params)
+    monkeypatch.setattr(quarantine, "LOCK_WAIT", 0.2)
+    with quarantine.verdicts_of("model", params):  # a new scan: tags written, not yet sealed
+        _scan_verdict("model", v, "clean", params, settle=False)
+        tags = tracking.model_version_tags("model", v)
+        assert "seal" in quarantine.verdict_backing("model", v, tags, params)  # unlocked: forged
+        assert quarantine.audit(params) == []
+        tracking.set_alias("model", "current", v)
+        with pytest.raises(Timeout):
+            quarantine.guard_alias("model", v, "current", params)
+        with pytest.raises(Timeout):
+            service.event_candidate(f"model/{v}", params)
+        assert tracking.model_version_tags("model", v) == tags  # nothing reset meanwhile
+        quarantine.apply("model", v, tags, params)  # the seal: the scan's write is complete
+    assert quarantine.audit(params) == []
+    assert quarantine.guard_alias("model", v, "current", params) is None
+    tags = tracking.model_version_tags("model", v)
+    assert tags["scan_verdict"] == "clean" and "scan_tampered" not in tags
 
 
 def test_a_resealed_verdict_of_another_models_scan_is_caught(project: Path) -> None:

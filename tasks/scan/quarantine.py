@@ -16,6 +16,8 @@ lifts the quarantine (tag removed, `@quarantined` removed if it pointed there); 
   key of this version's files). The
   version is quarantined and its verdict reset to `not scanned`, so the same run scans it again
   (or re-applies the verdict recorded for its exact files in the state folder).
+A scan writes a version's verdict tags and seal under the model's lock (`verdicts_of`), and
+every check reads them under it, so none meets a verdict half written.
 Verdicts of the pipeline's `evaluate` stage carry no seal; on a store without accounts
 (`platform.auth: false`, one user) they hold when their run is that stage's and its metrics
 `scan.<model>.backdoored` / `p_value` match the tags. With accounts anyone may write such a run
@@ -24,11 +26,15 @@ Verdicts of the pipeline's `evaluate` stage carry no seal; on a store without ac
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock, Timeout
 
 from tasks.common import tracking
 from tasks.common.escape import escape
@@ -38,6 +44,21 @@ from tasks.scan.auth import seal_secret
 from tasks.scan.check import logger
 
 VERDICTS = ("clean", "backdoored", "rejected", "uncalibrated")
+LOCK_WAIT = 120.0  # seconds a check waits for a scan writing verdicts of the same model
+
+
+@contextmanager
+def verdicts_of(name: str, params: Params) -> Iterator[None]:
+    """Held by a scan from its first verdict tag on a version of `name` until the seal, and by
+    every check of such a verdict (audit, alias and event paths). MLflow sets tags one request
+    at a time: a check between them reads a verdict without its seal and calls the service's
+    own write a forgery. A lock file in the state folder, which the deployments share (one host,
+    or a file system with locks). Raises filelock.Timeout after LOCK_WAIT seconds."""
+    digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:16]  # names come from outside
+    path = Path(params.scan.state_folder) / "locks" / f"{digest}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(path, timeout=LOCK_WAIT):
+        yield
 
 
 def quarantine(name: str, version: str) -> list[str]:
@@ -233,21 +254,35 @@ def audit(params: Params) -> list[dict[str, Any]]:
     service = _service_experiment()
     findings = []
     for v in versions:
-        tags, name, version = v["tags"], v["name"], v["version"]
-        if tags.get("scan_verdict") not in VERDICTS:
+        if v["tags"].get("scan_verdict") not in VERDICTS:
             continue
-        cleared = tags.get("scan_verdict") == "clean"
-        why = unbacked(name, version, tags, secret, lambda v=v, c=cleared: keys.of(v, c),
-                       service, pipelines_trusted=not params.platform.auth)
-        if why:
-            done = _reset(name, version, why)
-            findings.append(_finding("unbacked-verdict", name, version, f"{why}; {done}"))
+        try:
+            with verdicts_of(v["name"], params):
+                findings += _check(v, secret, keys, service, params)
+        except Timeout:  # a scan still writing: its verdict is checked at the next audit
+            logger().warning("audit: %s/%s skipped, a scan held its verdict lock %.0f s",
+                             escape(v["name"]), v["version"], LOCK_WAIT)
     for name in sorted({v["name"] for v in versions}):
         findings += _alias_findings(name, {v["version"]: v["tags"] for v in versions
                                            if v["name"] == name})
         summarise(name)
     _record(params, findings)
     return findings
+
+
+def _check(v: dict[str, Any], secret: str, keys: FileKeys, service: str, params: Params
+           ) -> list[dict[str, Any]]:
+    """The audit of one version, on its tags as they are now (the list was read unlocked)."""
+    name, version = v["name"], v["version"]
+    tags = tracking.model_version_tags(name, version)
+    if tags.get("scan_verdict") not in VERDICTS:
+        return []
+    cleared = tags["scan_verdict"] == "clean"
+    why = unbacked(name, version, tags, secret, lambda: keys.of(v, cleared), service,
+                   pipelines_trusted=not params.platform.auth)
+    if not why:
+        return []
+    return [_finding("unbacked-verdict", name, version, f"{why}; {_reset(name, version, why)}")]
 
 
 def _service_experiment() -> str:
@@ -294,8 +329,15 @@ def guard_alias(name: str, version: str, alias: str, params: Params) -> dict[str
     cleared it, and distrust the version (quarantined, scanned again) if its clean verdict is
     not a backed scan (a publisher may put any tags on a version it creates). The finding (also
     in findings.jsonl), or None if the alias may stand."""
-    if alias == QUARANTINE_ALIAS or tracking.model_aliases(name).get(alias) != version:
-        return None  # the quarantine's own alias, or moved on already
+    if alias == QUARANTINE_ALIAS:
+        return None
+    with verdicts_of(name, params):
+        return _guard_alias(name, version, alias, params)
+
+
+def _guard_alias(name: str, version: str, alias: str, params: Params) -> dict[str, Any] | None:
+    if tracking.model_aliases(name).get(alias) != version:
+        return None  # moved on already
     tags = tracking.model_version_tags(name, version)
     if is_quarantined(tags):
         tracking.delete_alias(name, alias)

@@ -284,8 +284,9 @@ def _publish_registry(checked: Checked, verdict: dict[str, Any], run: tracking.S
             where = _store_signature(sig, tracking.model_version(cand.name, cand.version),
                                      run.run_id)
             tags = {**tags, "signature_file": where}
-    tracking.tag_model_version(cand.name, cand.version, {**tags, "signature": status[:500]})
-    settle_version(cand.name, cand.version, checked, verdict, run.run_id, status, params)
+    with quarantine.verdicts_of(cand.name, params):
+        tracking.tag_model_version(cand.name, cand.version, {**tags, "signature": status[:500]})
+        settle_version(cand.name, cand.version, checked, verdict, run.run_id, status, params)
     return f"{cand.name}/{cand.version}"
 
 
@@ -310,11 +311,12 @@ def _publish(checked: Checked, verdict: dict[str, Any], run: tracking.StageRun,
     lineage = {"source": "drop-folder", "drop_files": json.dumps(
         [escape(Path(f).name) for f in cand.files]), "model_sha256": cand.weights_sha256,
         "parent_model_version": "none", "signature": status[:500]}
-    version = tracking.register_model(
-        run, tuple(files), name, {**lineage, **tags},
-        f"Dropped into {escape(params.scan.drop_folder)}/ as {cand.label.removeprefix('drop:')};"
-        f" scan verdict: {verdict['status']}", alias=None)
-    settle_version(name, version, checked, verdict, run.run_id, status, params)
+    with quarantine.verdicts_of(name, params):
+        version = tracking.register_model(
+            run, tuple(files), name, {**lineage, **tags},
+            f"Dropped into {escape(params.scan.drop_folder)}/ as "
+            f"{cand.label.removeprefix('drop:')}; scan verdict: {verdict['status']}", alias=None)
+        settle_version(name, version, checked, verdict, run.run_id, status, params)
     return f"{name}/{version}"
 
 
@@ -374,9 +376,10 @@ def reuse_verdict(cand: Candidate, done: dict[str, Any], params: Params) -> str:
         if sig is not None:
             tags["signature_file"] = _store_signature(
                 sig, tracking.model_version(cand.name, cand.version), done["run_id"])
-    tracking.tag_model_version(cand.name, cand.version, {**tags, "signature": status[:500]})
     checked = Checked(cand, str(modelfiles.stem(weights)) if weights else "")
-    settle_version(cand.name, cand.version, checked, verdict, done["run_id"], status, params)
+    with quarantine.verdicts_of(cand.name, params):
+        tracking.tag_model_version(cand.name, cand.version, {**tags, "signature": status[:500]})
+        settle_version(cand.name, cand.version, checked, verdict, done["run_id"], status, params)
     return f"{cand.name}/{cand.version}"
 
 
@@ -427,15 +430,16 @@ def repair_and_register(checked: Checked, chunks: list[ChunkResult], outcome: di
     tags = {**verdict_tags(verdict, run.run_id), **_repair_tags(done.outcome),
             "parent_model_version": parent, "model_sha256": model_fingerprint(stem),
             "scan_key": checked.candidate.key, "signature": status[:500]}
-    version = tracking.register_model(
-        run, modelfiles.files(stem) + ((sig,) if sig is not None else ()), name, tags,
-        f"Repair of {parent} ({done.outcome.method} against the {outcome['detector']} "
-        f"detector's triggers of classes {list(targets)}); verification: {verdict['status']}",
-        alias=None)
-    tracking.tag_model_version(name, parent.split("/")[1], {"repaired_version":
-                                                            f"{name}/{version}"})
-    settle_version(name, version, repaired, verdict, run.run_id, status, params,
-                   done.outcome.record())
+    with quarantine.verdicts_of(name, params):
+        version = tracking.register_model(
+            run, modelfiles.files(stem) + ((sig,) if sig is not None else ()), name, tags,
+            f"Repair of {parent} ({done.outcome.method} against the {outcome['detector']} "
+            f"detector's triggers of classes {list(targets)}); verification: "
+            f"{verdict['status']}", alias=None)
+        tracking.tag_model_version(name, parent.split("/")[1], {"repaired_version":
+                                                                f"{name}/{version}"})
+        settle_version(name, version, repaired, verdict, run.run_id, status, params,
+                       done.outcome.record())
     tracking.end_run(run)
     (logger().info if done.outcome.passed else logger().warning)(
         "REPAIRED %s -> %s/%s, verification: %s", parent, name, version, verdict["reason"])

@@ -239,16 +239,19 @@ def event_candidate(model: str, params: Params) -> Candidate | None:
     """The registry version NAME/VERSION an event names, if it still needs a scan (the poll
     or an earlier event may have scanned it already)."""
     name, _, version = model.rpartition("/")
-    match = [v for v in tracking.model_versions((name,)) if v["version"] == version]
-    if not name or not match:
+    if not name:
         raise FileNotFoundError(f"{escape(model)}: no such registered model version")
-    tags = match[0]["tags"]
-    if tags.get("scan_verdict", "") not in UNSCANNED:
-        why = quarantine.verdict_backing(name, version, tags, params)
-        if not why:
-            return None
-        quarantine.distrust(name, version, why, params)  # tags it came with: not a scan's
-    quarantine.hold(name, version)  # before the scan: no alias on an unscanned version
+    with quarantine.verdicts_of(name, params):  # not between a scan's tag writes
+        match = [v for v in tracking.model_versions((name,)) if v["version"] == version]
+        if not match:
+            raise FileNotFoundError(f"{escape(model)}: no such registered model version")
+        tags = match[0]["tags"]
+        if tags.get("scan_verdict", "") not in UNSCANNED:
+            why = quarantine.verdict_backing(name, version, tags, params)
+            if not why:
+                return None
+            quarantine.distrust(name, version, why, params)  # tags it came with: not a scan's
+        quarantine.hold(name, version)  # before the scan: no alias on an unscanned version
     return fetch_version(match[0], Path(params.scan.state_folder) / "work")
 
 
