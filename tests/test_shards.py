@@ -9,9 +9,9 @@ import time
 from tasks.dev.shards import Stage, prioritised, runnable, schedule
 
 
-def _stage(name: str, *upstream: str) -> Stage:
-    return Stage(f"p/dvc.yaml:{name}", f"run {name}", ".", frozenset(f"p/dvc.yaml:{u}"
-                                                                       for u in upstream))
+def _stage(name: str, *upstream: str, helper: str = "") -> Stage:
+    return Stage(f"p/dvc.yaml:{name}", f"run {name}", ".",
+                 frozenset(f"p/dvc.yaml:{u}" for u in upstream), helper)
 
 
 class _Recorder:
@@ -89,3 +89,40 @@ def test_a_stage_whose_stale_upstream_is_not_run_is_held_back() -> None:
     assert [s.name for s in ready] == ["other"]
     assert [s.name for s in held] == ["child", "grandchild"]
     assert runnable(todo + [_stage("base")], stale)[1] == []
+
+
+class _Helper:
+    """A fake helper: records when it starts and whether it was stopped by its stage's end."""
+
+    def __init__(self, events: list[str], lock: threading.Lock) -> None:
+        self.events, self._lock = events, lock
+
+    def __call__(self, stage: Stage, stop: threading.Event) -> None:
+        with self._lock:
+            self.events.append(f"helper {stage.name}")
+        stopped = stop.wait(5)
+        with self._lock:
+            self.events.append(f"helper {stage.name} {'stopped' if stopped else 'timed out'}")
+
+
+def test_a_free_shard_runs_the_helper_of_a_running_stage_until_it_ends() -> None:
+    # short is ready at once, so it goes first; then the free shard helps long (which has a
+    # helper), and the helper is stopped when long ends; child waits for long itself.
+    todo = [_stage("long", helper="help long"), _stage("short"), _stage("child", "long")]
+    run = _Recorder(slow={"long": 0.5})
+    helper = _Helper(run.events, run._lock)
+    assert schedule(todo, 2, run, helper) == (0, 0)
+    ev = run.events
+    assert ev.index("end short") < ev.index("helper long") < ev.index("end long")
+    assert ev.index("end long") < ev.index("helper long stopped")
+    assert ev.count("helper long") == 1 and ev.index("start child") > ev.index("end long")
+
+
+def test_a_helper_never_takes_a_shard_a_ready_stage_could_use() -> None:
+    todo = [_stage("long", helper="help long"), _stage("a"), _stage("b")]
+    run = _Recorder(slow={"long": 0.3, "a": 0.05, "b": 0.05})
+    helper = _Helper(run.events, run._lock)
+    assert schedule(todo, 2, run, helper) == (0, 0)
+    assert run.events.index("helper long") > run.events.index("end b")
+    assert schedule([_stage("solo", helper="h")], 1, _Recorder(), helper) == (0, 0)  # no shard
+    assert "helper solo" not in run.events

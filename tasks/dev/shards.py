@@ -11,6 +11,11 @@ dependants of the short ones), each with the command DVC would run and `OMP_NUM_
 2-thread torch jobs on 2 cores slow each other 8-10x), then records it with `dvc commit`, retried
 while another shard holds the lock. A stage whose upstream failed is skipped. An interrupted run
 resumes where it stopped; `dvc status` stays true. Logs: <pipeline folder>/logs/<stage>.log.
+
+A stage whose records resume model by model may name a helper in dvc.yaml (`meta: {helper:
+"python -m tasks.zoo.repair select --reverse"}`: the same work from the other end). When a shard
+is free and no stage is ready, the helper of a running stage takes it, and it is stopped when
+its stage ends (both skip what the other has recorded; the model the helper was on is lost).
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -39,6 +46,7 @@ class Stage(NamedTuple):
     cmd: str
     wdir: str
     upstream: frozenset[str]
+    helper: str = ""  # dvc.yaml `meta: {helper: CMD}`: a second process for the same work
 
     @property
     def name(self) -> str:
@@ -67,7 +75,8 @@ def stages(dvcfile: Path) -> list[Stage]:
         ours = [s for s in graph if hasattr(s, "cmd") and Path(s.dvcfile.path).resolve() == target]
         mine = set(ours)
         return [Stage(s.addressing, s.cmd, s.wdir,
-                      frozenset(u.addressing for u in nx.descendants(graph, s) if u in mine))
+                      frozenset(u.addressing for u in nx.descendants(graph, s) if u in mine),
+                      str((s.meta or {}).get("helper", "")) if isinstance(s.meta, dict) else "")
                 for s in ours]
 
 
@@ -88,9 +97,12 @@ def _say(message: str) -> None:
     sys.stdout.flush()
 
 
+ONE_THREAD = {**ENV, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
 def run_stage(stage: Stage, logs: Path) -> bool:
     """The stage's command, then `dvc commit`; False (logged) if either fails."""
-    env = {**ENV, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = ONE_THREAD
     _say(f"start {stage.name}: {stage.cmd}")
     with (logs / f"{stage.name}.log").open("w") as log:
         ok = subprocess.run(stage.cmd, shell=True, cwd=stage.wdir, env=env, stdout=log,
@@ -105,6 +117,19 @@ def run_stage(stage: Stage, logs: Path) -> bool:
             print(commit.stderr, file=sys.stderr)
     _say(f"{'done' if ok else 'FAILED'} {stage.name}")
     return ok
+
+
+def run_helper(stage: Stage, stop: threading.Event, logs: Path) -> None:
+    """The stage's helper command until it ends or `stop` is set (its stage has ended)."""
+    _say(f"helper of {stage.name}: {stage.helper}")
+    with (logs / f"{stage.name}.helper.log").open("w") as log:
+        proc = subprocess.Popen(stage.helper, shell=True, cwd=stage.wdir, env=ONE_THREAD,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        while proc.poll() is None:
+            if stop.wait(5):  # the stage is done: the helper's last model is not needed
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait()
+    _say(f"helper of {stage.name} ended ({'stopped' if stop.is_set() else proc.returncode})")
 
 
 def prioritised(todo: list[Stage], first: list[str]) -> list[Stage]:
@@ -130,13 +155,16 @@ def runnable(todo: list[Stage], stale: set[str]) -> tuple[list[Stage], list[Stag
         held |= more
 
 
-def schedule(todo: list[Stage], shards: int, run: Callable[[Stage], bool]) -> tuple[int, int]:
+def schedule(todo: list[Stage], shards: int, run: Callable[[Stage], bool],
+             helper: Callable[[Stage, threading.Event], None] | None = None) -> tuple[int, int]:
     """Run `todo` on `shards` threads, in its order, each stage once its upstream stages in
-    `todo` are done. Returns (failed, skipped): a stage is skipped when an upstream one failed.
-    """
+    `todo` are done; a shard no stage can use yet runs the `helper` of a running stage that
+    has one (stopped through its event when that stage ends). Returns (failed, skipped): a
+    stage is skipped when an upstream one failed."""
     waiting = {s.address for s in todo}
     pending, done, lost = list(todo), set(), set()
-    running: dict[Future, str] = {}
+    running: dict[Future, Stage | None] = {}  # None: a helper
+    stops: dict[str, threading.Event] = {}  # the helpers started, by their stage's address
     skipped = 0
     with ThreadPoolExecutor(shards) as pool:
         while pending or running:
@@ -149,13 +177,23 @@ def schedule(todo: list[Stage], shards: int, run: Callable[[Stage], bool]) -> tu
                     _say(f"skipped {stage.name}: {sorted(blockers & lost)[0]} failed")
                 elif blockers <= done and len(running) < shards:
                     pending.remove(stage)
-                    running[pool.submit(run, stage)] = stage.address
+                    running[pool.submit(run, stage)] = stage
+            for stage in [s for s in running.values() if s is not None and s.helper]:
+                if helper is not None and len(running) < shards and stage.address not in stops:
+                    stops[stage.address] = threading.Event()
+                    running[pool.submit(helper, stage, stops[stage.address])] = None
             if not running:
                 continue  # only skips happened in this pass; look again
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
-                address = running.pop(future)
-                (done if future.result() else lost).add(address)
+                stage = running.pop(future)
+                if stage is None:
+                    if future.exception() is not None:
+                        _say(f"a helper failed: {future.exception()}")
+                    continue
+                (done if future.result() else lost).add(stage.address)
+                if stage.address in stops:
+                    stops[stage.address].set()
     return len(lost) - skipped, skipped
 
 
@@ -187,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(s.name for s in prioritised(todo, args.first)))
         return 0
     failed, skipped = schedule(prioritised(todo, args.first), args.shards,
-                               lambda s: run_stage(s, logs))
+                               lambda s: run_stage(s, logs),
+                               lambda s, stop: run_helper(s, stop, logs))
     if failed or skipped:
         print(f"{failed} stage(s) failed, {skipped} skipped")
         return 1
